@@ -231,7 +231,7 @@ impl Encoder {
         if batch == 0 {
             return Ok(Vec::new());
         }
-        if cls.len() % batch != 0 || reg.len() % batch != 0 {
+        if !cls.len().is_multiple_of(batch) || !reg.len().is_multiple_of(batch) {
             return Err(EncodeError::Shape(format!(
                 "decode: {} class and {} box values do not split into {batch} images",
                 cls.len(),

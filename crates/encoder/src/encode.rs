@@ -213,7 +213,7 @@ impl Encoder {
         let (lo, hi) = self.cfg.iou_th;
         let m = boxes.len();
         let box_areas: Vec<f32> = boxes.iter().map(area).collect();
-        let box_yxhw: Vec<[f32; 4]> = boxes.iter().map(|b| centre_size(b)).collect();
+        let box_yxhw: Vec<[f32; 4]> = boxes.iter().map(centre_size).collect();
 
         // Per chunk: assign anchors from their best box, and record each box's best anchor
         // (highest IoU, first index on ties, as argmax does).
