@@ -1,0 +1,98 @@
+//! 2-D batch normalisation with PyTorch's training semantics.
+
+use candle_core::{Result, Tensor, Var, bail};
+use candle_nn::{Init, VarBuilder};
+
+/// `BatchNorm2d` as in PyTorch (`eps` 1e-5, `momentum` 0.1).
+///
+/// Training: normalises with the batch mean and the biased batch variance and updates the running
+/// averages in place, the variance with Bessel's correction (`n / (n - 1)`), as PyTorch does.
+/// Evaluation: uses the running statistics. The affine `weight`/`bias` are trainable; the running
+/// statistics are variables of the [`candle_nn::VarMap`] (so checkpoints carry them) that are
+/// never differentiated — see [`crate::is_buffer`].
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm2d {
+    /// Builds the layer from `vb` (`weight` = 1, `bias` = 0, `running_mean` = 0,
+    /// `running_var` = 1 when new).
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        // A VarMap hands out the tensor of its own variable, so `from_tensor` shares its storage
+        // and the in-place updates below land in the VarMap.
+        let running_mean =
+            Var::from_tensor(&vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?)?;
+        let running_var =
+            Var::from_tensor(&vb.get_with_hints(channels, "running_var", Init::Const(1.0))?)?;
+        Ok(Self {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            eps: 1e-5,
+            momentum: 0.1,
+        })
+    }
+
+    /// The running mean (a detached view).
+    pub fn running_mean(&self) -> Tensor {
+        self.running_mean.as_detached_tensor()
+    }
+
+    /// The running (unbiased) variance (a detached view).
+    pub fn running_var(&self) -> Tensor {
+        self.running_var.as_detached_tensor()
+    }
+
+    /// Applies the layer to `[B, C, H, W]`; `train` selects batch statistics (and updates the
+    /// running averages) or running statistics.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != self.weight.dim(0)? {
+            bail!(
+                "batch-norm: input has {c} channels, layer has {}",
+                self.weight.dim(0)?
+            )
+        }
+        let shape4 = (1, c, 1, 1);
+        if train {
+            let n = b * h * w;
+            if n < 2 {
+                bail!("batch-norm: training needs more than one value per channel, got {b}x{h}x{w}")
+            }
+            let mean = x.mean_keepdim((0, 2, 3))?;
+            let xc = x.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
+            let m = self.momentum;
+            let new_mean = ((self.running_mean.as_detached_tensor() * (1.0 - m))?
+                + (mean.detach().flatten_all()? * m)?)?;
+            let new_var = ((self.running_var.as_detached_tensor() * (1.0 - m))?
+                + (var.detach().flatten_all()? * (m * n as f64 / (n - 1) as f64))?)?;
+            self.running_mean.set(&new_mean)?;
+            self.running_var.set(&new_var)?;
+            let scale = self
+                .weight
+                .reshape(shape4)?
+                .broadcast_div(&(var + self.eps)?.sqrt()?)?;
+            xc.broadcast_mul(&scale)?
+                .broadcast_add(&self.bias.reshape(shape4)?)
+        } else {
+            // y = x * s + (b - mean * s) with s = w / sqrt(var + eps): one pass over x.
+            let inv_std = (self.running_var.as_detached_tensor() + self.eps)?
+                .sqrt()?
+                .recip()?;
+            let scale = (&self.weight * inv_std)?;
+            let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
+            x.broadcast_mul(&scale.reshape(shape4)?)?
+                .broadcast_add(&shift.reshape(shape4)?)
+        }
+    }
+}

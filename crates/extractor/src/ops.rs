@@ -1,0 +1,266 @@
+//! Differentiable operations that candle 0.11 lacks a backward pass for.
+//!
+//! * [`max_pool2d`]: max-pooling with padding and a kernel that differs from its stride (the
+//!   ResNet stem's 3x3/2, padding 1). A CPU custom op whose backward routes each output gradient
+//!   to the first maximal input of its window, as PyTorch does.
+//! * [`upsample_bilinear_ac`]: bilinear resize with `align_corners=True` to any size, written as
+//!   two matrix products with fixed interpolation matrices, so candle differentiates it on every
+//!   backend.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType, bail,
+};
+
+/// Geometry of a 2-D max-pool (square kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PoolGeom {
+    k: usize,
+    s: usize,
+    p: usize,
+}
+
+impl PoolGeom {
+    fn out_size(&self, n: usize) -> Result<usize> {
+        if n + 2 * self.p < self.k {
+            bail!(
+                "max_pool2d: input side {n} with padding {} is smaller than the kernel {}",
+                self.p,
+                self.k
+            )
+        }
+        Ok((n + 2 * self.p - self.k) / self.s + 1)
+    }
+
+    /// Index (within one `h x w` plane) of the first maximum of the window of output `(oy, ox)`.
+    /// Scans in row-major order with a strict `>` so ties keep the first element (PyTorch's rule);
+    /// a NaN wins, so NaNs propagate as in PyTorch.
+    #[inline]
+    fn argmax<T: WithDType>(&self, plane: &[T], h: usize, w: usize, oy: usize, ox: usize) -> usize {
+        let y0 = (oy * self.s) as isize - self.p as isize;
+        let x0 = (ox * self.s) as isize - self.p as isize;
+        let ys = y0.max(0) as usize;
+        let ye = ((y0 + self.k as isize) as usize).min(h);
+        let xs = x0.max(0) as usize;
+        let xe = ((x0 + self.k as isize) as usize).min(w);
+        let mut best = ys * w + xs;
+        let mut best_v = plane[best].to_f64();
+        for y in ys..ye {
+            for x in xs..xe {
+                let v = plane[y * w + x].to_f64();
+                if v > best_v || v.is_nan() && !best_v.is_nan() {
+                    best_v = v;
+                    best = y * w + x;
+                }
+            }
+        }
+        best
+    }
+}
+
+fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("max_pool2d: {what} must be contiguous"),
+    }
+}
+
+struct MaxPool2d(PoolGeom);
+
+impl MaxPool2d {
+    fn fwd<T: WithDType>(&self, data: &[T], layout: &Layout) -> Result<(Vec<T>, Shape)> {
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let src = contiguous_slice(data, layout, "input")?;
+        let (oh, ow) = (self.0.out_size(h)?, self.0.out_size(w)?);
+        let mut out = Vec::with_capacity(b * c * oh * ow);
+        for plane in src.chunks_exact(h * w) {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    out.push(plane[self.0.argmax(plane, h, w, oy, ox)]);
+                }
+            }
+        }
+        Ok((out, Shape::from((b, c, oh, ow))))
+    }
+}
+
+impl CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "max-pool2d-padded"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        match storage {
+            CpuStorage::F32(d) => self.fwd(d, layout).map(|(v, s)| (CpuStorage::F32(v), s)),
+            CpuStorage::F64(d) => self.fwd(d, layout).map(|(v, s)| (CpuStorage::F64(v), s)),
+            _ => bail!("max_pool2d: only f32 and f64 are supported"),
+        }
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(&grad, &MaxPool2dGrad(self.0))?))
+    }
+}
+
+/// `(input, grad_output) -> grad_input` for [`MaxPool2d`]; the argmax is recomputed rather than
+/// stored, which keeps the forward pass allocation-free beyond its output.
+struct MaxPool2dGrad(PoolGeom);
+
+impl MaxPool2dGrad {
+    fn run<T: WithDType>(
+        &self,
+        x: &[T],
+        lx: &Layout,
+        g: &[T],
+        lg: &Layout,
+    ) -> Result<(Vec<T>, Shape)> {
+        let (b, c, h, w) = lx.shape().dims4()?;
+        let (gb, gc, oh, ow) = lg.shape().dims4()?;
+        if (gb, gc) != (b, c) || oh != self.0.out_size(h)? || ow != self.0.out_size(w)? {
+            bail!(
+                "max_pool2d backward: gradient shape {:?} does not match input {:?}",
+                lg.shape(),
+                lx.shape()
+            )
+        }
+        let x = contiguous_slice(x, lx, "input")?;
+        let g = contiguous_slice(g, lg, "gradient")?;
+        let mut out = vec![T::zero(); b * c * h * w];
+        for ((plane, gplane), oplane) in x
+            .chunks_exact(h * w)
+            .zip(g.chunks_exact(oh * ow))
+            .zip(out.chunks_exact_mut(h * w))
+        {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let i = self.0.argmax(plane, h, w, oy, ox);
+                    oplane[i] += gplane[oy * ow + ox];
+                }
+            }
+        }
+        Ok((out, lx.shape().clone()))
+    }
+}
+
+impl CustomOp2 for MaxPool2dGrad {
+    fn name(&self) -> &'static str {
+        "max-pool2d-padded-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                self.run(x, l1, g, l2).map(|(v, s)| (CpuStorage::F32(v), s))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                self.run(x, l1, g, l2).map(|(v, s)| (CpuStorage::F64(v), s))
+            }
+            _ => bail!("max_pool2d backward: unsupported dtypes"),
+        }
+    }
+}
+
+/// 2-D max-pool of a `[B, C, H, W]` tensor with a `kernel x kernel` window, `stride` and
+/// implicit `-inf` `padding` (PyTorch's `F.max_pool2d(x, kernel, stride, padding)`, floor mode).
+///
+/// Differentiable: the gradient of each output goes to the first maximum of its window. Runs on
+/// the CPU; on another device the tensor makes a (differentiable) round trip through the CPU.
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    if kernel == 0 || stride == 0 || 2 * padding > kernel {
+        bail!("max_pool2d: bad geometry kernel {kernel}, stride {stride}, padding {padding}")
+    }
+    let op = MaxPool2d(PoolGeom {
+        k: kernel,
+        s: stride,
+        p: padding,
+    });
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(op)
+    } else {
+        let dev = x.device().clone();
+        x.to_device(&Device::Cpu)?
+            .contiguous()?
+            .apply_op1(op)?
+            .to_device(&dev)
+    }
+}
+
+/// The `[n_out, n_in]` matrix of 1-D linear interpolation with aligned corners: output `o`
+/// samples input position `o * (n_in - 1) / (n_out - 1)`.
+fn interp_matrix(n_in: usize, n_out: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let scale = if n_out > 1 {
+        (n_in - 1) as f64 / (n_out - 1) as f64
+    } else {
+        0.0
+    };
+    let mut m = vec![0f64; n_out * n_in];
+    for o in 0..n_out {
+        let src = o as f64 * scale;
+        let i0 = (src.floor() as usize).min(n_in - 1);
+        let i1 = (i0 + 1).min(n_in - 1);
+        let l = src - i0 as f64;
+        m[o * n_in + i0] += 1.0 - l;
+        m[o * n_in + i1] += l;
+    }
+    Tensor::from_vec(m, (n_out, n_in), dev)?.to_dtype(dtype)
+}
+
+/// Bilinear resize of a `[B, C, H, W]` tensor to `[B, C, out_h, out_w]` with aligned corners
+/// (PyTorch's `F.interpolate(x, size, mode='bilinear', align_corners=True)`).
+///
+/// Bilinear interpolation is separable, so the result is `My · x · Mxᵀ` with two small
+/// interpolation matrices; candle differentiates the matrix products on any backend.
+pub fn upsample_bilinear_ac(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if h == 0 || w == 0 || out_h == 0 || out_w == 0 {
+        bail!("upsample_bilinear_ac: empty size {h}x{w} -> {out_h}x{out_w}")
+    }
+    let (dtype, dev) = (x.dtype(), x.device());
+    // Columns: [B*C*H, W] x [W, OW].
+    let mx_t = interp_matrix(w, out_w, dtype, dev)?.t()?;
+    let y = x
+        .contiguous()?
+        .reshape((b * c * h, w))?
+        .matmul(&mx_t)?
+        .reshape((b * c, h, out_w))?;
+    // Rows: [OH, H] x [B*C, H, OW], the matrix broadcast over the planes.
+    let my = interp_matrix(h, out_h, dtype, dev)?;
+    my.broadcast_left(b * c)?
+        .matmul(&y)?
+        .reshape((b, c, out_h, out_w))
+}
+
+/// Applies a candle-nn convolution, working around candle 0.11's conv2d backward for strided
+/// convolutions: it derives the transposed convolution's output padding from the height only, so
+/// the input gradient has the wrong width when `(H + 2p - k) mod s` differs from
+/// `(W + 2p - k) mod s` (non-square inputs of different parity). Appending zero rows/columns
+/// that no window reaches equalises the two without changing the output; it only happens when
+/// the op is tracked for backprop.
+pub fn conv2d(x: &Tensor, conv: &candle_nn::Conv2d) -> Result<Tensor> {
+    use candle_core::Module;
+    let cfg = conv.config();
+    let s = cfg.stride;
+    if s > 1 && x.track_op() {
+        let (_, _, h, w) = x.dims4()?;
+        let k = conv.weight().dim(2)?;
+        let span = cfg.dilation * (k - 1) + 1;
+        let extra = |n: usize| (n + 2 * cfg.padding).checked_sub(span).map(|v| v % s);
+        if let (Some(eh), Some(ew)) = (extra(h), extra(w))
+            && eh != ew
+        {
+            let x = if eh < ew {
+                x.pad_with_zeros(2, 0, ew - eh)?
+            } else {
+                x.pad_with_zeros(3, 0, eh - ew)?
+            };
+            return conv.forward(&x);
+        }
+    }
+    conv.forward(x)
+}

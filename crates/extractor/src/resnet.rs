@@ -1,0 +1,326 @@
+//! ResNet-18/34/50/101 with torchvision's tensor names.
+
+use crate::bn::BatchNorm2d;
+use crate::ops::{conv2d, max_pool2d};
+use candle_core::{Module, Result, Tensor, bail};
+use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
+
+/// ResNet depth: the block type and the number of blocks per stage follow from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// Basic blocks 2, 2, 2, 2.
+    R18,
+    /// Basic blocks 3, 4, 6, 3.
+    R34,
+    /// Bottlenecks 3, 4, 6, 3 (the tutorial's extractor).
+    R50,
+    /// Bottlenecks 3, 4, 23, 3.
+    R101,
+}
+
+impl Depth {
+    /// Parses 18, 34, 50 or 101.
+    pub fn from_layers(n: usize) -> Option<Self> {
+        match n {
+            18 => Some(Self::R18),
+            34 => Some(Self::R34),
+            50 => Some(Self::R50),
+            101 => Some(Self::R101),
+            _ => None,
+        }
+    }
+
+    /// Blocks per stage.
+    pub fn blocks(self) -> [usize; 4] {
+        match self {
+            Self::R18 => [2, 2, 2, 2],
+            Self::R34 | Self::R50 => [3, 4, 6, 3],
+            Self::R101 => [3, 4, 23, 3],
+        }
+    }
+
+    /// Whether the stages use bottleneck blocks (expansion 4) rather than basic blocks.
+    pub fn bottleneck(self) -> bool {
+        matches!(self, Self::R50 | Self::R101)
+    }
+
+    fn expansion(self) -> usize {
+        if self.bottleneck() { 4 } else { 1 }
+    }
+}
+
+/// Configuration of a [`ResNet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResNetConfig {
+    /// Depth (block type and counts).
+    pub depth: Depth,
+    /// Stem width and width of the first stage (64 standard; 32 gives a half-width net).
+    pub base_width: usize,
+    /// Classes of the classification head (`fc`) used for pretraining; `None` builds no head.
+    pub num_classes: Option<usize>,
+    /// Parts frozen (no gradient; their BatchNorms stay in evaluation mode): 0 none, 1 the stem,
+    /// `k` in 2..=5 the stem and the stages `layer1..layer(k-1)`.
+    pub frozen_stages: usize,
+}
+
+impl ResNetConfig {
+    /// The standard-width network of `depth`, with an optional classification head.
+    pub fn new(depth: Depth, num_classes: Option<usize>) -> Self {
+        Self {
+            depth,
+            base_width: 64,
+            num_classes,
+            frozen_stages: 0,
+        }
+    }
+
+    /// ResNet-50 without a classification head.
+    pub fn resnet50() -> Self {
+        Self::new(Depth::R50, None)
+    }
+
+    /// ResNet-18 without a classification head.
+    pub fn resnet18() -> Self {
+        Self::new(Depth::R18, None)
+    }
+
+    /// Channels of out3, out4, out5 (e.g. 512/1024/2048 for ResNet-50, 128/256/512 for 18/34).
+    pub fn out_channels(&self) -> [usize; 3] {
+        let e = self.depth.expansion();
+        let w = self.base_width;
+        [2 * w * e, 4 * w * e, 8 * w * e]
+    }
+}
+
+/// Kaiming normal, fan-out, ReLU gain: torchvision's ResNet convolution init.
+const KAIMING_FAN_OUT: Init = Init::Kaiming {
+    dist: NormalOrUniform::Normal,
+    fan: FanInOut::FanOut,
+    non_linearity: NonLinearity::ReLU,
+};
+
+fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let w = vb.get_with_hints((cout, cin, k, k), "weight", KAIMING_FAN_OUT)?;
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv2d::new(w, None, cfg))
+}
+
+/// Conv + BN of the projection shortcut (`downsample.0` / `downsample.1`).
+#[derive(Debug, Clone)]
+struct Downsample {
+    conv: Conv2d,
+    bn: BatchNorm2d,
+}
+
+impl Downsample {
+    fn new(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Option<Self>> {
+        if stride == 1 && cin == cout {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            conv: conv(cin, cout, 1, stride, 0, vb.pp("0"))?,
+            bn: BatchNorm2d::new(cout, vb.pp("1"))?,
+        }))
+    }
+
+    fn forward(ds: &Option<Self>, x: &Tensor, train: bool) -> Result<Tensor> {
+        match ds {
+            Some(d) => d.bn.forward_t(&conv2d(x, &d.conv)?, train),
+            None => Ok(x.clone()),
+        }
+    }
+}
+
+/// A residual block: basic (two 3x3 convs) or bottleneck (1x1, 3x3 with the stride, 1x1).
+#[derive(Debug, Clone)]
+struct Block {
+    convs: Vec<(Conv2d, BatchNorm2d)>,
+    downsample: Option<Downsample>,
+}
+
+impl Block {
+    fn new(
+        bottleneck: bool,
+        cin: usize,
+        planes: usize,
+        stride: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        // (in, out, kernel, stride, padding) per conv.
+        let specs: Vec<(usize, usize, usize, usize, usize)> = if bottleneck {
+            vec![
+                (cin, planes, 1, 1, 0),
+                (planes, planes, 3, stride, 1),
+                (planes, planes * 4, 1, 1, 0),
+            ]
+        } else {
+            vec![(cin, planes, 3, stride, 1), (planes, planes, 3, 1, 1)]
+        };
+        let cout = specs.last().map_or(planes, |s| s.1);
+        let mut convs = Vec::with_capacity(specs.len());
+        for (i, &(a, b, k, s, p)) in specs.iter().enumerate() {
+            convs.push((
+                conv(a, b, k, s, p, vb.pp(format!("conv{}", i + 1)))?,
+                BatchNorm2d::new(b, vb.pp(format!("bn{}", i + 1)))?,
+            ));
+        }
+        let downsample = Downsample::new(cin, cout, stride, vb.pp("downsample"))?;
+        Ok(Self { convs, downsample })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let last = self.convs.len() - 1;
+        let mut y = x.clone();
+        for (i, (c, bn)) in self.convs.iter().enumerate() {
+            y = bn.forward_t(&conv2d(&y, c)?, train)?;
+            if i != last {
+                y = y.relu()?;
+            }
+        }
+        let shortcut = Downsample::forward(&self.downsample, x, train)?;
+        (y + shortcut)?.relu()
+    }
+}
+
+/// A ResNet feature extractor with torchvision's layout and names (`conv1`, `bn1`,
+/// `layer{1..4}.{i}.conv{k}/bn{k}/downsample.{0,1}`, `fc`).
+#[derive(Debug, Clone)]
+pub struct ResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    stages: [Vec<Block>; 4],
+    fc: Option<Linear>,
+    cfg: ResNetConfig,
+    freeze_bn: bool,
+}
+
+impl ResNet {
+    /// Builds the network from `vb` (new variables get torchvision's init: Kaiming normal
+    /// fan-out for convolutions, BN weight 1 / bias 0, PyTorch's default for `fc`).
+    pub fn new(vb: VarBuilder, cfg: &ResNetConfig) -> Result<Self> {
+        if cfg.base_width == 0 {
+            bail!("resnet: base_width must be positive")
+        }
+        if cfg.frozen_stages > 5 {
+            bail!("resnet: frozen_stages is {}, at most 5", cfg.frozen_stages)
+        }
+        let w = cfg.base_width;
+        let conv1 = conv(3, w, 7, 2, 3, vb.pp("conv1"))?;
+        let bn1 = BatchNorm2d::new(w, vb.pp("bn1"))?;
+        let bottleneck = cfg.depth.bottleneck();
+        let exp = cfg.depth.expansion();
+        let mut cin = w;
+        let mut stages: [Vec<Block>; 4] = Default::default();
+        for (s, (&n, stage)) in cfg.depth.blocks().iter().zip(stages.iter_mut()).enumerate() {
+            let planes = w << s;
+            let vbs = vb.pp(format!("layer{}", s + 1));
+            for i in 0..n {
+                let stride = if s > 0 && i == 0 { 2 } else { 1 };
+                stage.push(Block::new(bottleneck, cin, planes, stride, vbs.pp(i))?);
+                cin = planes * exp;
+            }
+        }
+        let fc = match cfg.num_classes {
+            Some(n) => Some(candle_nn::linear(cin, n, vb.pp("fc"))?),
+            None => None,
+        };
+        Ok(Self {
+            conv1,
+            bn1,
+            stages,
+            fc,
+            cfg: *cfg,
+            freeze_bn: false,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ResNetConfig {
+        &self.cfg
+    }
+
+    /// Channels of out3, out4, out5.
+    pub fn out_channels(&self) -> [usize; 3] {
+        self.cfg.out_channels()
+    }
+
+    /// Keeps every BatchNorm in evaluation mode (running statistics, no update) even when
+    /// `train` is true — the tutorial's `freeze_bn` for detector training.
+    pub fn set_freeze_bn(&mut self, freeze: bool) {
+        self.freeze_bn = freeze;
+    }
+
+    /// Whether BatchNorm is frozen (see [`ResNet::set_freeze_bn`]).
+    pub fn freeze_bn(&self) -> bool {
+        self.freeze_bn
+    }
+
+    /// Sets how many leading parts are frozen (see [`ResNetConfig::frozen_stages`]).
+    pub fn set_frozen_stages(&mut self, n: usize) -> Result<()> {
+        if n > 5 {
+            bail!("resnet: frozen_stages is {n}, at most 5")
+        }
+        self.cfg.frozen_stages = n;
+        Ok(())
+    }
+
+    /// Runs the stem and stages; returns `[out2, out3, out4, out5]`.
+    fn features(&self, x: &Tensor, train: bool) -> Result<[Tensor; 4]> {
+        let frozen = self.cfg.frozen_stages;
+        // BN of part `p` (0 = stem) trains only if neither BN nor that part is frozen.
+        let bn_train = |p: usize| train && !self.freeze_bn && p >= frozen;
+        let mut x = self.bn1.forward_t(&conv2d(x, &self.conv1)?, bn_train(0))?;
+        x = max_pool2d(&x.relu()?, 3, 2, 1)?;
+        if frozen >= 1 {
+            x = x.detach();
+        }
+        let mut outs: Vec<Tensor> = Vec::with_capacity(4);
+        for (s, stage) in self.stages.iter().enumerate() {
+            for b in stage {
+                x = b.forward_t(&x, bn_train(s + 1))?;
+            }
+            if frozen >= s + 2 {
+                x = x.detach();
+            }
+            outs.push(x.clone());
+        }
+        let [o2, o3, o4, o5]: [Tensor; 4] = outs
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("resnet: expected four stages".into()))?;
+        Ok([o2, o3, o4, o5])
+    }
+
+    /// `(out3, out4, out5)` at strides 8, 16, 32. `train` selects batch statistics for
+    /// BatchNorm (unless frozen).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        let [_, o3, o4, o5] = self.features(x, train)?;
+        Ok((o3, o4, o5))
+    }
+
+    /// Evaluation-mode [`ResNet::forward_t`].
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        self.forward_t(x, false)
+    }
+
+    /// Classification logits `[B, num_classes]`: global average pool of out5 and `fc`.
+    /// Errors when the network was built without a head.
+    pub fn classify_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let Some(fc) = &self.fc else {
+            bail!("resnet: no classification head (num_classes is None)")
+        };
+        let [_, _, _, o5] = self.features(x, train)?;
+        fc.forward(&o5.mean((2, 3))?)
+    }
+}
