@@ -1,0 +1,308 @@
+//! Image decoding, one-pass crop + flip + resize resampling, normalisation.
+//!
+//! The resampler is a separable bilinear (triangle) filter whose support widens when
+//! downscaling, like PIL's antialiased `BILINEAR` that torchvision uses on PIL images. Cropping,
+//! horizontal flipping and resizing are folded into the per-axis weight tables, so each training
+//! item is resampled exactly once, straight from the decoded image.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+
+use crate::error::{DatasetError, Result};
+
+/// ImageNet channel means (RGB) used by [`normalize_chw`].
+pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet channel standard deviations (RGB) used by [`normalize_chw`].
+pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Decodes an image file to RGB (grey, grey+alpha, RGBA and 16-bit images are converted).
+///
+/// The format is guessed from the content, not the extension. Errors name the file.
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let reader = image::ImageReader::open(path)
+        .map_err(crate::error::io_err(path))?
+        .with_guessed_format()
+        .map_err(crate::error::io_err(path))?;
+    let img = reader.decode().map_err(|e| DatasetError::Image {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(match img {
+        image::DynamicImage::ImageRgb8(rgb) => rgb,
+        other => other.to_rgb8(),
+    })
+}
+
+/// A rectangle of the source image in continuous pixel coordinates (pixel `i` spans `[i, i+1)`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SrcRect {
+    /// Left edge.
+    pub x0: f64,
+    /// Top edge.
+    pub y0: f64,
+    /// Right edge (exclusive).
+    pub x1: f64,
+    /// Bottom edge (exclusive).
+    pub y1: f64,
+}
+
+/// Per-axis resampling table: for each output index, the first source index and `taps` weights.
+struct Axis {
+    start: Vec<usize>,
+    weights: Vec<f32>,
+    taps: usize,
+}
+
+impl Axis {
+    /// `lo..hi` (source coordinates) is mapped onto `out` output samples. Output samples whose
+    /// centre falls outside `0..len` get all-zero weights (black padding, as PIL's `crop` pads).
+    /// Taps are restricted to source pixels `clip.0..clip.1` (the crop window when cropping
+    /// precedes resizing, the whole image when resizing precedes cropping).
+    fn new(lo: f64, hi: f64, out: usize, len: usize, clip: (usize, usize), flip: bool) -> Axis {
+        let scale = out as f64 / (hi - lo);
+        let support = if scale < 1.0 { 1.0 / scale } else { 1.0 };
+        let taps = (2.0 * support).ceil() as usize + 2;
+        let mut start = vec![0usize; out];
+        let mut weights = vec![0f32; out * taps];
+        let mut tmp = vec![0f64; taps];
+        for o in 0..out {
+            // Flipping reverses which output sample reads which part of the rectangle.
+            let oo = if flip { out - 1 - o } else { o };
+            let c = lo + (oo as f64 + 0.5) / scale;
+            if c < 0.0 || c >= len as f64 {
+                continue;
+            }
+            let first = ((c - support).floor().max(clip.0 as f64)) as usize;
+            let last = ((c + support).ceil() as usize).min(clip.1); // exclusive
+            if first >= last {
+                continue;
+            }
+            let mut sum = 0.0;
+            let n = (last - first).min(taps);
+            for (k, t) in tmp.iter_mut().enumerate().take(n) {
+                let i = first + k;
+                let d = ((i as f64 + 0.5) - c).abs() / support;
+                *t = (1.0 - d).max(0.0);
+                sum += *t;
+            }
+            start[o] = first;
+            if sum > 0.0 {
+                for k in 0..n {
+                    weights[o * taps + k] = (tmp[k] / sum) as f32;
+                }
+            }
+        }
+        Axis {
+            start,
+            weights,
+            taps,
+        }
+    }
+
+    fn row_range(&self) -> (usize, usize) {
+        let mut lo = usize::MAX;
+        let mut hi = 0;
+        for (o, &s) in self.start.iter().enumerate() {
+            let w = &self.weights[o * self.taps..(o + 1) * self.taps];
+            if let Some(last) = w.iter().rposition(|&v| v != 0.0) {
+                lo = lo.min(s);
+                hi = hi.max(s + last + 1);
+            }
+        }
+        if lo == usize::MAX { (0, 0) } else { (lo, hi) }
+    }
+}
+
+/// Resamples the rectangle `rect` of `src` to `out_w x out_h`, optionally flipped horizontally,
+/// and returns interleaved RGB `f32` values in `0..=255` (HWC).
+///
+/// With `crop_first`, the filter reads only pixels inside `rect` (crop, then resize: the
+/// tutorial's training order); otherwise it may read the whole image (resize, then crop: the
+/// evaluation order). Output pixels whose centre falls outside the image are black.
+pub fn resample(
+    src: &RgbImage,
+    rect: SrcRect,
+    out_w: usize,
+    out_h: usize,
+    flip: bool,
+    crop_first: bool,
+) -> Vec<f32> {
+    let (w, h) = (src.width() as usize, src.height() as usize);
+    let clip = |lo: f64, hi: f64, len: usize| {
+        if crop_first {
+            (
+                lo.floor().max(0.0) as usize,
+                (hi.ceil().max(0.0) as usize).min(len),
+            )
+        } else {
+            (0, len)
+        }
+    };
+    let ax = Axis::new(rect.x0, rect.x1, out_w, w, clip(rect.x0, rect.x1, w), flip);
+    let ay = Axis::new(rect.y0, rect.y1, out_h, h, clip(rect.y0, rect.y1, h), false);
+    let (r0, r1) = ay.row_range();
+    let raw = src.as_raw();
+    let row3 = out_w * 3;
+    // Horizontal pass over the source rows the vertical pass needs.
+    let mut tmp = vec![0f32; (r1 - r0) * row3];
+    for r in r0..r1 {
+        let srow = &raw[r * w * 3..(r + 1) * w * 3];
+        let trow = &mut tmp[(r - r0) * row3..(r - r0 + 1) * row3];
+        for o in 0..out_w {
+            let wts = &ax.weights[o * ax.taps..(o + 1) * ax.taps];
+            let s = ax.start[o];
+            let (mut a, mut b, mut c) = (0f32, 0f32, 0f32);
+            for (k, &wk) in wts.iter().enumerate() {
+                if wk != 0.0 {
+                    let p = (s + k) * 3;
+                    a += wk * srow[p] as f32;
+                    b += wk * srow[p + 1] as f32;
+                    c += wk * srow[p + 2] as f32;
+                }
+            }
+            trow[o * 3] = a;
+            trow[o * 3 + 1] = b;
+            trow[o * 3 + 2] = c;
+        }
+    }
+    // Vertical pass.
+    let mut out = vec![0f32; out_h * row3];
+    for o in 0..out_h {
+        let wts = &ay.weights[o * ay.taps..(o + 1) * ay.taps];
+        let s = ay.start[o];
+        let orow = &mut out[o * row3..(o + 1) * row3];
+        for (k, &wk) in wts.iter().enumerate() {
+            if wk != 0.0 {
+                let trow = &tmp[(s + k - r0) * row3..(s + k - r0 + 1) * row3];
+                for (d, &v) in orow.iter_mut().zip(trow) {
+                    *d += wk * v;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Converts interleaved RGB values in `0..=255` (HWC) to normalised planar `[3, H, W]` data:
+/// `(x / 255 - mean) / std` with the ImageNet [`MEAN`] and [`STD`].
+pub fn normalize_chw(hwc: &[f32], width: usize, height: usize) -> Vec<f32> {
+    let n = width * height;
+    assert_eq!(hwc.len(), n * 3, "normalize_chw: buffer size");
+    let mut out = vec![0f32; n * 3];
+    let (r, rest) = out.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    let a: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * STD[c]));
+    let o: [f32; 3] = std::array::from_fn(|c| -MEAN[c] / STD[c]);
+    for (i, px) in hwc.chunks_exact(3).enumerate() {
+        r[i] = px[0] * a[0] + o[0];
+        g[i] = px[1] * a[1] + o[1];
+        b[i] = px[2] * a[2] + o[2];
+    }
+    out
+}
+
+/// Normalised `[3, H, W]` data of a whole image at its own size.
+pub fn image_to_chw(img: &RgbImage) -> Vec<f32> {
+    let hwc: Vec<f32> = img.as_raw().iter().map(|&v| v as f32).collect();
+    normalize_chw(&hwc, img.width() as usize, img.height() as usize)
+}
+
+/// Loads one image for inference at its own size: the normalised tensor `[1, 3, H, W]` (f32,
+/// CPU) and the decoded RGB image (for drawing the detections on).
+///
+/// ```no_run
+/// let (x, img) = retinanet_dataset::load_image_for_inference("img/0.jpg".as_ref()).unwrap();
+/// assert_eq!(x.dims(), &[1, 3, img.height() as usize, img.width() as usize]);
+/// ```
+pub fn load_image_for_inference(path: &Path) -> Result<(Tensor, RgbImage)> {
+    let img = load_rgb(path)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let t = Tensor::from_vec(image_to_chw(&img), (1, 3, h, w), &Device::Cpu)?;
+    Ok((t, img))
+}
+
+/// Python's `round` (half to even), used where the tutorial's arithmetic rounds.
+pub(crate) fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 {
+        2.0 * (x / 2.0).round()
+    } else {
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_resample_is_exact() {
+        let img = RgbImage::from_fn(7, 5, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 3]));
+        let rect = SrcRect {
+            x0: 0.0,
+            y0: 0.0,
+            x1: 7.0,
+            y1: 5.0,
+        };
+        let out = resample(&img, rect, 7, 5, false, false);
+        for (i, px) in img.pixels().enumerate() {
+            for c in 0..3 {
+                assert!((out[i * 3 + c] - px.0[c] as f32).abs() < 1e-4);
+            }
+        }
+        let flipped = resample(&img, rect, 7, 5, true, true);
+        assert_eq!(flipped[0], 60.0);
+        assert_eq!(flipped[3 * 6], 0.0);
+    }
+
+    #[test]
+    fn padding_outside_the_image_is_black() {
+        let img = RgbImage::from_pixel(4, 4, image::Rgb([200, 200, 200]));
+        let rect = SrcRect {
+            x0: -2.0,
+            y0: 0.0,
+            x1: 6.0,
+            y1: 4.0,
+        };
+        let out = resample(&img, rect, 8, 4, false, false);
+        assert_eq!(out[0], 0.0);
+        assert!((out[3 * 3] - 200.0).abs() < 1e-3);
+        assert_eq!(out[7 * 3], 0.0);
+    }
+
+    #[test]
+    fn downscale_averages() {
+        // A 1-pixel checkerboard halved becomes uniform grey with the antialiasing filter.
+        let img = RgbImage::from_fn(16, 16, |x, y| {
+            let v = if (x + y) % 2 == 0 { 255 } else { 0 };
+            image::Rgb([v, v, v])
+        });
+        let rect = SrcRect {
+            x0: 0.0,
+            y0: 0.0,
+            x1: 16.0,
+            y1: 16.0,
+        };
+        let out = resample(&img, rect, 8, 8, false, true);
+        let mid = out[(4 * 8 + 4) * 3];
+        assert!((mid - 127.5).abs() < 1.0, "{mid}");
+    }
+
+    #[test]
+    fn normalisation_values() {
+        let v = normalize_chw(&[255.0, 0.0, 127.5], 1, 1);
+        assert!((v[0] - (1.0 - 0.485) / 0.229).abs() < 1e-5);
+        assert!((v[1] - (-0.456 / 0.224)).abs() < 1e-5);
+        assert!((v[2] - (0.5 - 0.406) / 0.225).abs() < 1e-5);
+    }
+
+    #[test]
+    fn python_rounding() {
+        assert_eq!(round_half_even(0.5), 0.0);
+        assert_eq!(round_half_even(1.5), 2.0);
+        assert_eq!(round_half_even(-0.5), 0.0);
+        assert_eq!(round_half_even(2.4), 2.0);
+    }
+}

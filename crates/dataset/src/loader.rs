@@ -1,0 +1,377 @@
+//! A seeded, parallel, prefetching batch loader shared by detection and classification.
+//!
+//! A background thread builds batches (items decoded and augmented in parallel with rayon) and
+//! hands them over through a bounded channel, so the next `prefetch` batches are being prepared
+//! while the model works on the current one. Every random choice comes from a per-item RNG
+//! seeded with `(seed, epoch, dataset index)` and the shuffle from `(seed, epoch)`, so results do
+//! not depend on thread scheduling, and a run resumed at `(epoch, batch)` sees the same batches.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rayon::prelude::*;
+
+use crate::error::{DatasetError, Result};
+
+/// Loader settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoaderConfig {
+    /// Items per batch.
+    pub batch_size: usize,
+    /// Shuffle the items every epoch (seeded by `(seed, epoch)`).
+    pub shuffle: bool,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// Drop the last, incomplete batch of an epoch.
+    pub drop_last: bool,
+    /// How many finished batches may wait ahead of the consumer.
+    pub prefetch: usize,
+    /// Skip items whose image cannot be read (counted, see [`Loader::skipped`]) instead of
+    /// failing.
+    pub skip_bad: bool,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            batch_size: 16,
+            shuffle: true,
+            seed: 0,
+            drop_last: false,
+            prefetch: 2,
+            skip_bad: false,
+        }
+    }
+}
+
+impl LoaderConfig {
+    /// A config with this batch size and seed, the other fields at their defaults.
+    pub fn new(batch_size: usize, seed: u64) -> Self {
+        LoaderConfig {
+            batch_size,
+            seed,
+            ..Default::default()
+        }
+    }
+}
+
+/// Where batches come from: implemented for detection and classification datasets.
+pub trait ItemSource: Send + Sync + 'static {
+    /// One loaded item.
+    type Item: Send;
+    /// A collated batch.
+    type Batch: Send + 'static;
+    /// Number of items.
+    fn len(&self) -> usize;
+    /// True when there is no item.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Loads and transforms item `index` with its own RNG.
+    fn load(&self, index: usize, rng: &mut StdRng) -> Result<Self::Item>;
+    /// Stacks items into a batch.
+    fn collate(&self, items: Vec<Self::Item>, epoch: usize, batch: usize) -> Result<Self::Batch>;
+}
+
+/// SplitMix64 finaliser: decorrelates nearby seeds.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The RNG of item `index` in `epoch`: a pure function of `(seed, epoch, index)`.
+pub fn item_rng(seed: u64, epoch: usize, index: usize) -> StdRng {
+    StdRng::seed_from_u64(mix(mix(mix(seed) ^ epoch as u64) ^ index as u64))
+}
+
+/// The order of the items in `epoch`: a seeded shuffle, or `0..len`.
+pub fn epoch_order(len: usize, shuffle: bool, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    if shuffle {
+        use rand::seq::SliceRandom;
+        let mut rng = StdRng::seed_from_u64(mix(mix(seed ^ 0x5348_5546_464c_4521) ^ epoch as u64));
+        order.shuffle(&mut rng);
+    }
+    order
+}
+
+/// Items that could not be loaded and were skipped (with `skip_bad`).
+#[derive(Debug, Default)]
+struct SkipLog {
+    /// Dataset index -> error message (first occurrence).
+    items: Mutex<BTreeMap<usize, String>>,
+    /// Every skip, counting repeats across epochs.
+    count: AtomicUsize,
+}
+
+/// A batch loader over an [`ItemSource`]. See the module documentation.
+pub struct Loader<S: ItemSource> {
+    source: Arc<S>,
+    config: LoaderConfig,
+    skips: Arc<SkipLog>,
+}
+
+impl<S: ItemSource> Loader<S> {
+    /// A loader over `source`. Errors on an empty source or a zero batch size.
+    pub fn with_source(source: S, config: LoaderConfig) -> Result<Self> {
+        if config.batch_size == 0 {
+            return Err(DatasetError::Invalid(
+                "batch size must be at least 1".into(),
+            ));
+        }
+        if source.is_empty() {
+            return Err(DatasetError::Empty(
+                "the loader's dataset has no item".into(),
+            ));
+        }
+        if config.drop_last && source.len() < config.batch_size {
+            return Err(DatasetError::Invalid(format!(
+                "drop_last with batch size {} leaves no batch of {} items",
+                config.batch_size,
+                source.len()
+            )));
+        }
+        Ok(Loader {
+            source: Arc::new(source),
+            config,
+            skips: Arc::new(SkipLog::default()),
+        })
+    }
+
+    /// The item source.
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &LoaderConfig {
+        &self.config
+    }
+
+    /// Batches in one epoch.
+    pub fn batches_per_epoch(&self) -> usize {
+        let (n, b) = (self.source.len(), self.config.batch_size);
+        if self.config.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
+    }
+
+    /// The dataset indices of batch `batch` of `epoch` (before any skipping).
+    pub fn batch_indices(&self, epoch: usize, batch: usize) -> Vec<usize> {
+        let order = epoch_order(
+            self.source.len(),
+            self.config.shuffle,
+            self.config.seed,
+            epoch,
+        );
+        let b = self.config.batch_size;
+        order.iter().skip(batch * b).take(b).copied().collect()
+    }
+
+    /// Builds one batch synchronously (no background thread): batch `batch` of `epoch`.
+    pub fn batch(&self, epoch: usize, batch: usize) -> Result<S::Batch> {
+        let indices = self.batch_indices(epoch, batch);
+        build_batch(
+            &*self.source,
+            &self.config,
+            &self.skips,
+            &indices,
+            epoch,
+            batch,
+        )?
+        .ok_or_else(|| {
+            DatasetError::Empty(format!(
+                "every item of batch {batch} of epoch {epoch} was skipped"
+            ))
+        })
+    }
+
+    /// The batches of one epoch, prepared in the background.
+    pub fn epoch(&self, epoch: usize) -> Batches<S::Batch> {
+        self.spawn(epoch, 0, Some(epoch + 1))
+    }
+
+    /// Every batch from batch `batch` of epoch `epoch` on, epoch after epoch, without end (for
+    /// resuming: the batches are the same as in an uninterrupted run). Each batch knows its
+    /// epoch and index.
+    pub fn from_position(&self, epoch: usize, batch: usize) -> Batches<S::Batch> {
+        self.spawn(epoch, batch, None)
+    }
+
+    /// Items skipped so far as unreadable (with `skip_bad`): `(dataset index, error)`, each
+    /// item once.
+    pub fn skipped(&self) -> Vec<(usize, String)> {
+        let items = self.skips.items.lock().unwrap_or_else(|e| e.into_inner());
+        items.iter().map(|(&i, m)| (i, m.clone())).collect()
+    }
+
+    /// Number of skips so far, counting an item again in every epoch it was skipped.
+    pub fn skipped_count(&self) -> usize {
+        self.skips.count.load(Ordering::Relaxed)
+    }
+
+    fn spawn(&self, epoch: usize, batch: usize, end_epoch: Option<usize>) -> Batches<S::Batch> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(self.config.prefetch.max(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let source = Arc::clone(&self.source);
+        let skips = Arc::clone(&self.skips);
+        let config = self.config;
+        let nb = self.batches_per_epoch();
+        let stop2 = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name("retinanet-loader".into())
+            .spawn(move || {
+                producer(
+                    source, config, skips, nb, epoch, batch, end_epoch, tx, stop2,
+                )
+            })
+            .expect("spawn the loader thread");
+        Batches {
+            rx: Some(rx),
+            handle: Some(handle),
+            stop,
+        }
+    }
+}
+
+fn build_batch<S: ItemSource>(
+    source: &S,
+    config: &LoaderConfig,
+    skips: &SkipLog,
+    indices: &[usize],
+    epoch: usize,
+    batch: usize,
+) -> Result<Option<S::Batch>> {
+    let loaded: Vec<Result<S::Item>> = indices
+        .par_iter()
+        .map(|&i| source.load(i, &mut item_rng(config.seed, epoch, i)))
+        .collect();
+    let mut items = Vec::with_capacity(loaded.len());
+    for (r, &i) in loaded.into_iter().zip(indices) {
+        match r {
+            Ok(item) => items.push(item),
+            Err(e)
+                if config.skip_bad
+                    && matches!(e, DatasetError::Image { .. } | DatasetError::Io { .. }) =>
+            {
+                skips.count.fetch_add(1, Ordering::Relaxed);
+                let mut m = skips.items.lock().unwrap_or_else(|e| e.into_inner());
+                m.entry(i).or_insert_with(|| e.to_string());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if items.is_empty() {
+        return Ok(None);
+    }
+    source.collate(items, epoch, batch).map(Some)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn producer<S: ItemSource>(
+    source: Arc<S>,
+    config: LoaderConfig,
+    skips: Arc<SkipLog>,
+    batches_per_epoch: usize,
+    mut epoch: usize,
+    mut batch: usize,
+    end_epoch: Option<usize>,
+    tx: SyncSender<Result<S::Batch>>,
+    stop: Arc<AtomicBool>,
+) {
+    let b = config.batch_size;
+    loop {
+        if end_epoch.is_some_and(|e| epoch >= e) {
+            return;
+        }
+        let order = epoch_order(source.len(), config.shuffle, config.seed, epoch);
+        while batch < batches_per_epoch {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let indices = &order[batch * b..((batch + 1) * b).min(order.len())];
+            let result = build_batch(&*source, &config, &skips, indices, epoch, batch);
+            let failed = result.is_err();
+            let msg = match result {
+                Ok(None) => {
+                    batch += 1;
+                    continue;
+                }
+                Ok(Some(x)) => Ok(x),
+                Err(e) => Err(e),
+            };
+            // Poll so that a dropped consumer (stop flag) ends the thread promptly.
+            let mut msg = Some(msg);
+            loop {
+                match tx.try_send(msg.take().expect("message")) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(m)) => {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        msg = Some(m);
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    Err(TrySendError::Disconnected(_)) => return,
+                }
+            }
+            if failed {
+                return;
+            }
+            batch += 1;
+        }
+        batch = 0;
+        epoch += 1;
+    }
+}
+
+/// Iterator over batches prepared in the background. Dropping it stops the thread.
+pub struct Batches<B: Send + 'static> {
+    rx: Option<Receiver<Result<B>>>,
+    handle: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl<B: Send + 'static> Iterator for Batches<B> {
+    type Item = Result<B>;
+    fn next(&mut self) -> Option<Result<B>> {
+        self.rx.as_ref()?.recv().ok()
+    }
+}
+
+impl<B: Send + 'static> Drop for Batches<B> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.rx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_is_a_seeded_permutation() {
+        let a = epoch_order(100, true, 7, 3);
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..100).collect::<Vec<_>>());
+        assert_eq!(a, epoch_order(100, true, 7, 3));
+        assert_ne!(a, epoch_order(100, true, 7, 4));
+        assert_ne!(a, epoch_order(100, true, 8, 3));
+        assert_eq!(epoch_order(5, false, 7, 3), vec![0, 1, 2, 3, 4]);
+    }
+}

@@ -1,0 +1,221 @@
+//! Boxes stay on their pixels through every transform.
+
+use image::{Rgb, RgbImage};
+use rand::Rng;
+use retinanet_dataset::loader::item_rng;
+use retinanet_dataset::{ClassificationTransform, DetectionTransform, TransformedItem};
+
+/// Bounding box `[ymin, xmin, ymax, xmax]` of the output pixels brighter than half.
+fn bright_bounds(t: &TransformedItem) -> Option<[f32; 4]> {
+    let mut b: Option<[f32; 4]> = None;
+    for y in 0..t.height {
+        for x in 0..t.width {
+            if t.hwc[(y * t.width + x) * 3] > 127.5 {
+                let (y, x) = (y as f32, x as f32);
+                b = Some(match b {
+                    None => [y, x, y, x],
+                    Some(o) => [o[0].min(y), o[1].min(x), o[2].max(y), o[3].max(x)],
+                });
+            }
+        }
+    }
+    b
+}
+
+/// Paints one box white on black, transforms, and checks the transformed box bounds the white
+/// region to a pixel.
+fn check(transform: DetectionTransform, cases: usize, seed: u64) -> usize {
+    let mut checked = 0;
+    for case in 0..cases {
+        let mut rng = item_rng(seed, 0, case);
+        let (w, h) = (rng.random_range(60..400u32), rng.random_range(60..400u32));
+        let y0 = rng.random_range(0..h - 10);
+        let x0 = rng.random_range(0..w - 10);
+        let y1 = rng.random_range(y0 + 5..h);
+        let x1 = rng.random_range(x0 + 5..w);
+        let mut img = RgbImage::new(w, h);
+        for y in y0..=y1 {
+            for x in x0..=x1 {
+                img.put_pixel(x, y, Rgb([255, 255, 255]));
+            }
+        }
+        let boxes = [[y0 as f32, x0 as f32, y1 as f32, x1 as f32]];
+        let t = transform.apply(&img, &boxes, &[3], &mut rng);
+        assert_eq!(
+            (t.width, t.height),
+            (transform.size as usize, transform.size as usize)
+        );
+        let Some(bright) = bright_bounds(&t) else {
+            assert!(
+                t.boxes.is_empty(),
+                "case {case}: box kept but nothing painted is visible"
+            );
+            continue;
+        };
+        if t.boxes.is_empty() {
+            // Dropped: must be a small visible region.
+            let area = (bright[2] - bright[0] + 1.0) * (bright[3] - bright[1] + 1.0);
+            assert!(
+                area <= transform.boxarea_th + 60.0,
+                "case {case}: dropped a box of visible area {area}"
+            );
+            continue;
+        }
+        assert_eq!(t.labels, vec![3]);
+        let b = t.boxes[0];
+        for k in 0..4 {
+            assert!(
+                (b[k] - bright[k]).abs() <= 1.0,
+                "case {case} ({w}x{h}, box {:?}): transformed {b:?} vs painted {bright:?}",
+                boxes[0]
+            );
+        }
+        let s = transform.size as f32;
+        assert!(b[0] >= 0.0 && b[1] >= 0.0 && b[2] <= s - 1.0 && b[3] <= s - 1.0);
+        checked += 1;
+    }
+    checked
+}
+
+#[test]
+fn train_transform_keeps_boxes_on_their_pixels() {
+    let n = check(DetectionTransform::train(129, 25.0), 150, 1);
+    assert!(n > 90, "only {n} boxes checked");
+    let n = check(DetectionTransform::train(257, 25.0), 60, 2);
+    assert!(n > 35, "only {n} boxes checked");
+}
+
+#[test]
+fn eval_transform_keeps_boxes_on_their_pixels() {
+    let n = check(DetectionTransform::eval(129, 25.0), 120, 3);
+    assert!(n > 60, "only {n} boxes checked");
+    // A small max_size forces the longer-side cap and black padding.
+    let mut t = DetectionTransform::eval(129, 25.0);
+    t.max_size = 150;
+    let n = check(t, 60, 4);
+    assert!(n > 30, "only {n} boxes checked");
+}
+
+#[test]
+fn train_transform_flips_half_the_time() {
+    // Left half white: after a flip the white is on the right.
+    let img = RgbImage::from_fn(
+        200,
+        150,
+        |x, _| if x < 100 { Rgb([255; 3]) } else { Rgb([0; 3]) },
+    );
+    let t = DetectionTransform::train(65, 25.0);
+    let mut flips = 0;
+    for i in 0..200 {
+        let out = t.apply(&img, &[], &[], &mut item_rng(9, 0, i));
+        let left = out.hwc[(32 * 65 + 2) * 3];
+        let right = out.hwc[(32 * 65 + 62) * 3];
+        assert!((left > 127.0) != (right > 127.0));
+        if right > 127.0 {
+            flips += 1;
+        }
+    }
+    assert!((70..=130).contains(&flips), "{flips} flips of 200");
+}
+
+#[test]
+fn train_crop_falls_back_to_centred_square() {
+    // 3:1 images admit no crop of area >= 0.85 with aspect <= 4/3: the centred square is used.
+    let img = RgbImage::from_fn(300, 100, |x, _| {
+        if (100..200).contains(&x) {
+            Rgb([255; 3])
+        } else {
+            Rgb([0; 3])
+        }
+    });
+    let t = DetectionTransform::train(64, 25.0);
+    for i in 0..10 {
+        let out = t.apply(
+            &img,
+            &[[0.0, 100.0, 99.0, 199.0]],
+            &[1],
+            &mut item_rng(5, 1, i),
+        );
+        assert!(
+            out.hwc.iter().all(|&v| v > 254.0),
+            "the crop must be exactly the white centre"
+        );
+        assert_eq!(out.boxes, vec![[0.0, 0.0, 63.0, 63.0]]);
+    }
+}
+
+#[test]
+fn eval_transform_geometry() {
+    // 200x100 -> shorter side 64 (scale 0.64): 128x64, centre crop 64 at x = 32 (source x = 50).
+    let img = RgbImage::from_fn(200, 100, |x, _| {
+        if (50..100).contains(&x) {
+            Rgb([255; 3])
+        } else {
+            Rgb([0; 3])
+        }
+    });
+    let t = DetectionTransform::eval(64, 0.0);
+    let out = t.apply(
+        &img,
+        &[[10.0, 0.0, 19.0, 199.0], [0.0, 0.0, 9.0, 9.0]],
+        &[1, 2],
+        &mut item_rng(0, 0, 0),
+    );
+    // The first box spans the whole width: clamped to the crop. The second is outside: dropped.
+    // Rows 10..=19 -> [6.4, 12.8) -> inclusive [6.4, 11.8].
+    assert_eq!(out.boxes, vec![[6.4, 0.0, 11.8, 63.0]]);
+    assert_eq!(out.labels, vec![1]);
+    // White source columns 50..100 -> output 0..32.
+    assert!(out.hwc[(10 * 64 + 1) * 3] > 250.0);
+    assert!(out.hwc[(10 * 64 + 30) * 3] > 250.0);
+    assert!(out.hwc[(10 * 64 + 33) * 3] < 5.0);
+}
+
+#[test]
+fn small_boxes_are_dropped_after_resize() {
+    let img = RgbImage::new(100, 100);
+    let t = DetectionTransform::eval(50, 25.0);
+    // 10x10 source pixels -> 5x5 output pixels = 25: dropped; 12x12 -> 36: kept.
+    let out = t.apply(
+        &img,
+        &[[0.0, 0.0, 9.0, 9.0], [20.0, 20.0, 31.0, 31.0]],
+        &[1, 2],
+        &mut item_rng(0, 0, 0),
+    );
+    assert_eq!(out.labels, vec![2]);
+    assert_eq!(out.boxes, vec![[10.0, 10.0, 15.0, 15.0]]);
+    // Boxes outside the image are clamped to it.
+    let out = t.apply(
+        &img,
+        &[[-20.0, -5.0, 149.0, 49.0]],
+        &[1],
+        &mut item_rng(0, 0, 0),
+    );
+    assert_eq!(out.boxes, vec![[0.0, 0.0, 49.0, 24.0]]);
+}
+
+#[test]
+fn classification_transforms() {
+    let img = RgbImage::from_fn(320, 240, |x, y| {
+        Rgb([(x % 256) as u8, (y % 256) as u8, 128])
+    });
+    let eval = ClassificationTransform::eval(224);
+    let a = eval.apply(&img, &mut item_rng(0, 0, 0));
+    assert_eq!(a.len(), 224 * 224 * 3);
+    // Shorter side 240 -> 224: scale 14/15; centre crop of the 298x224 resize starts at x = 37.
+    let sx = 320.0 / 298.0;
+    let expect_x = (37.0 + 0.5) * sx - 0.5;
+    assert!(
+        (a[0] - expect_x as f32).abs() < 1.5,
+        "{} vs {expect_x}",
+        a[0]
+    );
+    let train = ClassificationTransform::train(64);
+    let b = train.apply(&img, &mut item_rng(0, 0, 1));
+    let c = train.apply(&img, &mut item_rng(0, 0, 1));
+    let d = train.apply(&img, &mut item_rng(0, 0, 2));
+    assert_eq!(b.len(), 64 * 64 * 3);
+    assert_eq!(b, c, "same RNG, same output");
+    assert_ne!(b, d);
+    assert!(b.iter().all(|v| (0.0..=255.0).contains(v)));
+}
