@@ -1,0 +1,88 @@
+//! `evaluate`: VOC and COCO-style tables for a checkpoint on a split, or for a detections file
+//! against a ground-truth file (formats in docs/formats.md).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use retinanet_train::config::DetectorRunConfig;
+use retinanet_train::data::open_detection;
+use retinanet_train::{evaluate_model, latest_run, load_detector, parse_device, read_config};
+
+/// Evaluate a detector checkpoint, or score a detections file.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Detector checkpoint; default: the latest `train-detector` run.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Take the data (and evaluation settings) from this run config instead of the checkpoint's.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Folder of run folders (to find the latest run).
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
+    /// Evaluate on at most this many images (0: all).
+    #[arg(long)]
+    max_images: Option<usize>,
+    /// Score this detections file (JSON lines) instead of running a model.
+    #[arg(long, requires_all = ["ground_truth", "names"])]
+    detections: Option<PathBuf>,
+    /// Ground-truth file (JSON lines) for --detections.
+    #[arg(long)]
+    ground_truth: Option<PathBuf>,
+    /// Class names file (one per line) for --detections.
+    #[arg(long)]
+    names: Option<PathBuf>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let report = if let Some(det) = &a.detections {
+        let (Some(gt), Some(names)) = (&a.ground_truth, &a.names) else {
+            bail!("--detections needs --ground-truth and --names");
+        };
+        let names = retinanet_eval::io::read_names(names)?;
+        let mut ev = retinanet_eval::Evaluator::new(names);
+        retinanet_eval::io::evaluate_files(gt, det, &mut ev)?;
+        ev.finish()
+    } else {
+        let device = parse_device(&a.device)?;
+        let ck = match &a.checkpoint {
+            Some(p) => p.clone(),
+            None => latest_run(&a.runs_dir, "detector")?.checkpoint(),
+        };
+        let det = load_detector(&ck, &device)?;
+        let mut cfg: DetectorRunConfig = match &a.config {
+            Some(p) => read_config(p)?,
+            None => det.config.clone(),
+        };
+        if let Some(m) = a.max_images {
+            cfg.eval.max_images = m;
+        }
+        let (_, eval_ds) = open_detection(&cfg.data.source)?;
+        if eval_ds.class_names() != det.class_names {
+            bail!(
+                "the split's classes {:?} differ from the checkpoint's {:?}",
+                eval_ds.class_names(),
+                det.class_names
+            );
+        }
+        evaluate_model(&det.model, &det.encoder, eval_ds, &cfg, &device, a.quiet)?
+    };
+    println!("{}", report.to_table());
+    if let Some(p) = &a.json {
+        std::fs::write(p, report.to_json())
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}

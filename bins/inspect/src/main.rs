@@ -1,0 +1,129 @@
+//! `inspect`: runs a trained detector on images, draws boxes, names and scores, writes
+//! `<name>.pred.png` and prints the detections.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Parser;
+use retinanet_train::detect::decode_options;
+use retinanet_train::infer::{detect_file, draw, expand_inputs, output_path};
+use retinanet_train::{latest_run, load_detector, parse_device};
+
+/// Detect objects in images with a trained RetinaNet.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Images or folders of images.
+    #[arg(default_value = "img/0.jpg")]
+    inputs: Vec<PathBuf>,
+    /// Detector checkpoint; default: the latest `train-detector` run.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Folder of run folders (to find the latest run).
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
+    /// Resize the shorter side to this many pixels first (default: the image's own size).
+    #[arg(long)]
+    size: Option<u32>,
+    /// Output PNG (one input) or folder (several); default `<name>.pred.png` beside each input.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Score threshold.
+    #[arg(long, default_value_t = 0.5)]
+    score_th: f32,
+    /// NMS IoU threshold.
+    #[arg(long, default_value_t = 0.5)]
+    nms_th: f32,
+    /// NMS within each class instead of across classes.
+    #[arg(long)]
+    per_class: bool,
+    /// Keep at most this many detections per image.
+    #[arg(long)]
+    max_detections: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let device = parse_device(&a.device)?;
+    let ck = match &a.checkpoint {
+        Some(p) => p.clone(),
+        None => latest_run(&a.runs_dir, "detector")?.checkpoint(),
+    };
+    let det = load_detector(&ck, &device)?;
+    let mut opts = decode_options(&det.config.eval);
+    opts.score_th = a.score_th;
+    opts.nms_th = a.nms_th;
+    opts.class_agnostic = !a.per_class;
+    opts.pre_nms_top_k = None;
+    opts.max_detections = a.max_detections;
+    let inputs = expand_inputs(&a.inputs)?;
+    let out_dir = match &a.out {
+        Some(o) if inputs.len() > 1 || o.is_dir() => {
+            std::fs::create_dir_all(o)?;
+            Some(o.clone())
+        }
+        _ => None,
+    };
+    for input in &inputs {
+        let (mut img, d) = detect_file(&det, input, a.size, &opts)?;
+        draw(&mut img, &d.detections, &det.class_names);
+        let out = match (&a.out, &out_dir) {
+            (_, Some(dir)) => output_path(input, Some(dir)),
+            (Some(file), None) => file.clone(),
+            (None, None) => output_path(input, None),
+        };
+        if out.extension().and_then(|e| e.to_str()) != Some("png") {
+            bail!("output {} must be a .png file", out.display());
+        }
+        retinanet_train::infer::save(&img, &out)?;
+        let dd = &d.detections;
+        if a.json {
+            for i in 0..dd.len() {
+                let b = dd.boxes[i];
+                println!(
+                    "{{\"image\":{:?},\"label\":{},\"class\":{:?},\"score\":{:.4},\"box\":[{:.1},{:.1},{:.1},{:.1}]}}",
+                    input.display().to_string(),
+                    dd.labels[i],
+                    det.class_names[dd.labels[i] as usize - 1],
+                    dd.scores[i],
+                    b[0],
+                    b[1],
+                    b[2],
+                    b[3]
+                );
+            }
+        } else {
+            println!(
+                "{} ({}x{}): {} detections -> {}",
+                input.display(),
+                d.size.1,
+                d.size.0,
+                dd.len(),
+                out.display()
+            );
+            println!(
+                "  {:<14} {:>6}  {:>7} {:>7} {:>7} {:>7}",
+                "class", "score", "ymin", "xmin", "ymax", "xmax"
+            );
+            for i in 0..dd.len() {
+                let b = dd.boxes[i];
+                println!(
+                    "  {:<14} {:>6.3}  {:>7.1} {:>7.1} {:>7.1} {:>7.1}",
+                    det.class_names[dd.labels[i] as usize - 1],
+                    dd.scores[i],
+                    b[0],
+                    b[1],
+                    b[2],
+                    b[3]
+                );
+            }
+        }
+    }
+    Ok(())
+}
