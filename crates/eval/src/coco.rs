@@ -358,31 +358,53 @@ impl CocoEvaluator {
                 *sum += n as u64;
             }
         }
-        let mut rc: Vec<f64> = Vec::new();
-        let mut pr: Vec<f64> = Vec::new();
-        for (mi, &max_det) in MAX_DETS.iter().enumerate() {
-            // (score, record, detection) of each image's top `max_det`, ranked by descending
-            // score; stable, so ties keep image order (COCOeval's mergesort).
-            let mut ranked: Vec<(f32, u32, u32)> = Vec::new();
-            for (ri, r) in recs.iter().enumerate() {
-                for (d, &s) in r.scores.iter().take(max_det).enumerate() {
-                    ranked.push((s, ri as u32, d as u32));
-                }
+        // Every kept detection, ranked once by descending score; ties in image order (COCOeval's
+        // stable mergesort). The ranking for a smaller maxDets is a subsequence of this one.
+        let mut entries: Vec<(u32, u32)> = Vec::new();
+        for (ri, r) in recs.iter().enumerate() {
+            entries.extend((0..r.scores.len() as u32).map(|d| (ri as u32, d)));
+        }
+        let mut keys: Vec<u64> = entries
+            .iter()
+            .enumerate()
+            .map(|(pos, &(ri, d))| {
+                let s = recs[ri as usize].scores[d as usize];
+                (u64::from(!crate::score_bits(s)) << 32) | pos as u64
+            })
+            .collect();
+        keys.sort_unstable();
+        let nd_all = keys.len();
+        // Flags in rank order, one contiguous column per (area, threshold).
+        let mut cols = vec![0u8; A * T * nd_all];
+        let mut det_rank = vec![0u32; nd_all];
+        for (i, &k) in keys.iter().enumerate() {
+            let (ri, d) = entries[(k & 0xffff_ffff) as usize];
+            let r = &recs[ri as usize];
+            let n = r.scores.len();
+            for at in 0..A * T {
+                cols[at * nd_all + i] = r.flags[at * n + d as usize];
             }
-            ranked.sort_by(|x, y| y.0.partial_cmp(&x.0).expect("scores are validated finite"));
-            let nd = ranked.len();
+            det_rank[i] = d;
+        }
+        let mut rc: Vec<f64> = Vec::with_capacity(nd_all);
+        let mut pr: Vec<f64> = Vec::with_capacity(nd_all);
+        let mut sel: Vec<u32> = Vec::with_capacity(nd_all);
+        for (mi, &max_det) in MAX_DETS.iter().enumerate() {
+            sel.clear();
+            sel.extend((0..nd_all as u32).filter(|&i| (det_rank[i as usize] as usize) < max_det));
+            let nd = sel.len();
             for a in 0..A {
                 if npig[a] == 0 {
                     continue;
                 }
                 let n_pos = npig[a] as f64;
                 for t in 0..T {
+                    let col = &cols[(a * T + t) * nd_all..(a * T + t + 1) * nd_all];
                     rc.clear();
                     pr.clear();
                     let (mut tp, mut fp) = (0u64, 0u64);
-                    for &(_, ri, d) in &ranked {
-                        let r = &recs[ri as usize];
-                        let f = r.flags[(a * T + t) * r.scores.len() + d as usize];
+                    for &i in &sel {
+                        let f = col[i as usize];
                         if f & IGNORED == 0 {
                             if f & MATCHED != 0 {
                                 tp += 1;

@@ -126,6 +126,14 @@ pub enum EvalError {
     },
 }
 
+/// An order-preserving `u32` image of a finite score (`-0.0` counted as `0.0`), for sort keys.
+#[inline]
+pub(crate) fn score_bits(s: f32) -> u32 {
+    let s = if s == 0.0 { 0.0 } else { s };
+    let b = s.to_bits();
+    if b >> 31 == 1 { !b } else { b | 0x8000_0000 }
+}
+
 /// Walks two index lists, each sorted by label, and yields `(label, gt indices, det indices)` for
 /// every label present on either side, in ascending label order.
 pub(crate) fn group_by_label<'a>(

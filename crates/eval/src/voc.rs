@@ -212,8 +212,19 @@ impl VocEvaluator {
                 }
                 // Descending score; ties in reverse order of arrival, as the reference's
                 // `argsort(kind='stable')[::-1]`.
-                let mut ranked: Vec<(f32, bool)> = self.outcomes[c].iter().rev().copied().collect();
-                ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+                let out = &self.outcomes[c];
+                let mut keys: Vec<u64> = out
+                    .iter()
+                    .enumerate()
+                    .map(|(pos, &(s, _))| {
+                        (u64::from(!crate::score_bits(s)) << 32) | (u32::MAX - pos as u32) as u64
+                    })
+                    .collect();
+                keys.sort_unstable();
+                let ranked: Vec<bool> = keys
+                    .iter()
+                    .map(|k| out[(u32::MAX - (*k as u32)) as usize].1)
+                    .collect();
                 let (prec, rec) = precision_recall(&ranked, n_pos);
                 (
                     Some(ap_all_points(&prec, &rec)),
@@ -243,11 +254,11 @@ fn mean_some(v: &[Option<f64>]) -> Option<f64> {
 }
 
 /// Cumulative precision and recall down a ranked list of outcomes.
-fn precision_recall(ranked: &[(f32, bool)], n_pos: usize) -> (Vec<f64>, Vec<f64>) {
+fn precision_recall(ranked: &[bool], n_pos: usize) -> (Vec<f64>, Vec<f64>) {
     let (mut tp, mut fp) = (0usize, 0usize);
     let mut prec = Vec::with_capacity(ranked.len());
     let mut rec = Vec::with_capacity(ranked.len());
-    for &(_, hit) in ranked {
+    for &hit in ranked {
         if hit {
             tp += 1;
         } else {
@@ -311,7 +322,7 @@ mod tests {
     #[test]
     fn all_point_and_11_point() {
         // Ranked: TP, FP, TP with 4 positives: precision 1, 1/2, 2/3; recall 1/4, 1/4, 1/2.
-        let ranked = [(0.9, true), (0.8, false), (0.7, true)];
+        let ranked = [true, false, true];
         let (p, r) = precision_recall(&ranked, 4);
         let ap = ap_all_points(&p, &r);
         assert!((ap - (0.25 * 1.0 + 0.25 * (2.0 / 3.0))).abs() < 1e-12);
