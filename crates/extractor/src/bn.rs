@@ -42,6 +42,16 @@ impl BatchNorm2d {
         })
     }
 
+    /// A copy whose affine parameters are detached (same storage, not tracked for backprop);
+    /// the running statistics stay shared.
+    pub fn detached(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            ..self.clone()
+        }
+    }
+
     /// The running mean (a detached view).
     pub fn running_mean(&self) -> Tensor {
         self.running_mean.as_detached_tensor()

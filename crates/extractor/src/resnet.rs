@@ -117,6 +117,15 @@ fn conv(
     Ok(Conv2d::new(w, None, cfg))
 }
 
+/// A copy of `c` whose weights share storage but are not tracked for backprop.
+pub(crate) fn detach_conv(c: &Conv2d) -> Conv2d {
+    Conv2d::new(
+        c.weight().detach(),
+        c.bias().map(Tensor::detach),
+        *c.config(),
+    )
+}
+
 /// Conv + BN of the projection shortcut (`downsample.0` / `downsample.1`).
 #[derive(Debug, Clone)]
 struct Downsample {
@@ -133,6 +142,13 @@ impl Downsample {
             conv: conv(cin, cout, 1, stride, 0, vb.pp("0"))?,
             bn: BatchNorm2d::new(cout, vb.pp("1"))?,
         }))
+    }
+
+    fn detached(&self) -> Self {
+        Self {
+            conv: detach_conv(&self.conv),
+            bn: self.bn.detached(),
+        }
     }
 
     fn forward(ds: &Option<Self>, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -178,6 +194,17 @@ impl Block {
         }
         let downsample = Downsample::new(cin, cout, stride, vb.pp("downsample"))?;
         Ok(Self { convs, downsample })
+    }
+
+    fn detached(&self) -> Self {
+        Self {
+            convs: self
+                .convs
+                .iter()
+                .map(|(c, bn)| (detach_conv(c), bn.detached()))
+                .collect(),
+            downsample: self.downsample.as_ref().map(Downsample::detached),
+        }
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -254,6 +281,26 @@ impl ResNet {
     /// Channels of out3, out4, out5.
     pub fn out_channels(&self) -> [usize; 3] {
         self.cfg.out_channels()
+    }
+
+    /// A copy for inference: the same weights (shared storage, so later training updates show)
+    /// but not tracked for backprop, so a forward pass frees its activations as it goes instead
+    /// of keeping the whole graph alive (candle tracks every op that touches a variable).
+    pub fn detached(&self) -> Self {
+        Self {
+            conv1: detach_conv(&self.conv1),
+            bn1: self.bn1.detached(),
+            stages: self
+                .stages
+                .each_ref()
+                .map(|s| s.iter().map(Block::detached).collect()),
+            fc: self
+                .fc
+                .as_ref()
+                .map(|l| Linear::new(l.weight().detach(), l.bias().map(Tensor::detach))),
+            cfg: self.cfg,
+            freeze_bn: self.freeze_bn,
+        }
     }
 
     /// Keeps every BatchNorm in evaluation mode (running statistics, no update) even when
