@@ -215,13 +215,14 @@ impl Evaluator {
         }
     }
 
-    /// VOC evaluation only (at `iou_threshold`), which is cheaper.
-    pub fn voc_only(names: Vec<String>, iou_threshold: f64) -> Self {
+    /// VOC evaluation at `voc_iou_threshold`, plus COCO evaluation if `coco` (VOC only is
+    /// cheaper).
+    pub fn with_options(names: Vec<String>, voc_iou_threshold: f64, coco: bool) -> Self {
         let c = names.len();
         Self {
             names,
-            voc: VocEvaluator::with_iou_threshold(c, iou_threshold),
-            coco: None,
+            voc: VocEvaluator::with_iou_threshold(c, voc_iou_threshold),
+            coco: coco.then(|| CocoEvaluator::new(c)),
         }
     }
 
