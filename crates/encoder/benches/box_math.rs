@@ -36,7 +36,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| enc.encode(black_box(&labels), black_box(&boxes)).unwrap())
     });
 
-    let nb = random_boxes(&mut rng, 2000, 600.0, 8.0, 120.0);
+    let nb = random_boxes(&mut rng, 2000, 600.0, 16.0, 160.0);
     let ns: Vec<f32> = (0..2000).map(|_| rng.random::<f32>()).collect();
     let kept = box_nms(&nb, &ns, 0.5, NmsMode::Union).len();
     println!("nms keeps {kept} of 2000");

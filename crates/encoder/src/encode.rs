@@ -202,6 +202,11 @@ impl Encoder {
     }
 
     /// The matching of one image into pre-sized `cls`/`reg` (validated input).
+    ///
+    /// Equivalent to the tutorial's dense anchors x boxes IoU matrix, but each box only visits
+    /// the anchors whose extent can touch it (found from the grid, with a one-pixel margin):
+    /// every other pair has IoU exactly 0 and cannot change a maximum. Ties resolve as
+    /// `argmax` does: the first box for an anchor, the first anchor for a box.
     fn encode_into(&self, labels: &[u32], boxes: &[Bbox], cls: &mut [i32], reg: &mut [[f32; 4]]) {
         if boxes.is_empty() {
             // No object: every anchor is background (not ignored).
@@ -210,77 +215,97 @@ impl Encoder {
             return;
         }
         let anchors = &self.train_anchors;
+        let acfg = &self.cfg.anchors;
+        let na = acfg.anchors_per_cell();
         let (lo, hi) = self.cfg.iou_th;
-        let m = boxes.len();
-        let box_areas: Vec<f32> = boxes.iter().map(area).collect();
-        let box_yxhw: Vec<[f32; 4]> = boxes.iter().map(centre_size).collect();
-
-        // Per chunk: assign anchors from their best box, and record each box's best anchor
-        // (highest IoU, first index on ties, as argmax does).
-        let best_per_box = cls
-            .par_chunks_mut(ANCHOR_CHUNK)
-            .zip(reg.par_chunks_mut(ANCHOR_CHUNK))
-            .enumerate()
-            .map(|(chunk, (c, r))| {
-                let start = chunk * ANCHOR_CHUNK;
-                let mut best = vec![(f32::NEG_INFINITY, usize::MAX); m];
-                for (k, (ck, rk)) in c.iter_mut().zip(r.iter_mut()).enumerate() {
-                    let ai = start + k;
-                    let a = &anchors.yxyx[ai];
-                    let aa = self.train_areas[ai];
-                    let (mut top, mut arg) = (f32::NEG_INFINITY, 0usize);
-                    for (j, (b, &ba)) in boxes.iter().zip(&box_areas).enumerate() {
-                        let iou = iou_with_areas(a, aa, b, ba);
-                        if iou > top {
-                            top = iou;
-                            arg = j;
+        // Best IoU of each anchor and the first box reaching it; an all-zero row picks box 0.
+        let mut top = vec![0f32; anchors.len()];
+        let mut arg = vec![0u32; anchors.len()];
+        let mut best_anchor = vec![0usize; boxes.len()];
+        let grids = acfg.grid_sizes(anchors.img_size);
+        for (j, b) in boxes.iter().enumerate() {
+            let ba = area(b);
+            let (mut best, mut best_i) = (0f32, 0usize);
+            for (s, &(start, _)) in anchors.level_ranges.iter().enumerate() {
+                let t = acfg.stride(s) as f32;
+                let scale = (1u64 << s) as f32;
+                let (fh, fw) = grids[s];
+                for (k, hw) in acfg.a_hw.iter().enumerate() {
+                    let (h2, w2) = (
+                        scale * hw[0] as f32 / 2.0 + 1.0,
+                        scale * hw[1] as f32 / 2.0 + 1.0,
+                    );
+                    let Some((r0, r1)) = grid_span(b[0] - h2, b[2] + h2, t, fh) else {
+                        continue;
+                    };
+                    let Some((c0, c1)) = grid_span(b[1] - w2, b[3] + w2, t, fw) else {
+                        continue;
+                    };
+                    for r in r0..=r1 {
+                        for c in c0..=c1 {
+                            let ai = start + (r * fw + c) * na + k;
+                            let iou =
+                                iou_with_areas(&anchors.yxyx[ai], self.train_areas[ai], b, ba);
+                            if iou > top[ai] {
+                                top[ai] = iou;
+                                arg[ai] = j as u32;
+                            }
+                            if iou > best || (iou == best && ai < best_i) {
+                                best = iou;
+                                best_i = ai;
+                            }
                         }
-                        if iou > best[j].0 {
-                            best[j] = (iou, ai);
-                        }
-                    }
-                    if top > hi {
-                        *ck = labels[arg] as i32;
-                        *rk = deltas(&box_yxhw[arg], &anchors.yxhw[ai]);
-                    } else {
-                        *ck = if top < lo { 0 } else { -1 };
-                        *rk = [0.0; 4];
                     }
                 }
-                best
-            })
-            .reduce(
-                || vec![(f32::NEG_INFINITY, usize::MAX); m],
-                |mut x, y| {
-                    for (a, b) in x.iter_mut().zip(y) {
-                        // Higher IoU wins; on a tie the lower anchor index (first occurrence).
-                        if b.0 > a.0 || (b.0 == a.0 && b.1 < a.1) {
-                            *a = b;
-                        }
-                    }
-                    x
-                },
-            );
-
-        // Each box's best anchor is forced positive unless a positive assignment (IoU > hi)
-        // already holds it: the tutorial writes forced labels first, then overwrites every
-        // positive anchor with its own best box. Later boxes win a shared best anchor.
-        for (j, &(_, ai)) in best_per_box.iter().enumerate() {
-            if ai == usize::MAX {
-                continue;
             }
-            // A positive anchor was already written from its own best box; keep it.
-            let (a, aa) = (&anchors.yxyx[ai], self.train_areas[ai]);
-            let positive = boxes
-                .iter()
-                .zip(&box_areas)
-                .any(|(b, &ba)| iou_with_areas(a, aa, b, ba) > hi);
-            if !positive {
+            // A box touching no anchor has an all-zero column: argmax picks anchor 0.
+            best_anchor[j] = if best > 0.0 { best_i } else { 0 };
+        }
+
+        let box_yxhw: Vec<[f32; 4]> = boxes.iter().map(centre_size).collect();
+        let assign = |(ai, (c, r)): (usize, (&mut i32, &mut [f32; 4]))| {
+            if top[ai] > hi {
+                let j = arg[ai] as usize;
+                *c = labels[j] as i32;
+                *r = deltas(&box_yxhw[j], &anchors.yxhw[ai]);
+            } else {
+                *c = if top[ai] < lo { 0 } else { -1 };
+                *r = [0.0; 4];
+            }
+        };
+        if cls.len() >= 4 * ANCHOR_CHUNK {
+            cls.par_iter_mut()
+                .zip(reg.par_iter_mut())
+                .enumerate()
+                .for_each(assign);
+        } else {
+            cls.iter_mut()
+                .zip(reg.iter_mut())
+                .enumerate()
+                .for_each(assign);
+        }
+
+        // Each box's best anchor is forced to it unless that anchor is positive (IoU > hi): the
+        // tutorial writes the forced labels first and then overwrites every positive anchor
+        // with its own best box. A later box wins a shared best anchor.
+        for (j, &ai) in best_anchor.iter().enumerate() {
+            if top[ai] <= hi {
                 cls[ai] = labels[j] as i32;
                 reg[ai] = deltas(&box_yxhw[j], &anchors.yxhw[ai]);
             }
         }
     }
+}
+
+/// Grid indices `i` in `0..n` whose centre `i * t` lies in `[lo, hi]`; `None` if there is none.
+#[inline]
+fn grid_span(lo: f32, hi: f32, t: f32, n: usize) -> Option<(usize, usize)> {
+    if n == 0 || hi < 0.0 {
+        return None;
+    }
+    let first = (lo / t).ceil().max(0.0) as usize;
+    let last = ((hi / t).floor() as usize).min(n - 1);
+    (first <= last).then_some((first, last))
 }
 
 /// `[cy, cx, h, w]` of a yxyx box, computed as the tutorial does.

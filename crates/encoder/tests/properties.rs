@@ -259,3 +259,77 @@ fn decode_options_shape_the_output() {
     assert_eq!(strict.scores.len(), 1);
     assert!((strict.scores[0] - 1.0 / (1.0 + (-3.0f32).exp())).abs() < 1e-6);
 }
+
+/// The tutorial's dense matching, written plainly: the full IoU matrix, argmax both ways.
+fn dense_encode(enc: &Encoder, labels: &[u32], boxes: &[Bbox]) -> (Vec<i32>, Vec<[f32; 4]>) {
+    let a = enc.train_anchors();
+    let (lo, hi) = enc.config().iou_th;
+    let n = a.len();
+    let mut cls = vec![-1i32; n];
+    let mut reg = vec![[0f32; 4]; n];
+    if boxes.is_empty() {
+        return (vec![0; n], reg);
+    }
+    let m = box_iou(&a.yxyx, boxes);
+    let argmax = |v: &mut dyn Iterator<Item = f32>| {
+        let mut best = (f32::NEG_INFINITY, 0);
+        for (i, x) in v.enumerate() {
+            if x > best.0 {
+                best = (x, i);
+            }
+        }
+        best
+    };
+    let d = |g: &Bbox, ai: usize| {
+        let [ay, ax, ah, aw] = a.yxhw[ai];
+        let (cy, cx, h, w) = (
+            (g[0] + g[2]) / 2.0,
+            (g[1] + g[3]) / 2.0,
+            g[2] - g[0],
+            g[3] - g[1],
+        );
+        [(cy - ay) / ah, (cx - ax) / aw, (h / ah).ln(), (w / aw).ln()]
+    };
+    let k = boxes.len();
+    for ai in 0..n {
+        let (top, _) = argmax(&mut m[ai * k..(ai + 1) * k].iter().copied());
+        if top < lo {
+            cls[ai] = 0;
+        }
+    }
+    for j in 0..k {
+        let (_, ai) = argmax(&mut (0..n).map(|ai| m[ai * k + j]));
+        cls[ai] = labels[j] as i32;
+        reg[ai] = d(&boxes[j], ai);
+    }
+    for ai in 0..n {
+        let (top, j) = argmax(&mut m[ai * k..(ai + 1) * k].iter().copied());
+        if top > hi {
+            cls[ai] = labels[j] as i32;
+            reg[ai] = d(&boxes[j], ai);
+        }
+    }
+    (cls, reg)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// The grid-culled matching equals the dense one, boxes outside the image, tiny boxes and
+    /// duplicates included.
+    #[test]
+    fn culled_encode_equals_dense(
+        raw in proptest::collection::vec((-40.0f32..160.0, -40.0f32..160.0, 0.5f32..90.0, 0.5f32..90.0), 0..12),
+        dup in any::<bool>(),
+    ) {
+        let enc = Encoder::new(EncoderConfig { train_size: (129, 100), ..Default::default() }).unwrap();
+        let mut boxes: Vec<Bbox> = raw.iter().map(|&(y, x, h, w)| [y, x, y + h, x + w]).collect();
+        if dup && !boxes.is_empty() {
+            boxes.push(boxes[0]);
+        }
+        let labels: Vec<u32> = (0..boxes.len() as u32).map(|i| i % 4 + 1).collect();
+        let (c1, r1) = enc.encode_image(&labels, &boxes).unwrap();
+        let (c2, r2) = dense_encode(&enc, &labels, &boxes);
+        prop_assert_eq!(c1, c2);
+        prop_assert_eq!(r1, r2);
+    }
+}
