@@ -152,6 +152,84 @@ def run_voc(images, eval_detection, use_07):
     return {str(k): v for k, v in r['ap'].items()}, r['map']
 
 
+def eval_detection_difficult(pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_labels, gt_difficult,
+                             iou_th=0.5, use_07=False):
+    """seed_ref.eval_detection with VOC difficult objects (as the VOC devkit and chainercv): the IoU
+    argmax runs over all objects of the class; a prediction whose best object is difficult is
+    neither a hit nor a miss (and does not take it); difficult objects are not positives."""
+    from collections import defaultdict
+    n_pos = defaultdict(int); score = defaultdict(list); match = defaultdict(list)
+    for pb, pl, ps, gb, gl, gd in zip(pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_labels, gt_difficult):
+        for l in np.unique(np.concatenate((pl, gl)).astype(int)):
+            m = pl == l
+            pbl, psl = pb[m], ps[m]
+            order = psl.argsort(kind='stable')[::-1]
+            pbl, psl = pbl[order], psl[order]
+            gbl = gb[gl == l]; gdl = gd[gl == l]
+            n_pos[l] += int(np.sum(~gdl))
+            score[l].extend(psl)
+            if len(pbl) == 0:
+                continue
+            if len(gbl) == 0:
+                match[l].extend([0] * len(pbl)); continue
+            pbl = pbl.copy(); gbl = gbl.copy()
+            pbl[:, 2:] += 1; gbl[:, 2:] += 1
+            tl = np.maximum(pbl[:, None, :2], gbl[:, :2]); br = np.minimum(pbl[:, None, 2:], gbl[:, 2:])
+            inter = np.prod(br - tl, axis=2) * (tl < br).all(axis=2)
+            aa = np.prod(pbl[:, 2:] - pbl[:, :2], axis=1); ab = np.prod(gbl[:, 2:] - gbl[:, :2], axis=1)
+            iou = inter / (aa[:, None] + ab - inter + 1e-10)
+            gi = iou.argmax(1); gi[iou.max(1) < iou_th] = -1
+            sel = np.zeros(len(gbl), bool)
+            for g in gi:
+                if g >= 0 and gdl[g]:
+                    match[l].append(-1)
+                elif g >= 0:
+                    match[l].append(0 if sel[g] else 1); sel[g] = True
+                else:
+                    match[l].append(0)
+    ap = {}
+    for l in sorted(set(n_pos) | set(score)):
+        if n_pos[l] == 0:
+            continue
+        s = np.array(score[l]); mt = np.array(match[l], dtype=np.int8)
+        mt = mt[s.argsort(kind='stable')[::-1]]
+        tp = np.cumsum(mt == 1); fp = np.cumsum(mt == 0)
+        with np.errstate(invalid='ignore', divide='ignore'):
+            prec = tp / (tp + fp)
+        rec = tp / n_pos[l]
+        if use_07:
+            a = 0.0
+            for t in np.arange(0., 1.1, 0.1):
+                a += (np.max(np.nan_to_num(prec)[rec >= t]) if np.sum(rec >= t) else 0) / 11
+            ap[int(l)] = a
+        else:
+            mpre = np.concatenate(([0], np.nan_to_num(prec), [0]))
+            mrec = np.concatenate(([0], rec, [1]))
+            mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+            i = np.where(mrec[1:] != mrec[:-1])[0]
+            ap[int(l)] = float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+    return {str(k): v for k, v in ap.items()}, (float(np.mean(list(ap.values()))) if ap else None)
+
+
+def make_voc_difficult():
+    rng = np.random.default_rng(20260703)
+    images = make_set(rng, 60, 4, False, False)
+    for img in images:
+        img['gt_difficult'] = [bool(rng.random() < 0.2) for _ in img['gt_boxes']]
+    arr = lambda x: np.array(x, dtype=np.float64).reshape(-1, 4)
+    args = ([arr(i['det_boxes']) for i in images], [np.array(i['det_labels'], int) for i in images],
+            [np.array(i['det_scores'], np.float64) for i in images], [arr(i['gt_boxes']) for i in images],
+            [np.array(i['gt_labels'], int) for i in images], [np.array(i['gt_difficult'], bool) for i in images])
+    ap, m = eval_detection_difficult(*args)
+    ap07, m07 = eval_detection_difficult(*args, use_07=True)
+    fx = dict(about='VOC AP with difficult objects (eval_detection_difficult in scripts/make_coco_fixture.py: '
+                    'seed_ref.eval_detection plus the devkit/chainercv difficult rule)',
+              num_classes=4, images=images, ap=ap, map=m, ap_07=ap07, map_07=m07)
+    with open(os.path.join(OUT, 'voc_difficult.json'), 'w') as f:
+        json.dump(fx, f, separators=(',', ':'))
+    print('voc_difficult.json', m, m07, file=sys.stderr)
+
+
 def main():
     eval_detection = load_voc_reference()
     os.makedirs(OUT, exist_ok=True)
@@ -175,6 +253,7 @@ def main():
         with open(path, 'w') as f:
             json.dump(fx, f, separators=(',', ':'))
         print(name, ' '.join(f'{s:.4f}' for s in stats), file=sys.stderr)
+    make_voc_difficult()
 
 
 if __name__ == '__main__':

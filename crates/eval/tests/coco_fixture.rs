@@ -23,6 +23,7 @@ struct Image {
     gt_labels: Vec<u32>,
     gt_crowd: Option<Vec<bool>>,
     gt_areas: Option<Vec<f64>>,
+    gt_difficult: Option<Vec<bool>>,
     det_boxes: Vec<[f32; 4]>,
     det_labels: Vec<u32>,
     det_scores: Vec<f32>,
@@ -64,6 +65,13 @@ fn images(fx: &Value) -> Vec<Image> {
                     .map(|b| b.as_f64().unwrap())
                     .collect()
             }),
+            gt_difficult: im.get("gt_difficult").map(|v| {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_bool().unwrap())
+                    .collect()
+            }),
             det_boxes: boxes(&im["det_boxes"]),
             det_labels: ints(&im["det_labels"]),
             det_scores: im["det_scores"]
@@ -81,7 +89,7 @@ impl Image {
         GroundTruth {
             boxes: &self.gt_boxes,
             labels: &self.gt_labels,
-            difficult: None,
+            difficult: self.gt_difficult.as_deref(),
             crowd: self.gt_crowd.as_deref(),
             areas: self.gt_areas.as_deref(),
         }
@@ -169,6 +177,56 @@ fn voc_reference_on_the_coco_set() {
     assert!((r.map.unwrap() - w).abs() <= 1e-5 * w);
     let w = fx["voc"]["map_07"].as_f64().unwrap();
     assert!((r.map_07.unwrap() - w).abs() <= 1e-5 * w);
+}
+
+/// VOC difficult objects: `tests/fixtures/voc_difficult.json`.
+#[test]
+fn voc_difficult() {
+    let fx = fixture("voc_difficult.json");
+    let imgs = images(&fx);
+    assert!(
+        imgs.iter()
+            .any(|i| i.gt_difficult.as_ref().unwrap().iter().any(|d| *d))
+    );
+    let mut e = VocEvaluator::new(4);
+    for im in &imgs {
+        e.add(&im.gt(), &im.det()).unwrap();
+    }
+    let r = e.finish();
+    let n_diff: usize = imgs
+        .iter()
+        .map(|i| {
+            i.gt_difficult
+                .as_ref()
+                .unwrap()
+                .iter()
+                .filter(|d| **d)
+                .count()
+        })
+        .sum();
+    assert_eq!(r.n_difficult.iter().sum::<usize>(), n_diff);
+    for (key, got) in [("ap", &r.ap), ("ap_07", &r.ap_07)] {
+        let want = fx[key].as_object().unwrap();
+        assert_eq!(got.iter().flatten().count(), want.len());
+        for (label, w) in want {
+            let l: usize = label.parse().unwrap();
+            let (g, w) = (got[l - 1].unwrap(), w.as_f64().unwrap());
+            assert!(
+                (g - w).abs() <= 1e-12,
+                "voc {key}[{label}] = {g}, reference {w}"
+            );
+        }
+    }
+    assert!((r.map.unwrap() - fx["map"].as_f64().unwrap()).abs() <= 1e-12);
+    assert!((r.map_07.unwrap() - fx["map_07"].as_f64().unwrap()).abs() <= 1e-12);
+    // Without the flags the numbers must differ (the fixture exercises the rule).
+    let mut plain = VocEvaluator::new(4);
+    for im in &imgs {
+        let mut gt = im.gt();
+        gt.difficult = None;
+        plain.add(&gt, &im.det()).unwrap();
+    }
+    assert!((plain.finish().map.unwrap() - r.map.unwrap()).abs() > 1e-3);
 }
 
 /// The same set through the files: ground truth and detections as JSON lines, detections
