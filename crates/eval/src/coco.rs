@@ -44,16 +44,34 @@ pub fn recall_thresholds() -> [f64; 101] {
     linspace::<R>(0.0, 1.0)
 }
 
-/// What COCOeval keeps of one (image, class): the scores of its top detections and, per area
-/// range and IoU threshold, whether each was matched or ignored.
-#[derive(Clone, Debug)]
-struct ImageClass {
-    /// Descending, at most [`MAX_DET`].
+/// What COCOeval keeps of a class's (image, class) evaluations, image after image: for each
+/// detection kept (the 100 best of its image), its score, its rank in the image and, per area
+/// range and IoU threshold, whether it was matched or ignored.
+#[derive(Clone, Debug, Default)]
+struct ClassStore {
+    /// Scores, each image's in descending order.
     scores: Vec<f32>,
-    /// `[a][t][d]` bit flags ([`MATCHED`], [`IGNORED`]).
+    /// Rank of the detection within its image and class (0 = best).
+    rank: Vec<u8>,
+    /// `[detection][a][t]` bit flags ([`MATCHED`], [`IGNORED`]).
     flags: Vec<u8>,
-    /// Number of ground truths that are not ignored, per area range.
-    npig: [u32; A],
+    /// Ground truths that are not ignored, per area range, over all images.
+    npig: [u64; A],
+}
+
+/// Buffers reused from image to image.
+#[derive(Clone, Debug, Default)]
+struct Scratch {
+    det_order: Vec<usize>,
+    gt_order: Vec<usize>,
+    g_box: Vec<[f64; 4]>,
+    g_crowd: Vec<bool>,
+    g_area: Vec<f64>,
+    d_box: Vec<[f64; 4]>,
+    ious: Vec<f64>,
+    g_ig: Vec<bool>,
+    g_sorted: Vec<usize>,
+    g_taken: Vec<bool>,
 }
 
 /// Streaming COCO-style evaluator: AP averaged over IoU 0.50:0.05:0.95 with 101-point
@@ -74,7 +92,8 @@ pub struct CocoEvaluator {
     n_images: usize,
     n_gt: Vec<usize>,
     n_det: Vec<usize>,
-    records: Vec<Vec<ImageClass>>,
+    stores: Vec<ClassStore>,
+    scratch: Scratch,
     iou_thrs: [f64; T],
 }
 
@@ -187,6 +206,94 @@ pub fn yxyx_to_xywh(b: &[f32; 4]) -> [f64; 4] {
     [x0, y0, x1 - x0, y1 - y0]
 }
 
+/// COCOeval's `evaluateImg` for one image and class, for every area range and threshold;
+/// appends the outcome to the class's store. `dets` are in descending score, at most 100.
+fn eval_image_class(
+    iou_thrs: &[f64; T],
+    sc: &mut Scratch,
+    store: &mut ClassStore,
+    gt: &GroundTruth<'_>,
+    det: &Detections<'_>,
+    gts: &[usize],
+    dets: &[usize],
+) {
+    let (nd, ng) = (dets.len(), gts.len());
+    sc.g_box.clear();
+    sc.g_box
+        .extend(gts.iter().map(|&g| yxyx_to_xywh(&gt.boxes[g])));
+    sc.g_crowd.clear();
+    sc.g_crowd
+        .extend(gts.iter().map(|&g| gt.crowd.is_some_and(|c| c[g])));
+    sc.g_area.clear();
+    match gt.areas {
+        Some(a) => sc.g_area.extend(gts.iter().map(|&g| a[g])),
+        None => sc.g_area.extend(sc.g_box.iter().map(|b| b[2] * b[3])),
+    }
+    sc.d_box.clear();
+    sc.d_box
+        .extend(dets.iter().map(|&d| yxyx_to_xywh(&det.boxes[d])));
+    // ious[d * ng + g]
+    sc.ious.clear();
+    for db in &sc.d_box {
+        for (gb, &crowd) in sc.g_box.iter().zip(&sc.g_crowd) {
+            sc.ious.push(coco_iou(db, gb, crowd));
+        }
+    }
+    let base = store.flags.len();
+    store.flags.resize(base + nd * A * T, 0);
+    let flags = &mut store.flags[base..];
+    let (g_ig, g_sorted, g_taken) = (&mut sc.g_ig, &mut sc.g_sorted, &mut sc.g_taken);
+    for (a, rng) in AREA_RNG.iter().enumerate() {
+        g_ig.clear();
+        g_ig.extend(
+            (0..ng).map(|g| sc.g_crowd[g] || sc.g_area[g] < rng[0] || sc.g_area[g] > rng[1]),
+        );
+        store.npig[a] += g_ig.iter().filter(|i| !**i).count() as u64;
+        // Objects that count first, ignored ones last, otherwise in input order.
+        g_sorted.clear();
+        g_sorted.extend((0..ng).filter(|&g| !g_ig[g]));
+        g_sorted.extend((0..ng).filter(|&g| g_ig[g]));
+        for (t, &thr) in iou_thrs.iter().enumerate() {
+            g_taken.clear();
+            g_taken.resize(ng, false);
+            for di in 0..nd {
+                let mut best_iou = thr.min(1.0 - 1e-10);
+                let mut m: Option<usize> = None;
+                for &g in g_sorted.iter() {
+                    if g_taken[g] && !sc.g_crowd[g] {
+                        continue;
+                    }
+                    // Once a counted object is matched, ignored ones (sorted last) cannot win.
+                    if m.is_some_and(|m| !g_ig[m]) && g_ig[g] {
+                        break;
+                    }
+                    let iou = sc.ious[di * ng + g];
+                    if iou < best_iou {
+                        continue;
+                    }
+                    best_iou = iou;
+                    m = Some(g);
+                }
+                let f = &mut flags[di * A * T + a * T + t];
+                match m {
+                    Some(g) => {
+                        g_taken[g] = true;
+                        *f = MATCHED | if g_ig[g] { IGNORED } else { 0 };
+                    }
+                    None => {
+                        let area = sc.d_box[di][2] * sc.d_box[di][3];
+                        if area < rng[0] || area > rng[1] {
+                            *f = IGNORED;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    store.scores.extend(dets.iter().map(|&d| det.scores[d]));
+    store.rank.extend(0..nd as u8);
+}
+
 impl CocoEvaluator {
     /// An evaluator for labels `1..=num_classes`.
     pub fn new(num_classes: usize) -> Self {
@@ -195,7 +302,8 @@ impl CocoEvaluator {
             n_images: 0,
             n_gt: vec![0; num_classes],
             n_det: vec![0; num_classes],
-            records: vec![Vec::new(); num_classes],
+            stores: vec![ClassStore::default(); num_classes],
+            scratch: Scratch::default(),
             iou_thrs: iou_thresholds(),
         }
     }
@@ -241,14 +349,15 @@ impl CocoEvaluator {
     pub fn add(&mut self, gt: &GroundTruth<'_>, det: &Detections<'_>) -> Result<(), EvalError> {
         validate(self.n_images, self.num_classes, gt, det)?;
         self.n_images += 1;
+        let mut sc = std::mem::take(&mut self.scratch);
         // Grouped by label, descending score, ties in input order (COCOeval's mergesort).
-        let mut det_order: Vec<usize> = (0..det.boxes.len()).collect();
-        det_order.sort_by(|&a, &b| {
-            det.labels[a]
-                .cmp(&det.labels[b])
-                .then(det.scores[b].total_cmp(&det.scores[a]))
-        });
-        let mut gt_order: Vec<usize> = (0..gt.boxes.len()).collect();
+        let mut det_order = std::mem::take(&mut sc.det_order);
+        det_order.clear();
+        det_order.extend(0..det.boxes.len());
+        det_order.sort_by_key(|&i| (det.labels[i], !crate::score_bits(det.scores[i])));
+        let mut gt_order = std::mem::take(&mut sc.gt_order);
+        gt_order.clear();
+        gt_order.extend(0..gt.boxes.len());
         gt_order.sort_by_key(|&i| gt.labels[i]);
 
         for (label, gts, dets) in group_by_label(&gt_order, gt.labels, &det_order, det.labels) {
@@ -256,93 +365,20 @@ impl CocoEvaluator {
             self.n_gt[c] += gts.len();
             self.n_det[c] += dets.len();
             let dets = &dets[..dets.len().min(MAX_DET)];
-            let rec = self.eval_image_class(gt, det, gts, dets);
-            self.records[c].push(rec);
+            eval_image_class(
+                &self.iou_thrs,
+                &mut sc,
+                &mut self.stores[c],
+                gt,
+                det,
+                gts,
+                dets,
+            );
         }
+        sc.det_order = det_order;
+        sc.gt_order = gt_order;
+        self.scratch = sc;
         Ok(())
-    }
-
-    /// COCOeval's `evaluateImg` for one image and class, for every area range and threshold.
-    fn eval_image_class(
-        &self,
-        gt: &GroundTruth<'_>,
-        det: &Detections<'_>,
-        gts: &[usize],
-        dets: &[usize],
-    ) -> ImageClass {
-        let (nd, ng) = (dets.len(), gts.len());
-        let g_box: Vec<[f64; 4]> = gts.iter().map(|&g| yxyx_to_xywh(&gt.boxes[g])).collect();
-        let g_crowd: Vec<bool> = gts
-            .iter()
-            .map(|&g| gt.crowd.is_some_and(|c| c[g]))
-            .collect();
-        let g_area: Vec<f64> = match gt.areas {
-            Some(a) => gts.iter().map(|&g| a[g]).collect(),
-            None => g_box.iter().map(|b| b[2] * b[3]).collect(),
-        };
-        let d_box: Vec<[f64; 4]> = dets.iter().map(|&d| yxyx_to_xywh(&det.boxes[d])).collect();
-        // ious[d * ng + g]
-        let mut ious = vec![0.0f64; nd * ng];
-        for (di, db) in d_box.iter().enumerate() {
-            for (gi, gb) in g_box.iter().enumerate() {
-                ious[di * ng + gi] = coco_iou(db, gb, g_crowd[gi]);
-            }
-        }
-        let mut flags = vec![0u8; A * T * nd];
-        let mut npig = [0u32; A];
-        let mut g_ig = vec![false; ng];
-        let mut g_sorted: Vec<usize> = Vec::with_capacity(ng);
-        let mut g_taken = vec![false; ng];
-        for (a, rng) in AREA_RNG.iter().enumerate() {
-            for (gi, ig) in g_ig.iter_mut().enumerate() {
-                *ig = g_crowd[gi] || g_area[gi] < rng[0] || g_area[gi] > rng[1];
-            }
-            npig[a] = g_ig.iter().filter(|i| !**i).count() as u32;
-            // Objects that count first, ignored ones last, otherwise in input order.
-            g_sorted.clear();
-            g_sorted.extend((0..ng).filter(|&g| !g_ig[g]));
-            g_sorted.extend((0..ng).filter(|&g| g_ig[g]));
-            for (t, &thr) in self.iou_thrs.iter().enumerate() {
-                g_taken.iter_mut().for_each(|x| *x = false);
-                let fl = &mut flags[(a * T + t) * nd..(a * T + t + 1) * nd];
-                for (di, f) in fl.iter_mut().enumerate() {
-                    let mut best_iou = thr.min(1.0 - 1e-10);
-                    let mut m: Option<usize> = None;
-                    for &g in &g_sorted {
-                        if g_taken[g] && !g_crowd[g] {
-                            continue;
-                        }
-                        // Once a counted object is matched, ignored ones (sorted last) cannot win.
-                        if m.is_some_and(|m| !g_ig[m]) && g_ig[g] {
-                            break;
-                        }
-                        let iou = ious[di * ng + g];
-                        if iou < best_iou {
-                            continue;
-                        }
-                        best_iou = iou;
-                        m = Some(g);
-                    }
-                    match m {
-                        Some(g) => {
-                            g_taken[g] = true;
-                            *f = MATCHED | if g_ig[g] { IGNORED } else { 0 };
-                        }
-                        None => {
-                            let area = d_box[di][2] * d_box[di][3];
-                            if area < rng[0] || area > rng[1] {
-                                *f = IGNORED;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        ImageClass {
-            scores: dets.iter().map(|&d| det.scores[d]).collect(),
-            flags,
-            npig,
-        }
     }
 
     /// COCOeval's `accumulate` for one class: precision `[t][r][a][m]` and recall `[t][a][m]`,
@@ -351,43 +387,38 @@ impl CocoEvaluator {
         let m_n = MAX_DETS.len();
         let mut precision = vec![-1.0f64; T * R * A * m_n];
         let mut recall = vec![-1.0f64; T * A * m_n];
-        let recs = &self.records[c];
-        let mut npig = [0u64; A];
-        for r in recs {
-            for (sum, &n) in npig.iter_mut().zip(&r.npig) {
-                *sum += n as u64;
-            }
-        }
+        let store = &self.stores[c];
+        let npig = store.npig;
         // Every kept detection, ranked once by descending score; ties in image order (COCOeval's
-        // stable mergesort). The ranking for a smaller maxDets is a subsequence of this one.
-        let mut entries: Vec<(u32, u32)> = Vec::new();
-        for (ri, r) in recs.iter().enumerate() {
-            entries.extend((0..r.scores.len() as u32).map(|d| (ri as u32, d)));
-        }
-        let mut keys: Vec<u64> = entries
+        // stable mergesort over the images' concatenation, which is the store's order). The
+        // ranking for a smaller maxDets is a subsequence of this one.
+        let mut keys: Vec<u64> = store
+            .scores
             .iter()
             .enumerate()
-            .map(|(pos, &(ri, d))| {
-                let s = recs[ri as usize].scores[d as usize];
-                (u64::from(!crate::score_bits(s)) << 32) | pos as u64
-            })
+            .map(|(pos, &s)| (u64::from(!crate::score_bits(s)) << 32) | pos as u64)
             .collect();
         keys.sort_unstable();
         let nd_all = keys.len();
         // Flags in rank order, one contiguous column per (area, threshold).
         let mut cols = vec![0u8; A * T * nd_all];
-        let mut det_rank = vec![0u32; nd_all];
+        let mut det_rank = vec![0u8; nd_all];
         for (i, &k) in keys.iter().enumerate() {
-            let (ri, d) = entries[(k & 0xffff_ffff) as usize];
-            let r = &recs[ri as usize];
-            let n = r.scores.len();
-            for at in 0..A * T {
-                cols[at * nd_all + i] = r.flags[at * n + d as usize];
+            let pos = (k & 0xffff_ffff) as usize;
+            let row = &store.flags[pos * A * T..(pos + 1) * A * T];
+            for (at, &f) in row.iter().enumerate() {
+                cols[at * nd_all + i] = f;
             }
-            det_rank[i] = d;
+            det_rank[i] = store.rank[pos];
         }
-        let mut rc: Vec<f64> = Vec::with_capacity(nd_all);
-        let mut pr: Vec<f64> = Vec::with_capacity(nd_all);
+        // COCOeval computes recall and precision after every ranked detection, takes the
+        // precision envelope (suffix maximum) and samples it at the first rank whose recall
+        // reaches each threshold. Recall only grows at true positives, and precision only rises
+        // there (a false positive lowers it, an ignored detection repeats it), so that rank is a
+        // true positive and the suffix maximum is attained at one: evaluating precision at the
+        // true positives alone gives the very same doubles with far fewer divisions.
+        let mut fp_at_tp: Vec<u32> = Vec::new();
+        let mut pr: Vec<f64> = Vec::new();
         let mut sel: Vec<u32> = Vec::with_capacity(nd_all);
         for (mi, &max_det) in MAX_DETS.iter().enumerate() {
             sel.clear();
@@ -400,36 +431,39 @@ impl CocoEvaluator {
                 let n_pos = npig[a] as f64;
                 for t in 0..T {
                     let col = &cols[(a * T + t) * nd_all..(a * T + t + 1) * nd_all];
-                    rc.clear();
-                    pr.clear();
-                    let (mut tp, mut fp) = (0u64, 0u64);
+                    fp_at_tp.clear();
+                    let mut fp = 0u32;
                     for &i in &sel {
                         let f = col[i as usize];
                         if f & IGNORED == 0 {
                             if f & MATCHED != 0 {
-                                tp += 1;
+                                fp_at_tp.push(fp);
                             } else {
                                 fp += 1;
                             }
                         }
-                        let (tpf, fpf) = (tp as f64, fp as f64);
-                        rc.push(tpf / n_pos);
-                        pr.push(tpf / (fpf + tpf + f64::EPSILON));
                     }
-                    recall[(t * A + a) * m_n + mi] = rc.last().copied().unwrap_or(0.0);
-                    for i in (1..nd).rev() {
-                        if pr[i] > pr[i - 1] {
-                            pr[i - 1] = pr[i];
+                    let ntp = fp_at_tp.len();
+                    recall[(t * A + a) * m_n + mi] = if nd > 0 { ntp as f64 / n_pos } else { 0.0 };
+                    pr.clear();
+                    pr.extend(fp_at_tp.iter().enumerate().map(|(k, &fp)| {
+                        let (tpf, fpf) = ((k + 1) as f64, fp as f64);
+                        tpf / (fpf + tpf + f64::EPSILON)
+                    }));
+                    for k in (1..ntp).rev() {
+                        if pr[k] > pr[k - 1] {
+                            pr[k - 1] = pr[k];
                         }
                     }
-                    // searchsorted(rc, rec_thrs, side='left'); past the end precision is 0.
-                    let mut pi = 0usize;
+                    // searchsorted(rc, rec_thrs, side='left') over true positives only; past the
+                    // last one precision is 0 (also when nothing was detected).
+                    let mut k = 0usize;
                     for (ri, &thr) in rec_thrs.iter().enumerate() {
-                        while pi < nd && rc[pi] < thr {
-                            pi += 1;
+                        while k < ntp && ((k + 1) as f64 / n_pos) < thr {
+                            k += 1;
                         }
                         precision[((t * R + ri) * A + a) * m_n + mi] =
-                            if pi < nd { pr[pi] } else { 0.0 };
+                            if k < ntp { pr[k] } else { 0.0 };
                     }
                 }
             }

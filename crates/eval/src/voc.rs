@@ -4,7 +4,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::input::{Detections, GroundTruth, validate};
-use crate::{EvalError, group_by_label};
+use crate::{EvalError, group_by_label, score_bits};
 
 /// The tutorial's IoU of two `[ymin, xmin, ymax, xmax]` boxes that already carry the `+1` on the
 /// maxima: no epsilon on the sides, `1e-10` added to the union.
@@ -54,6 +54,16 @@ pub struct VocEvaluator {
     /// Per class, in the order they were added: (score, true positive). Ignored detections
     /// (matched to a difficult object) are left out: they change neither precision nor recall.
     outcomes: Vec<Vec<(f32, bool)>>,
+    scratch: VocScratch,
+}
+
+/// Buffers reused from image to image.
+#[derive(Clone, Debug, Default)]
+struct VocScratch {
+    det_order: Vec<usize>,
+    gt_order: Vec<usize>,
+    gt_plus: Vec<[f64; 4]>,
+    taken: Vec<bool>,
 }
 
 /// What [`VocEvaluator::finish`] returns. Vectors are indexed by `label - 1`.
@@ -96,6 +106,7 @@ impl VocEvaluator {
             n_difficult: vec![0; num_classes],
             n_det: vec![0; num_classes],
             outcomes: vec![Vec::new(); num_classes],
+            scratch: VocScratch::default(),
         }
     }
 
@@ -143,18 +154,25 @@ impl VocEvaluator {
         let difficult = |i: usize| gt.difficult.is_some_and(|d| d[i]);
         // Detections grouped by label, each group in descending score; among equal scores the
         // later one first, as the reference's reversed ascending argsort.
-        let mut det_order: Vec<usize> = (0..det.boxes.len()).collect();
-        det_order.sort_unstable_by(|&a, &b| {
-            det.labels[a]
-                .cmp(&det.labels[b])
-                .then(det.scores[b].total_cmp(&det.scores[a]))
-                .then(b.cmp(&a))
+        let VocScratch {
+            mut det_order,
+            mut gt_order,
+            mut gt_plus,
+            mut taken,
+        } = std::mem::take(&mut self.scratch);
+        det_order.clear();
+        det_order.extend(0..det.boxes.len());
+        det_order.sort_unstable_by_key(|&i| {
+            (
+                det.labels[i],
+                !score_bits(det.scores[i]),
+                std::cmp::Reverse(i),
+            )
         });
-        let mut gt_order: Vec<usize> = (0..gt.boxes.len()).collect();
+        gt_order.clear();
+        gt_order.extend(0..gt.boxes.len());
         gt_order.sort_by_key(|&i| gt.labels[i]);
 
-        let mut gt_plus: Vec<[f64; 4]> = Vec::new();
-        let mut taken: Vec<bool> = Vec::new();
         for (label, gts, dets) in group_by_label(&gt_order, gt.labels, &det_order, det.labels) {
             let c = label as usize - 1;
             for &g in gts {
@@ -198,6 +216,12 @@ impl VocEvaluator {
                 }
             }
         }
+        self.scratch = VocScratch {
+            det_order,
+            gt_order,
+            gt_plus,
+            taken,
+        };
         Ok(())
     }
 
@@ -217,7 +241,7 @@ impl VocEvaluator {
                     .iter()
                     .enumerate()
                     .map(|(pos, &(s, _))| {
-                        (u64::from(!crate::score_bits(s)) << 32) | (u32::MAX - pos as u32) as u64
+                        (u64::from(!score_bits(s)) << 32) | (u32::MAX - pos as u32) as u64
                     })
                     .collect();
                 keys.sort_unstable();
