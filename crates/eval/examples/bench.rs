@@ -181,7 +181,7 @@ fn main() {
     }
     let (v, c) = last.expect("at least one run");
     println!(
-        "VOC  (add all images + finish): {:.4} s (finish {:.4} s)   mAP {:.6}  mAP07 {:.6}",
+        "VOC  (add all images + finish): {:.4} s (finish {:.4} s)   mAP {:?}  mAP07 {:?}",
         median(voc_t),
         median(voc_fin),
         v.map.unwrap_or(f64::NAN),

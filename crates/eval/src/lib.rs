@@ -10,6 +10,11 @@
 //! - [`io`]: a JSON-lines detections format (reader and writer), ground truth as JSON lines or as
 //!   the tutorial's list file, and [`io::evaluate_files`] for scoring a detections file.
 //!
+//! Agreement: `tests/fixtures/` holds sets scored by pycocotools and by the project's VOC
+//! reference (`scripts/make_coco_fixture.py` makes them); the numbers agree to 1e-12.
+//! Speed: `cargo run --release -p retinanet-eval --example bench` (2,000 images x 100
+//! detections x 20 classes); `--example evaluate` scores a detections file.
+//!
 //! Boxes are `[ymin, xmin, ymax, xmax]` pixels (`f32`), labels `1..=C` (`0` is background and
 //! rejected). Images are added one at a time and only the score and outcome of each detection
 //! is kept, so evaluation can run alongside inference. Bad input (non-finite score or
