@@ -1,0 +1,415 @@
+//! Batch normalisation over `[B, C, H, W]` in one or two passes, as candle custom ops.
+//!
+//! candle evaluates `(x - mean) / sqrt(var + eps) * w + b` as half a dozen broadcast operations,
+//! each a full pass over the activation (and as many again backward). Here training mode is one
+//! statistics pass and one normalising pass forward, two passes backward; evaluation mode is a
+//! single per-channel `x * scale + shift`.
+
+use crate::conv::{dispatch, slice};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Per-channel mean and biased variance of `[B, C, HW]` data (two passes: exact for large means).
+fn channel_stats<T: WithDType>(x: &[T], b: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
+    let n = (b * hw) as f64;
+    (0..c)
+        .into_par_iter()
+        .map(|ci| {
+            let planes = || (0..b).map(move |bi| &x[(bi * c + ci) * hw..][..hw]);
+            let mut s = 0f64;
+            for p in planes() {
+                // Sum each plane in f32/f64 lanes first (vectorises), then in f64.
+                s += p.iter().fold(T::zero(), |a, &v| a + v).to_f64();
+            }
+            let mean = s / n;
+            let m = T::from_f64(mean);
+            let mut q = 0f64;
+            for p in planes() {
+                q += p
+                    .iter()
+                    .fold(T::zero(), |a, &v| {
+                        let d = v - m;
+                        a + d * d
+                    })
+                    .to_f64();
+            }
+            (mean, q / n)
+        })
+        .collect()
+}
+
+/// `y = x * scale[c] + shift[c]` over `[B, C, HW]`.
+fn affine<T: WithDType>(x: &[T], c: usize, hw: usize, scale: &[T], shift: &[T]) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(i, (yp, xp))| {
+            let (a, s) = (scale[i % c], shift[i % c]);
+            for (o, &v) in yp.iter_mut().zip(xp) {
+                *o = v * a + s;
+            }
+        });
+    y
+}
+
+/// Per channel `(Σ g, Σ g * (x - mean[c]))` over `[B, C, HW]`.
+fn grad_sums<T: WithDType>(
+    x: &[T],
+    g: &[T],
+    b: usize,
+    c: usize,
+    hw: usize,
+    mean: &[f64],
+) -> Vec<(f64, f64)> {
+    (0..c)
+        .into_par_iter()
+        .map(|ci| {
+            let m = T::from_f64(mean[ci]);
+            let (mut sg, mut sgx) = (0f64, 0f64);
+            for bi in 0..b {
+                let o = (bi * c + ci) * hw;
+                let (xp, gp) = (&x[o..o + hw], &g[o..o + hw]);
+                let (a, bb) = xp
+                    .iter()
+                    .zip(gp)
+                    .fold((T::zero(), T::zero()), |(a, bb), (&xv, &gv)| {
+                        (a + gv, bb + gv * (xv - m))
+                    });
+                sg += a.to_f64();
+                sgx += bb.to_f64();
+            }
+            (sg, sgx)
+        })
+        .collect()
+}
+
+/// Shared between the forward op and its backward pass: the batch statistics.
+#[derive(Debug, Default)]
+struct Stats {
+    /// Per channel `(mean, biased variance)`.
+    mean_var: Vec<(f64, f64)>,
+}
+
+/// `(x, weight, bias) -> batch-normalised x` with batch statistics.
+struct BatchNormTrain {
+    eps: f64,
+    stats: Arc<Mutex<Stats>>,
+}
+
+impl BatchNormTrain {
+    fn run<T: WithDType>(
+        &self,
+        x: &[T],
+        l: &Layout,
+        w: &[T],
+        bias: &[T],
+    ) -> Result<(Vec<T>, Shape)> {
+        let (b, c, h, wd) = l.shape().dims4()?;
+        let hw = h * wd;
+        let mv = channel_stats(x, b, c, hw);
+        let (mut scale, mut shift) = (Vec::with_capacity(c), Vec::with_capacity(c));
+        for (ci, &(mean, var)) in mv.iter().enumerate() {
+            let a = w[ci].to_f64() / (var + self.eps).sqrt();
+            scale.push(T::from_f64(a));
+            shift.push(T::from_f64(bias[ci].to_f64() - mean * a));
+        }
+        let y = affine(x, c, hw, &scale, &shift);
+        self.stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch-norm: poisoned lock".into()))?
+            .mean_var = mv;
+        Ok((y, l.shape().clone()))
+    }
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "kernels-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c = l1.dims().get(1).copied().unwrap_or(0);
+        if l1.dims().len() != 4 || l2.dims() != [c] || l3.dims() != [c] {
+            bail!(
+                "batch-norm: input {:?}, weight {:?}, bias {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        dispatch!("batch-norm", (s1, l1, s2, l2, s3, l3), |x, w, b| self
+            .run(x, l1, w, b)?)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mv = self
+            .stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch-norm: poisoned lock".into()))?
+            .mean_var
+            .clone();
+        let grad = grad.contiguous()?;
+        let wv: Vec<f64> = w.to_dtype(DType::F64)?.to_vec1()?;
+        let sums = x.apply_op2_no_bwd(
+            &grad,
+            &GradSums {
+                mean: mv.iter().map(|m| m.0).collect(),
+            },
+        )?;
+        let sums: Vec<Vec<f64>> = sums.to_dtype(DType::F64)?.to_vec2()?;
+        let (b, _, h, wd) = x.dims4()?;
+        let n = (b * h * wd) as f64;
+        // dx = a * g + k * (x - mean) + d per channel, with a = w / σ,
+        // k = -w Σg(x-mean) / (n σ³), d = -a Σg / n.
+        let (mut a, mut k, mut d, mut gw) = (vec![], vec![], vec![], vec![]);
+        for (ci, &(mean, var)) in mv.iter().enumerate() {
+            let inv = 1.0 / (var + self.eps).sqrt();
+            let (sg, sgx) = (sums[0][ci], sums[1][ci]);
+            let ai = wv[ci] * inv;
+            let ki = -wv[ci] * sgx * inv * inv * inv / n;
+            a.push(ai);
+            k.push(ki);
+            d.push(-ai * sg / n - ki * mean);
+            gw.push(sgx * inv);
+        }
+        let dev = x.device();
+        let gx = x.apply_op3_no_bwd(
+            &grad,
+            &Tensor::new(vec![a, k, d], dev)?.to_dtype(x.dtype())?,
+            &LinearCombo,
+        )?;
+        let gw = Tensor::new(gw, dev)?.to_dtype(w.dtype())?;
+        let gb = Tensor::new(sums[0].clone(), dev)?.to_dtype(w.dtype())?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// `(x, g) -> [2, C]`: per channel `Σ g` and `Σ g (x - mean)`.
+struct GradSums {
+    mean: Vec<f64>,
+}
+
+impl candle_core::CustomOp2 for GradSums {
+    fn name(&self) -> &'static str {
+        "kernels-batch-norm-grad-sums"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l1.shape().dims4()?;
+        if l1.dims() != l2.dims() || self.mean.len() != c {
+            bail!(
+                "batch-norm backward: shapes {:?} and {:?} differ",
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        fn run<T: WithDType>(
+            x: &[T],
+            g: &[T],
+            b: usize,
+            c: usize,
+            hw: usize,
+            mean: &[f64],
+        ) -> Vec<T> {
+            let s = grad_sums(x, g, b, c, hw, mean);
+            s.iter()
+                .map(|p| T::from_f64(p.0))
+                .chain(s.iter().map(|p| T::from_f64(p.1)))
+                .collect()
+        }
+        dispatch!("batch-norm backward", (s1, l1, s2, l2), |x, g| (
+            run(x, g, b, c, h * w, &self.mean),
+            Shape::from((2, c))
+        ))
+    }
+}
+
+/// `(x, g, [3, C] coefficients a, k, d) -> a g + k x + d` per channel (d already holds `-k mean`).
+struct LinearCombo;
+
+impl CustomOp3 for LinearCombo {
+    fn name(&self) -> &'static str {
+        "kernels-batch-norm-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, h, w) = l1.shape().dims4()?;
+        if l1.dims() != l2.dims() || l3.dims() != [3, c] {
+            bail!("batch-norm backward: unexpected shapes")
+        }
+        fn run<T: WithDType>(x: &[T], g: &[T], coef: &[T], c: usize, hw: usize) -> Vec<T> {
+            let mut out = vec![T::zero(); x.len()];
+            out.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw).zip(g.par_chunks(hw)))
+                .enumerate()
+                .for_each(|(i, (o, (xp, gp)))| {
+                    let ci = i % c;
+                    let (a, k, d) = (coef[ci], coef[c + ci], coef[2 * c + ci]);
+                    for ((o, &xv), &gv) in o.iter_mut().zip(xp).zip(gp) {
+                        *o = a * gv + k * xv + d;
+                    }
+                });
+            out
+        }
+        dispatch!(
+            "batch-norm backward",
+            (s1, l1, s2, l2, s3, l3),
+            |x, g, coef| (run(x, g, coef, c, h * w), l1.shape().clone())
+        )
+    }
+}
+
+/// `(x, scale, shift) -> x * scale[c] + shift[c]`, differentiable in all three.
+struct ChannelAffine;
+
+impl CustomOp3 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "kernels-channel-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, h, w) = l1.shape().dims4()?;
+        if l2.dims() != [c] || l3.dims() != [c] {
+            bail!(
+                "channel affine: scale {:?} / shift {:?} do not match {c} channels",
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        dispatch!("channel affine", (s1, l1, s2, l2, s3, l3), |x, a, s| (
+            affine(x, c, h * w, a, s),
+            l1.shape().clone()
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _shift: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let c = scale.dim(0)?;
+        let zeros = Tensor::zeros(c, x.dtype(), x.device())?;
+        let gx = grad.apply_op3_no_bwd(scale, &zeros, &ChannelAffine)?;
+        let sums = x.apply_op2_no_bwd(&grad, &GradSums { mean: vec![0.0; c] })?;
+        Ok((Some(gx), Some(sums.get(1)?), Some(sums.get(0)?)))
+    }
+}
+
+fn fast_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Result of [`batch_norm_train`]: the normalised tensor and the batch statistics (detached,
+/// `[C]`) for updating running averages.
+#[derive(Debug, Clone)]
+pub struct BatchNormOutput {
+    /// `(x - mean) / sqrt(var + eps) * weight + bias`.
+    pub y: Tensor,
+    /// Per-channel batch mean.
+    pub mean: Tensor,
+    /// Per-channel biased batch variance.
+    pub var: Tensor,
+}
+
+/// Training-mode batch norm of `x` (`[B, C, H, W]`) with the batch mean and biased variance,
+/// differentiable in `x`, `weight` and `bias` (`[C]` each).
+///
+/// On the CPU with f32/f64 this is two passes forward and two backward; elsewhere candle's
+/// broadcast operations compute the same thing.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<BatchNormOutput> {
+    let (_, c, _, _) = x.dims4()?;
+    if !fast_path(x) {
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
+        let y = xc
+            .broadcast_div(&(&var + eps)?.sqrt()?)?
+            .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+        return Ok(BatchNormOutput {
+            y,
+            mean: mean.flatten_all()?.detach(),
+            var: var.flatten_all()?.detach(),
+        });
+    }
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let y = x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        BatchNormTrain {
+            eps,
+            stats: stats.clone(),
+        },
+    )?;
+    let mv = stats
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("batch-norm: poisoned lock".into()))?
+        .mean_var
+        .clone();
+    let dev = x.device();
+    let mean = Tensor::new(mv.iter().map(|m| m.0).collect::<Vec<_>>(), dev)?.to_dtype(x.dtype())?;
+    let var = Tensor::new(mv.iter().map(|m| m.1).collect::<Vec<_>>(), dev)?.to_dtype(x.dtype())?;
+    Ok(BatchNormOutput { y, mean, var })
+}
+
+/// `x * scale[c] + shift[c]` over `[B, C, H, W]` in one pass (batch norm in evaluation mode with
+/// `scale = w / sqrt(running_var + eps)`, `shift = b - running_mean * scale`); differentiable in
+/// all three.
+pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    if !fast_path(x) {
+        let c = scale.dim(0)?;
+        return x
+            .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&shift.reshape((1, c, 1, 1))?);
+    }
+    x.contiguous()?
+        .apply_op3(&scale.contiguous()?, &shift.contiguous()?, ChannelAffine)
+}

@@ -1,0 +1,802 @@
+//! 2-D convolution (groups 1) as im2col + gemm, forward and backward, as candle custom ops.
+//!
+//! Layout conventions: activations `[B, C, H, W]`, weights `[Cout, Cin, kh, kw]`, both
+//! contiguous. Per image, the forward pass is `Y = W · cols` with `W` seen as a
+//! `[Cout, Cin*kh*kw]` matrix and `cols` the `[Cin*kh*kw, OH*OW]` patch matrix (im2col). A 1x1
+//! convolution with stride 1 and no padding needs no patch matrix: `cols` is the image itself.
+//! The backward pass reuses the same matrices: `dcols = Wᵀ · dY` scattered back (col2im) for the
+//! input gradient and `dW = Σ_b dY · colsᵀ` for the weight gradient; the patch matrix is rebuilt
+//! rather than kept from the forward pass, which keeps training memory at one output per layer.
+
+use crate::par;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+    bail,
+};
+use rayon::prelude::*;
+
+/// Stride, padding and dilation of a convolution (the same along both axes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConvParams {
+    /// Step between windows.
+    pub stride: usize,
+    /// Implicit zeros on each side.
+    pub padding: usize,
+    /// Spacing of the kernel taps.
+    pub dilation: usize,
+}
+
+impl Default for ConvParams {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+        }
+    }
+}
+
+impl ConvParams {
+    /// Stride `stride`, padding `padding`, dilation 1.
+    pub fn new(stride: usize, padding: usize) -> Self {
+        Self {
+            stride,
+            padding,
+            dilation: 1,
+        }
+    }
+}
+
+/// Shapes of one convolution, checked once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Geom {
+    pub b: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub p: ConvParams,
+}
+
+impl Geom {
+    pub(crate) fn new(x: &[usize], wt: &[usize], p: ConvParams) -> Result<Self> {
+        let (&[b, cin, h, w], &[cout, wcin, kh, kw]) = (x, wt) else {
+            bail!("conv2d: expected 4-D input and weight, got {x:?} and {wt:?}")
+        };
+        if wcin != cin {
+            bail!("conv2d: input has {cin} channels, weight expects {wcin} (groups 1 only)")
+        }
+        if p.stride == 0 || p.dilation == 0 || kh == 0 || kw == 0 {
+            bail!("conv2d: zero stride, dilation or kernel ({p:?}, kernel {kh}x{kw})")
+        }
+        let out = |n: usize, k: usize| -> Result<usize> {
+            let span = p.dilation * (k - 1) + 1;
+            match (n + 2 * p.padding).checked_sub(span) {
+                Some(v) => Ok(v / p.stride + 1),
+                None => bail!(
+                    "conv2d: input side {n} with padding {} is smaller than the kernel span {span}",
+                    p.padding
+                ),
+            }
+        };
+        Ok(Self {
+            b,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            oh: out(h, kh)?,
+            ow: out(w, kw)?,
+            p,
+        })
+    }
+
+    /// Rows of the patch matrix (`Cin * kh * kw`).
+    pub(crate) fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+
+    pub(crate) fn ohw(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// Whether the patch matrix of an image is the image itself.
+    pub(crate) fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.p.stride == 1 && self.p.padding == 0
+    }
+
+    /// Multiply-adds of the forward pass.
+    pub fn macs(&self) -> usize {
+        self.b * self.cout * self.ohw() * self.k()
+    }
+
+    /// For output column `o` of tap `t`, the input index `o * stride + t * dilation - padding`.
+    #[inline]
+    fn src(&self, o: usize, t: usize) -> isize {
+        (o * self.p.stride + t * self.p.dilation) as isize - self.p.padding as isize
+    }
+
+    /// Range of outputs `o` whose source index `src(o, t)` lies in `0..n`.
+    #[inline]
+    fn valid(&self, t: usize, n: usize, n_out: usize) -> (usize, usize) {
+        let s = self.p.stride as isize;
+        let off = (t * self.p.dilation) as isize - self.p.padding as isize;
+        // o * s + off >= 0  <=>  o >= ceil(-off / s)
+        let lo = if off >= 0 { 0 } else { ((-off) + s - 1) / s };
+        // o * s + off <= n - 1  <=>  o <= floor((n - 1 - off) / s)
+        let hi_num = n as isize - 1 - off;
+        let hi = if hi_num < 0 { 0 } else { hi_num / s + 1 };
+        let lo = (lo as usize).min(n_out);
+        let hi = (hi as usize).min(n_out).max(lo);
+        (lo, hi)
+    }
+}
+
+/// Fills `cols` (`[Cin*kh*kw, OH*OW]`) with the patches of one image (`[Cin, H, W]`).
+pub(crate) fn im2col<T: WithDType>(g: &Geom, img: &[T], cols: &mut [T]) {
+    let (kk, ohw, hw) = (g.kh * g.kw, g.ohw(), g.h * g.w);
+    let (xlo_hi, s) = (
+        (0..g.kw)
+            .map(|kx| g.valid(kx, g.w, g.ow))
+            .collect::<Vec<_>>(),
+        g.p.stride,
+    );
+    par::for_each_chunk(cols, kk * ohw, |c, chunk| {
+        let plane = &img[c * hw..(c + 1) * hw];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &mut chunk[(ky * g.kw + kx) * ohw..][..ohw];
+                let (xlo, xhi) = xlo_hi[kx];
+                for oy in 0..g.oh {
+                    let dst = &mut row[oy * g.ow..(oy + 1) * g.ow];
+                    let iy = g.src(oy, ky);
+                    if iy < 0 || iy >= g.h as isize {
+                        dst.fill(T::zero());
+                        continue;
+                    }
+                    let src_row = &plane[iy as usize * g.w..][..g.w];
+                    dst[..xlo].fill(T::zero());
+                    dst[xhi..].fill(T::zero());
+                    if xhi > xlo {
+                        let ix0 = g.src(xlo, kx) as usize;
+                        if s == 1 {
+                            dst[xlo..xhi].copy_from_slice(&src_row[ix0..ix0 + (xhi - xlo)]);
+                        } else {
+                            for (d, v) in dst[xlo..xhi]
+                                .iter_mut()
+                                .zip(src_row[ix0..].iter().step_by(s))
+                            {
+                                *d = *v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Adds the patch-matrix gradient `cols` (`[Cin*kh*kw, OH*OW]`) back into the image gradient
+/// `img` (`[Cin, H, W]`), summing where windows overlap.
+pub(crate) fn col2im<T: WithDType>(g: &Geom, cols: &[T], img: &mut [T]) {
+    let (kk, ohw, hw) = (g.kh * g.kw, g.ohw(), g.h * g.w);
+    let s = g.p.stride;
+    let xr: Vec<_> = (0..g.kw).map(|kx| g.valid(kx, g.w, g.ow)).collect();
+    par::for_each_chunk(img, hw, |c, plane| {
+        let src = &cols[c * kk * ohw..(c + 1) * kk * ohw];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &src[(ky * g.kw + kx) * ohw..][..ohw];
+                let (xlo, xhi) = xr[kx];
+                if xhi <= xlo {
+                    continue;
+                }
+                let ix0 = g.src(xlo, kx) as usize;
+                for oy in 0..g.oh {
+                    let iy = g.src(oy, ky);
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let dst = &mut plane[iy as usize * g.w..][..g.w];
+                    let r = &row[oy * g.ow + xlo..oy * g.ow + xhi];
+                    if s == 1 {
+                        for (d, v) in dst[ix0..ix0 + r.len()].iter_mut().zip(r) {
+                            *d += *v;
+                        }
+                    } else {
+                        for (d, v) in dst[ix0..].iter_mut().step_by(s).zip(r) {
+                            *d += *v;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `dst (m x n, row-major, row stride ldd) (+)= a · b` where `a` and `b` are given by their
+/// strides (`rs` between rows, `cs` between columns).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    ldd: usize,
+    accumulate: bool,
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * ldd..r * ldd + n].fill(T::zero());
+            }
+        }
+        return;
+    }
+    // Bounds: the largest index each operand is read or written at.
+    assert!(dst.len() >= (m - 1) * ldd + n);
+    assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every access of gemm inside the three slices; `dst` is
+    // borrowed mutably and does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            ldd as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Forward pass: `y[b] = W · cols(x[b]) (+ bias)`, optionally followed by a ReLU.
+pub(crate) fn forward<T: WithDType>(
+    g: &Geom,
+    x: &[T],
+    wt: &[T],
+    bias: Option<&[T]>,
+    relu: bool,
+) -> Vec<T> {
+    let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
+    let mut y = vec![T::zero(); g.b * g.cout * ohw];
+    let threads = par::threads();
+    // Small images: one gemm per image on each thread beats splitting each small gemm.
+    let per_image = g.b >= threads && threads > 1 && ohw * g.cout * k < (1 << 22);
+    let run = |bi: usize, yb: &mut [T], cols: &mut Vec<T>, gemm_threads: usize| {
+        if let Some(bias) = bias {
+            for (row, &v) in yb.chunks_exact_mut(ohw).zip(bias) {
+                row.fill(v);
+            }
+        }
+        let xb = &x[bi * chw..(bi + 1) * chw];
+        let src: &[T] = if g.is_pointwise() {
+            xb
+        } else {
+            cols.resize(k * ohw, T::zero());
+            if gemm_threads > 1 {
+                im2col(g, xb, cols);
+            } else {
+                par::sequential(|| im2col(g, xb, cols));
+            }
+            cols
+        };
+        gemm(
+            g.cout,
+            ohw,
+            k,
+            yb,
+            ohw,
+            bias.is_some(),
+            wt,
+            (k, 1),
+            src,
+            (ohw, 1),
+            gemm_threads,
+        );
+        if relu {
+            for v in yb.iter_mut() {
+                if *v < T::zero() {
+                    *v = T::zero();
+                }
+            }
+        }
+    };
+    if per_image {
+        y.par_chunks_mut(g.cout * ohw)
+            .enumerate()
+            .for_each_init(Vec::new, |cols, (bi, yb)| run(bi, yb, cols, 1));
+    } else {
+        let mut cols = Vec::new();
+        for (bi, yb) in y.chunks_mut(g.cout * ohw).enumerate() {
+            run(bi, yb, &mut cols, threads);
+        }
+    }
+    y
+}
+
+/// Input gradient: `dx[b] = col2im(Wᵀ · dy[b])`.
+pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
+    let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
+    let mut dx = vec![T::zero(); g.b * chw];
+    let threads = par::threads();
+    let per_image = g.b >= threads && threads > 1 && ohw * g.cout * k < (1 << 22);
+    let run = |bi: usize, dxb: &mut [T], cols: &mut Vec<T>, gemm_threads: usize| {
+        let dyb = &dy[bi * g.cout * ohw..(bi + 1) * g.cout * ohw];
+        if g.is_pointwise() {
+            gemm(
+                k,
+                ohw,
+                g.cout,
+                dxb,
+                ohw,
+                false,
+                wt,
+                (1, k),
+                dyb,
+                (ohw, 1),
+                gemm_threads,
+            );
+            return;
+        }
+        cols.resize(k * ohw, T::zero());
+        gemm(
+            k,
+            ohw,
+            g.cout,
+            cols,
+            ohw,
+            false,
+            wt,
+            (1, k),
+            dyb,
+            (ohw, 1),
+            gemm_threads,
+        );
+        if gemm_threads > 1 {
+            col2im(g, cols, dxb);
+        } else {
+            par::sequential(|| col2im(g, cols, dxb));
+        }
+    };
+    if per_image {
+        dx.par_chunks_mut(chw)
+            .enumerate()
+            .for_each_init(Vec::new, |cols, (bi, dxb)| run(bi, dxb, cols, 1));
+    } else {
+        let mut cols = Vec::new();
+        for (bi, dxb) in dx.chunks_mut(chw).enumerate() {
+            run(bi, dxb, &mut cols, threads);
+        }
+    }
+    dx
+}
+
+/// Weight gradient: `dW = Σ_b dy[b] · cols(x[b])ᵀ`.
+pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
+    let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
+    let threads = par::threads();
+    let per_image = g.b >= threads && threads > 1 && ohw * g.cout * k < (1 << 22);
+    let run = |bi: usize, dw: &mut [T], cols: &mut Vec<T>, first: bool, gemm_threads: usize| {
+        let xb = &x[bi * chw..(bi + 1) * chw];
+        let dyb = &dy[bi * g.cout * ohw..(bi + 1) * g.cout * ohw];
+        let src: &[T] = if g.is_pointwise() {
+            xb
+        } else {
+            cols.resize(k * ohw, T::zero());
+            if gemm_threads > 1 {
+                im2col(g, xb, cols);
+            } else {
+                par::sequential(|| im2col(g, xb, cols));
+            }
+            cols
+        };
+        gemm(
+            g.cout,
+            k,
+            ohw,
+            dw,
+            k,
+            !first,
+            dyb,
+            (ohw, 1),
+            src,
+            (1, ohw),
+            gemm_threads,
+        );
+    };
+    if per_image {
+        // Each thread accumulates its share of the batch; the partial sums are added at the end.
+        let chunk = g.b.div_ceil(threads);
+        let partial: Vec<Vec<T>> = (0..g.b.div_ceil(chunk))
+            .into_par_iter()
+            .map(|t| {
+                let mut dw = vec![T::zero(); g.cout * k];
+                let mut cols = Vec::new();
+                for (i, bi) in (t * chunk..((t + 1) * chunk).min(g.b)).enumerate() {
+                    run(bi, &mut dw, &mut cols, i == 0, 1);
+                }
+                dw
+            })
+            .collect();
+        let mut it = partial.into_iter();
+        let mut dw = it.next().unwrap_or_else(|| vec![T::zero(); g.cout * k]);
+        for p in it {
+            for (a, b) in dw.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+        dw
+    } else {
+        let mut dw = vec![T::zero(); g.cout * k];
+        let mut cols = Vec::new();
+        for bi in 0..g.b {
+            run(bi, &mut dw, &mut cols, bi == 0, threads);
+        }
+        dw
+    }
+}
+
+/// Per-channel sums of a `[B, C, H, W]` gradient: the bias gradient.
+pub(crate) fn channel_sum<T: WithDType>(dy: &[T], b: usize, c: usize, hw: usize) -> Vec<T> {
+    (0..c)
+        .into_par_iter()
+        .map(|ci| {
+            let mut s = T::zero();
+            for bi in 0..b {
+                for &v in &dy[(bi * c + ci) * hw..][..hw] {
+                    s += v;
+                }
+            }
+            s
+        })
+        .collect()
+}
+
+pub(crate) fn slice<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("conv2d: {what} must be contiguous"),
+    }
+}
+
+macro_rules! dispatch {
+    ($name:literal, ($($s:ident, $l:ident),+), |$($v:ident),+| $body:expr) => {
+        match ($($s,)+) {
+            ($(CpuStorage::F32($v),)+) => {
+                $(let $v = slice($v, $l, stringify!($v))?;)+
+                let (out, shape) = $body;
+                Ok((CpuStorage::F32(out), shape))
+            }
+            ($(CpuStorage::F64($v),)+) => {
+                $(let $v = slice($v, $l, stringify!($v))?;)+
+                let (out, shape) = $body;
+                Ok((CpuStorage::F64(out), shape))
+            }
+            _ => bail!("{}: only f32 and f64 are supported, with one dtype for all operands", $name),
+        }
+    };
+}
+pub(crate) use dispatch;
+
+/// `(x, w) -> conv(x, w)`, differentiable in both.
+struct Conv2d {
+    p: ConvParams,
+    relu: bool,
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "kernels-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.p)?;
+        dispatch!("conv2d", (s1, l1, s2, l2), |x, w| (
+            forward(&g, x, w, None, self.relu),
+            Shape::from((g.b, g.cout, g.oh, g.ow))
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = mask_relu(grad, res, self.relu)?;
+        let gx = grad.apply_op2_no_bwd(
+            w,
+            &InputGrad {
+                p: self.p,
+                x: x.dims4()?,
+            },
+        )?;
+        let gw = x.apply_op2_no_bwd(
+            &grad,
+            &WeightGrad {
+                p: self.p,
+                w: w.dims4()?,
+            },
+        )?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// `(x, w, bias) -> conv(x, w) + bias`, differentiable in all three.
+struct Conv2dBias {
+    p: ConvParams,
+    relu: bool,
+}
+
+impl CustomOp3 for Conv2dBias {
+    fn name(&self) -> &'static str {
+        "kernels-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.p)?;
+        if l3.dims() != [g.cout] {
+            bail!(
+                "conv2d: bias shape {:?} does not match {} output channels",
+                l3.dims(),
+                g.cout
+            )
+        }
+        dispatch!("conv2d", (s1, l1, s2, l2, s3, l3), |x, w, b| (
+            forward(&g, x, w, Some(b), self.relu),
+            Shape::from((g.b, g.cout, g.oh, g.ow))
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = mask_relu(grad, res, self.relu)?;
+        let gx = grad.apply_op2_no_bwd(
+            w,
+            &InputGrad {
+                p: self.p,
+                x: x.dims4()?,
+            },
+        )?;
+        let gw = x.apply_op2_no_bwd(
+            &grad,
+            &WeightGrad {
+                p: self.p,
+                w: w.dims4()?,
+            },
+        )?;
+        let gb = grad.apply_op1_no_bwd(&ChannelSum)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// The incoming gradient, zeroed where a fused ReLU clipped the output.
+fn mask_relu(grad: &Tensor, res: &Tensor, relu: bool) -> Result<Tensor> {
+    let grad = grad.contiguous()?;
+    if relu {
+        grad.apply_op2_no_bwd(res, &ReluMask)
+    } else {
+        Ok(grad)
+    }
+}
+
+struct ReluMask;
+
+impl CustomOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "kernels-relu-mask"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.dims() != l2.dims() {
+            bail!(
+                "relu mask: shapes {:?} and {:?} differ",
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        fn run<T: WithDType>(g: &[T], y: &[T]) -> Vec<T> {
+            g.iter()
+                .zip(y)
+                .map(|(&g, &y)| if y > T::zero() { g } else { T::zero() })
+                .collect()
+        }
+        dispatch!("relu mask", (s1, l1, s2, l2), |g, y| (
+            run(g, y),
+            l1.shape().clone()
+        ))
+    }
+}
+
+/// `(dy, w) -> dx`.
+struct InputGrad {
+    p: ConvParams,
+    x: (usize, usize, usize, usize),
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "kernels-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = self.x;
+        let g = Geom::new(&[b, c, h, w], l2.dims(), self.p)?;
+        if l1.dims() != [g.b, g.cout, g.oh, g.ow] {
+            bail!(
+                "conv2d backward: gradient shape {:?} does not match",
+                l1.dims()
+            )
+        }
+        dispatch!("conv2d backward", (s1, l1, s2, l2), |dy, wt| (
+            backward_input(&g, dy, wt),
+            Shape::from(self.x)
+        ))
+    }
+}
+
+/// `(x, dy) -> dw`.
+struct WeightGrad {
+    p: ConvParams,
+    w: (usize, usize, usize, usize),
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "kernels-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (co, ci, kh, kw) = self.w;
+        let g = Geom::new(l1.dims(), &[co, ci, kh, kw], self.p)?;
+        if l2.dims() != [g.b, g.cout, g.oh, g.ow] {
+            bail!(
+                "conv2d backward: gradient shape {:?} does not match",
+                l2.dims()
+            )
+        }
+        dispatch!("conv2d backward", (s1, l1, s2, l2), |x, dy| (
+            backward_weight(&g, x, dy),
+            Shape::from(self.w)
+        ))
+    }
+}
+
+/// `[B, C, H, W] -> [C]` sums.
+struct ChannelSum;
+
+impl CustomOp1 for ChannelSum {
+    fn name(&self) -> &'static str {
+        "kernels-channel-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        dispatch!("channel sum", (s, l), |d| (
+            channel_sum(d, b, c, h * w),
+            Shape::from(c)
+        ))
+    }
+}
+
+/// Whether the fast CPU path applies to these operands.
+fn fast_path(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu()
+        && w.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == w.dtype()
+}
+
+/// 2-D convolution of `x` (`[B, Cin, H, W]`) with `w` (`[Cout, Cin, kh, kw]`) and an optional
+/// `bias` (`[Cout]`), PyTorch's `F.conv2d` (groups 1); differentiable in all operands.
+///
+/// On the CPU with f32/f64 this runs the im2col + gemm kernels of this crate, forward and
+/// backward. Elsewhere it falls back to candle's `conv2d` (plus a broadcast bias).
+pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: ConvParams) -> Result<Tensor> {
+    conv2d_act(x, w, bias, p, false)
+}
+
+/// [`conv2d`] followed by a ReLU, fused into the same pass on the CPU.
+pub fn conv2d_relu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: ConvParams) -> Result<Tensor> {
+    conv2d_act(x, w, bias, p, true)
+}
+
+fn conv2d_act(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: ConvParams,
+    relu: bool,
+) -> Result<Tensor> {
+    if !fast_path(x, w) {
+        let mut y = x.conv2d(w, p.padding, p.stride, p.dilation, 1)?;
+        if let Some(b) = bias {
+            y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+        }
+        return if relu { y.relu() } else { Ok(y) };
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv2dBias { p, relu }),
+        None => x.apply_op2(&w, Conv2d { p, relu }),
+    }
+}
+
+/// Multiply-adds of the forward pass of a convolution of `x_dims` with `w_dims` (backward costs
+/// twice as much), or an error when the shapes do not fit.
+pub fn conv2d_macs(x_dims: &[usize], w_dims: &[usize], p: ConvParams) -> Result<usize> {
+    Ok(Geom::new(x_dims, w_dims, p)?.macs())
+}

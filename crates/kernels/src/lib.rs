@@ -1,0 +1,56 @@
+//! Fast CPU kernels for the RetinaNet model on candle: convolution (im2col + gemm, forward and
+//! backward) and batch normalisation, plugged into candle as custom ops with backward passes, so
+//! model code keeps using ordinary tensors and autograd.
+//!
+//! * [`conv2d`] / [`conv2d_relu`]: PyTorch's `F.conv2d` (groups 1) with optional bias and fused
+//!   ReLU. 1x1 stride-1 convolutions are a plain matrix product; others build the patch matrix
+//!   of one image at a time (im2col) and multiply with the `gemm` crate. Backward: the input
+//!   gradient is `Wᵀ · dY` scattered back (col2im), the weight gradient `dY · colsᵀ`.
+//! * [`batch_norm_train`]: training-mode batch norm in two passes forward and backward, returning
+//!   the batch statistics for the running averages; [`channel_affine`]: evaluation-mode batch norm
+//!   (`x * scale + shift`) in one pass.
+//!
+//! Every op falls back to candle's own operations off the CPU or for dtypes other than f32/f64.
+//! Work is spread over rayon's global pool; see [`configure_threads`].
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use retinanet_kernels::{ConvParams, conv2d};
+//!
+//! let x = Tensor::randn(0f32, 1., (2, 3, 9, 9), &Device::Cpu)?;
+//! let w = Tensor::randn(0f32, 1., (4, 3, 3, 3), &Device::Cpu)?;
+//! let y = conv2d(&x, &w, None, ConvParams::new(2, 1))?;
+//! assert_eq!(y.dims(), &[2, 4, 5, 5]);
+//! let reference = x.conv2d(&w, 1, 2, 1, 1)?;
+//! let err = (y - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert!(err < 1e-4);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+mod bn;
+mod conv;
+mod par;
+
+pub use bn::{BatchNormOutput, batch_norm_train, channel_affine};
+pub use conv::{ConvParams, conv2d, conv2d_macs, conv2d_relu};
+
+/// Sets `RAYON_NUM_THREADS` (read by rayon and by candle's CPU backend) to the number of CPUs
+/// this process may use when it is not set already, and returns the thread count in effect.
+///
+/// candle 0.11 asks for its thread count on every matrix product and, without one of
+/// `RAYON_NUM_THREADS` / `CANDLE_NUM_THREADS`, counts physical cores by parsing `/proc/cpuinfo`
+/// each time. Call this first thing in `main`, before any thread is spawned: setting an
+/// environment variable is only sound while the process is single-threaded.
+pub fn configure_threads() -> usize {
+    if let Some(n) = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        return n;
+    }
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: documented precondition — called before the process starts other threads.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    n
+}
