@@ -10,7 +10,7 @@ use image::RgbImage;
 use rand::rngs::StdRng;
 
 use crate::error::{DatasetError, Result, io_err};
-use crate::imageops::{load_rgb, normalize_chw};
+use crate::imageops::load_rgb;
 use crate::loader::{ItemSource, Loader, LoaderConfig};
 use crate::transform::ClassificationTransform;
 
@@ -280,35 +280,35 @@ pub struct ClassificationSource {
 }
 
 impl ItemSource for ClassificationSource {
-    type Item = (usize, Vec<f32>);
+    type Meta = ();
     type Batch = ClassificationBatch;
 
     fn len(&self) -> usize {
         self.dataset.len()
     }
 
-    fn load(&self, index: usize, rng: &mut StdRng) -> Result<(usize, Vec<f32>)> {
-        let img = self.dataset.load_image(index)?;
+    fn item_len(&self) -> usize {
         let s = self.transform.size as usize;
-        Ok((index, normalize_chw(&self.transform.apply(&img, rng), s, s)))
+        3 * s * s
+    }
+
+    fn load_into(&self, index: usize, rng: &mut StdRng, out: &mut [f32]) -> Result<()> {
+        let img = self.dataset.load_image(index)?;
+        self.transform.apply_into(&img, rng, out);
+        Ok(())
     }
 
     fn collate(
         &self,
-        items: Vec<(usize, Vec<f32>)>,
+        data: Vec<f32>,
+        metas: Vec<(usize, ())>,
         epoch: usize,
         batch: usize,
     ) -> Result<ClassificationBatch> {
         let s = self.transform.size as usize;
-        let n = items.len();
-        let mut data = Vec::with_capacity(n * 3 * s * s);
-        let mut labels = Vec::with_capacity(n);
-        let mut indices = Vec::with_capacity(n);
-        for (i, chw) in items {
-            data.extend_from_slice(&chw);
-            labels.push(self.dataset.label(i));
-            indices.push(i);
-        }
+        let n = metas.len();
+        let indices: Vec<usize> = metas.into_iter().map(|(i, _)| i).collect();
+        let labels: Vec<u32> = indices.iter().map(|&i| self.dataset.label(i)).collect();
         Ok(ClassificationBatch {
             images: Tensor::from_vec(data, (n, 3, s, s), &Device::Cpu)?,
             labels: Tensor::from_vec(labels, (n,), &Device::Cpu)?,

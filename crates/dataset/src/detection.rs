@@ -189,15 +189,6 @@ pub struct DetectionBatch {
     pub batch: usize,
 }
 
-/// One loaded detection item (the loader's unit of work).
-#[derive(Debug)]
-pub struct DetectionItem {
-    index: usize,
-    chw: Vec<f32>,
-    boxes: Vec<[f32; 4]>,
-    labels: Vec<u32>,
-}
-
 /// A dataset with its transform, as a loader source.
 #[derive(Debug)]
 pub struct DetectionSource {
@@ -208,34 +199,37 @@ pub struct DetectionSource {
 }
 
 impl ItemSource for DetectionSource {
-    type Item = DetectionItem;
+    type Meta = (Vec<[f32; 4]>, Vec<u32>);
     type Batch = DetectionBatch;
 
     fn len(&self) -> usize {
         self.dataset.len()
     }
 
-    fn load(&self, index: usize, rng: &mut StdRng) -> Result<DetectionItem> {
-        let t = self.dataset.item(index, &self.transform, rng)?;
-        Ok(DetectionItem {
-            index,
-            chw: t.to_chw(),
-            boxes: t.boxes,
-            labels: t.labels,
-        })
+    fn item_len(&self) -> usize {
+        let s = self.transform.size as usize;
+        3 * s * s
+    }
+
+    fn load_into(&self, index: usize, rng: &mut StdRng, out: &mut [f32]) -> Result<Self::Meta> {
+        let img = self.dataset.load_image(index)?;
+        let r = self.dataset.get(index);
+        Ok(self
+            .transform
+            .apply_into(&img, &r.boxes, &r.labels, rng, out))
     }
 
     fn collate(
         &self,
-        items: Vec<DetectionItem>,
+        data: Vec<f32>,
+        metas: Vec<(usize, Self::Meta)>,
         epoch: usize,
         batch: usize,
     ) -> Result<DetectionBatch> {
         let s = self.transform.size as usize;
-        let n = items.len();
-        let mut data = Vec::with_capacity(n * 3 * s * s);
+        let n = metas.len();
         let mut out = DetectionBatch {
-            images: Tensor::zeros((0,), candle_core::DType::F32, &Device::Cpu)?,
+            images: Tensor::from_vec(data, (n, 3, s, s), &Device::Cpu)?,
             boxes: Vec::with_capacity(n),
             labels: Vec::with_capacity(n),
             names: Vec::with_capacity(n),
@@ -243,14 +237,12 @@ impl ItemSource for DetectionSource {
             epoch,
             batch,
         };
-        for it in items {
-            data.extend_from_slice(&it.chw);
-            out.boxes.push(it.boxes);
-            out.labels.push(it.labels);
-            out.names.push(self.dataset.get(it.index).name.clone());
-            out.indices.push(it.index);
+        for (index, (boxes, labels)) in metas {
+            out.boxes.push(boxes);
+            out.labels.push(labels);
+            out.names.push(self.dataset.get(index).name.clone());
+            out.indices.push(index);
         }
-        out.images = Tensor::from_vec(data, (n, 3, s, s), &Device::Cpu)?;
         Ok(out)
     }
 }

@@ -48,16 +48,18 @@ pub struct SrcRect {
     pub y1: f64,
 }
 
-/// Per-axis resampling table: for each output index, the first source index and `taps` weights.
+/// Per-axis resampling table: for each output index, the first source index, the number of
+/// (non-zero) taps and the weights (`taps` slots per output).
 struct Axis {
     start: Vec<usize>,
+    count: Vec<usize>,
     weights: Vec<f32>,
     taps: usize,
 }
 
 impl Axis {
     /// `lo..hi` (source coordinates) is mapped onto `out` output samples. Output samples whose
-    /// centre falls outside `0..len` get all-zero weights (black padding, as PIL's `crop` pads).
+    /// centre falls outside `0..len` get no tap (black padding, as PIL's `crop` pads).
     /// Taps are restricted to source pixels `clip.0..clip.1` (the crop window when cropping
     /// precedes resizing, the whole image when resizing precedes cropping).
     fn new(lo: f64, hi: f64, out: usize, len: usize, clip: (usize, usize), flip: bool) -> Axis {
@@ -65,6 +67,7 @@ impl Axis {
         let support = if scale < 1.0 { 1.0 / scale } else { 1.0 };
         let taps = (2.0 * support).ceil() as usize + 2;
         let mut start = vec![0usize; out];
+        let mut count = vec![0usize; out];
         let mut weights = vec![0f32; out * taps];
         let mut tmp = vec![0f64; taps];
         for o in 0..out {
@@ -87,15 +90,21 @@ impl Axis {
                 *t = (1.0 - d).max(0.0);
                 sum += *t;
             }
-            start[o] = first;
-            if sum > 0.0 {
-                for k in 0..n {
-                    weights[o * taps + k] = (tmp[k] / sum) as f32;
-                }
+            if sum <= 0.0 {
+                continue;
+            }
+            // Keep only the span of non-zero taps so the inner loops need no test.
+            let k0 = tmp[..n].iter().position(|&t| t > 0.0).unwrap_or(0);
+            let k1 = tmp[..n].iter().rposition(|&t| t > 0.0).map_or(0, |k| k + 1);
+            start[o] = first + k0;
+            count[o] = k1 - k0;
+            for k in k0..k1 {
+                weights[o * taps + k - k0] = (tmp[k] / sum) as f32;
             }
         }
         Axis {
             start,
+            count,
             weights,
             taps,
         }
@@ -104,31 +113,46 @@ impl Axis {
     fn row_range(&self) -> (usize, usize) {
         let mut lo = usize::MAX;
         let mut hi = 0;
-        for (o, &s) in self.start.iter().enumerate() {
-            let w = &self.weights[o * self.taps..(o + 1) * self.taps];
-            if let Some(last) = w.iter().rposition(|&v| v != 0.0) {
+        for (&s, &n) in self.start.iter().zip(&self.count) {
+            if n > 0 {
                 lo = lo.min(s);
-                hi = hi.max(s + last + 1);
+                hi = hi.max(s + n);
             }
         }
         if lo == usize::MAX { (0, 0) } else { (lo, hi) }
     }
 }
 
-/// Resamples the rectangle `rect` of `src` to `out_w x out_h`, optionally flipped horizontally,
-/// and returns interleaved RGB `f32` values in `0..=255` (HWC).
+thread_local! {
+    /// Scratch for the horizontal pass, reused across items on each worker thread.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Resamples the rectangle `rect` of `src` to `out_w x out_h` (optionally flipped horizontally)
+/// into planar `out` (`[3, out_h, out_w]`), writing `value * scale[c] + offset[c]` for channel
+/// `c` (values in `0..=255`): with [`MEAN`]/[`STD`] factors this is resampling and
+/// normalisation in one pass.
 ///
 /// With `crop_first`, the filter reads only pixels inside `rect` (crop, then resize: the
 /// tutorial's training order); otherwise it may read the whole image (resize, then crop: the
-/// evaluation order). Output pixels whose centre falls outside the image are black.
-pub fn resample(
+/// evaluation order). Output pixels whose centre falls outside the image are black (`offset`).
+#[allow(clippy::too_many_arguments)]
+pub fn resample_planar_into(
     src: &RgbImage,
     rect: SrcRect,
     out_w: usize,
     out_h: usize,
     flip: bool,
     crop_first: bool,
-) -> Vec<f32> {
+    scale: [f32; 3],
+    offset: [f32; 3],
+    out: &mut [f32],
+) {
+    assert_eq!(
+        out.len(),
+        3 * out_w * out_h,
+        "resample_planar_into: output size"
+    );
     let (w, h) = (src.width() as usize, src.height() as usize);
     let clip = |lo: f64, hi: f64, len: usize| {
         if crop_first {
@@ -143,46 +167,117 @@ pub fn resample(
     let ax = Axis::new(rect.x0, rect.x1, out_w, w, clip(rect.x0, rect.x1, w), flip);
     let ay = Axis::new(rect.y0, rect.y1, out_h, h, clip(rect.y0, rect.y1, h), false);
     let (r0, r1) = ay.row_range();
+    let rows = r1 - r0;
     let raw = src.as_raw();
-    let row3 = out_w * 3;
-    // Horizontal pass over the source rows the vertical pass needs.
-    let mut tmp = vec![0f32; (r1 - r0) * row3];
-    for r in r0..r1 {
-        let srow = &raw[r * w * 3..(r + 1) * w * 3];
-        let trow = &mut tmp[(r - r0) * row3..(r - r0 + 1) * row3];
-        for o in 0..out_w {
-            let wts = &ax.weights[o * ax.taps..(o + 1) * ax.taps];
-            let s = ax.start[o];
-            let (mut a, mut b, mut c) = (0f32, 0f32, 0f32);
-            for (k, &wk) in wts.iter().enumerate() {
-                if wk != 0.0 {
-                    let p = (s + k) * 3;
-                    a += wk * srow[p] as f32;
-                    b += wk * srow[p + 1] as f32;
-                    c += wk * srow[p + 2] as f32;
+    SCRATCH.with(|cell| {
+        let mut tmp = cell.borrow_mut();
+        // Planar scratch: channel c, source row r, output column o at [(c * rows + r) * out_w + o].
+        tmp.clear();
+        tmp.resize(3 * rows * out_w, 0.0);
+        let (t0, rest) = tmp.split_at_mut(rows * out_w);
+        let (t1, t2) = rest.split_at_mut(rows * out_w);
+        for r in r0..r1 {
+            let srow = &raw[r * w * 3..(r + 1) * w * 3];
+            let base = (r - r0) * out_w;
+            let (d0, d1, d2) = (
+                &mut t0[base..base + out_w],
+                &mut t1[base..base + out_w],
+                &mut t2[base..base + out_w],
+            );
+            for o in 0..out_w {
+                let n = ax.count[o];
+                let wts = &ax.weights[o * ax.taps..o * ax.taps + n];
+                let px = &srow[ax.start[o] * 3..(ax.start[o] + n) * 3];
+                let (mut a, mut b, mut c) = (0f32, 0f32, 0f32);
+                for (&wk, p) in wts.iter().zip(px.chunks_exact(3)) {
+                    a += wk * p[0] as f32;
+                    b += wk * p[1] as f32;
+                    c += wk * p[2] as f32;
                 }
-            }
-            trow[o * 3] = a;
-            trow[o * 3 + 1] = b;
-            trow[o * 3 + 2] = c;
-        }
-    }
-    // Vertical pass.
-    let mut out = vec![0f32; out_h * row3];
-    for o in 0..out_h {
-        let wts = &ay.weights[o * ay.taps..(o + 1) * ay.taps];
-        let s = ay.start[o];
-        let orow = &mut out[o * row3..(o + 1) * row3];
-        for (k, &wk) in wts.iter().enumerate() {
-            if wk != 0.0 {
-                let trow = &tmp[(s + k - r0) * row3..(s + k - r0 + 1) * row3];
-                for (d, &v) in orow.iter_mut().zip(trow) {
-                    *d += wk * v;
-                }
+                d0[o] = a;
+                d1[o] = b;
+                d2[o] = c;
             }
         }
+        let planes = [&*t0, &*t1, &*t2];
+        let plane = out_w * out_h;
+        for (c, tplane) in planes.iter().enumerate() {
+            let oplane = &mut out[c * plane..(c + 1) * plane];
+            for o in 0..out_h {
+                let dst = &mut oplane[o * out_w..(o + 1) * out_w];
+                let n = ay.count[o];
+                let row = |k: usize| {
+                    let sr = ay.start[o] + k - r0;
+                    (
+                        ay.weights[o * ay.taps + k] * scale[c],
+                        &tplane[sr * out_w..(sr + 1) * out_w],
+                    )
+                };
+                // The common upscaling case (two taps) in a single pass over the row.
+                match n {
+                    0 => dst.fill(offset[c]),
+                    2 => {
+                        let ((w0, a), (w1, b)) = (row(0), row(1));
+                        for ((d, &x), &y) in dst.iter_mut().zip(a).zip(b) {
+                            *d = offset[c] + w0 * x + w1 * y;
+                        }
+                    }
+                    _ => {
+                        let (w0, a) = row(0);
+                        for (d, &x) in dst.iter_mut().zip(a) {
+                            *d = offset[c] + w0 * x;
+                        }
+                        for k in 1..n {
+                            let (wk, srow) = row(k);
+                            for (d, &v) in dst.iter_mut().zip(srow) {
+                                *d += wk * v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Resamples the rectangle `rect` of `src` to `out_w x out_h`, optionally flipped horizontally,
+/// and returns interleaved RGB `f32` values in `0..=255` (HWC). See [`resample_planar_into`].
+pub fn resample(
+    src: &RgbImage,
+    rect: SrcRect,
+    out_w: usize,
+    out_h: usize,
+    flip: bool,
+    crop_first: bool,
+) -> Vec<f32> {
+    let n = out_w * out_h;
+    let mut planar = vec![0f32; 3 * n];
+    resample_planar_into(
+        src,
+        rect,
+        out_w,
+        out_h,
+        flip,
+        crop_first,
+        [1.0; 3],
+        [0.0; 3],
+        &mut planar,
+    );
+    let mut out = vec![0f32; 3 * n];
+    for (i, px) in out.chunks_exact_mut(3).enumerate() {
+        px[0] = planar[i];
+        px[1] = planar[n + i];
+        px[2] = planar[2 * n + i];
     }
     out
+}
+
+/// Per-channel `(scale, offset)` so that `v * scale + offset = (v / 255 - mean) / std`.
+pub fn normalisation_factors() -> ([f32; 3], [f32; 3]) {
+    (
+        std::array::from_fn(|c| 1.0 / (255.0 * STD[c])),
+        std::array::from_fn(|c| -MEAN[c] / STD[c]),
+    )
 }
 
 /// Converts interleaved RGB values in `0..=255` (HWC) to normalised planar `[3, H, W]` data:

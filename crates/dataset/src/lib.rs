@@ -42,6 +42,6 @@ pub use detection::{DetectionBatch, DetectionDataset, DetectionLoader};
 pub use draw::{draw_detections, save_png};
 pub use error::{DatasetError, Result};
 pub use imageops::{MEAN, STD, load_image_for_inference, load_rgb};
-pub use loader::{Batches, Loader, LoaderConfig};
+pub use loader::{Batches, Loader, LoaderConfig, tune_allocator};
 pub use synthetic::SyntheticConfig;
 pub use transform::{ClassificationTransform, DetectionTransform, TransformedItem};

@@ -62,9 +62,12 @@ impl LoaderConfig {
 }
 
 /// Where batches come from: implemented for detection and classification datasets.
+///
+/// Items write their image data straight into their slot of the batch buffer (no per-item
+/// image allocation, no copy when collating).
 pub trait ItemSource: Send + Sync + 'static {
-    /// One loaded item.
-    type Item: Send;
+    /// What an item returns besides its image data (boxes, labels, ...).
+    type Meta: Send;
     /// A collated batch.
     type Batch: Send + 'static;
     /// Number of items.
@@ -73,10 +76,45 @@ pub trait ItemSource: Send + Sync + 'static {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Loads and transforms item `index` with its own RNG.
-    fn load(&self, index: usize, rng: &mut StdRng) -> Result<Self::Item>;
-    /// Stacks items into a batch.
-    fn collate(&self, items: Vec<Self::Item>, epoch: usize, batch: usize) -> Result<Self::Batch>;
+    /// Number of `f32` values of one item's image data.
+    fn item_len(&self) -> usize;
+    /// Loads and transforms item `index` with its own RNG into `out` (`item_len()` values).
+    fn load_into(&self, index: usize, rng: &mut StdRng, out: &mut [f32]) -> Result<Self::Meta>;
+    /// Builds a batch from the image data of `metas.len()` items (in order) and their metadata
+    /// with their dataset indices.
+    fn collate(
+        &self,
+        data: Vec<f32>,
+        metas: Vec<(usize, Self::Meta)>,
+        epoch: usize,
+        batch: usize,
+    ) -> Result<Self::Batch>;
+}
+
+/// Makes glibc's `malloc` keep freed large blocks for reuse instead of unmapping them.
+///
+/// Batches at training sizes are tens of megabytes (16 x 3 x 641 x 641 f32 = 79 MB). glibc
+/// serves blocks above 32 MB with a fresh `mmap` each time and unmaps them on free, so every
+/// batch (and every large activation of the model) pays for page faults on all of its pages;
+/// on virtual machines that can cost more than decoding and augmenting the images. This call
+/// (`mallopt(M_MMAP_MAX, 0)` and a large `M_TRIM_THRESHOLD`) makes such blocks come from the
+/// heap, where freed memory is reused. It affects the whole process, so it is opt-in: call it
+/// once at program start. Returns `true` when applied (Linux with glibc), `false` elsewhere.
+pub fn tune_allocator() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+        const M_MMAP_MAX: std::ffi::c_int = -4;
+        // SAFETY: mallopt only changes allocator tunables; both parameters are valid for glibc.
+        unsafe { mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, i32::MAX) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
 }
 
 /// SplitMix64 finaliser: decorrelates nearby seeds.
@@ -252,14 +290,24 @@ fn build_batch<S: ItemSource>(
     epoch: usize,
     batch: usize,
 ) -> Result<Option<S::Batch>> {
-    let loaded: Vec<Result<S::Item>> = indices
-        .par_iter()
-        .map(|&i| source.load(i, &mut item_rng(config.seed, epoch, i)))
+    let len = source.item_len();
+    let mut data = vec![0f32; len * indices.len()];
+    let loaded: Vec<Result<S::Meta>> = data
+        .par_chunks_mut(len)
+        .zip(indices.par_iter())
+        .map(|(out, &i)| source.load_into(i, &mut item_rng(config.seed, epoch, i), out))
         .collect();
     let mut items = Vec::with_capacity(loaded.len());
-    for (r, &i) in loaded.into_iter().zip(indices) {
+    for (k, (r, &i)) in loaded.into_iter().zip(indices).enumerate() {
         match r {
-            Ok(item) => items.push(item),
+            Ok(meta) => {
+                // Close the gaps left by skipped items.
+                let slot = items.len();
+                if slot != k {
+                    data.copy_within(k * len..(k + 1) * len, slot * len);
+                }
+                items.push((i, meta));
+            }
             Err(e)
                 if config.skip_bad
                     && matches!(e, DatasetError::Image { .. } | DatasetError::Io { .. }) =>
@@ -271,10 +319,11 @@ fn build_batch<S: ItemSource>(
             Err(e) => return Err(e),
         }
     }
+    data.truncate(items.len() * len);
     if items.is_empty() {
         return Ok(None);
     }
-    source.collate(items, epoch, batch).map(Some)
+    source.collate(data, items, epoch, batch).map(Some)
 }
 
 #[allow(clippy::too_many_arguments)]

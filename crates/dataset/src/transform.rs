@@ -3,7 +3,9 @@
 use image::RgbImage;
 use rand::Rng;
 
-use crate::imageops::{SrcRect, normalize_chw, resample, round_half_even};
+use crate::imageops::{
+    SrcRect, normalisation_factors, normalize_chw, resample, resample_planar_into, round_half_even,
+};
 
 /// An item after geometric transformation, before normalisation.
 #[derive(Debug, Clone)]
@@ -84,7 +86,9 @@ impl DetectionTransform {
         }
     }
 
-    /// Applies the transform; `rng` drives the random choices (unused for evaluation).
+    /// Applies the transform; `rng` drives the random choices (unused for evaluation). Returns
+    /// unnormalised interleaved pixels (for inspection and tests); the loader uses
+    /// [`DetectionTransform::apply_into`], which makes the same choices from the same RNG.
     pub fn apply<R: Rng + ?Sized>(
         &self,
         img: &RgbImage,
@@ -92,6 +96,42 @@ impl DetectionTransform {
         labels: &[u32],
         rng: &mut R,
     ) -> TransformedItem {
+        let (rect, flip, boxes, labels) = self.plan(img, boxes, labels, rng);
+        let size = self.size as usize;
+        TransformedItem {
+            hwc: resample(img, rect, size, size, flip, self.train),
+            width: size,
+            height: size,
+            boxes,
+            labels,
+        }
+    }
+
+    /// Applies the transform, writing the normalised `[3, S, S]` image into `out` (length
+    /// `3 * S * S`) in one resampling pass; returns the kept boxes and labels.
+    pub fn apply_into<R: Rng + ?Sized>(
+        &self,
+        img: &RgbImage,
+        boxes: &[[f32; 4]],
+        labels: &[u32],
+        rng: &mut R,
+        out: &mut [f32],
+    ) -> (Vec<[f32; 4]>, Vec<u32>) {
+        let (rect, flip, boxes, labels) = self.plan(img, boxes, labels, rng);
+        let size = self.size as usize;
+        let (scale, offset) = normalisation_factors();
+        resample_planar_into(img, rect, size, size, flip, self.train, scale, offset, out);
+        (boxes, labels)
+    }
+
+    /// The random choices and the box mapping: source rectangle, flip, kept boxes and labels.
+    fn plan<R: Rng + ?Sized>(
+        &self,
+        img: &RgbImage,
+        boxes: &[[f32; 4]],
+        labels: &[u32],
+        rng: &mut R,
+    ) -> (SrcRect, bool, Vec<[f32; 4]>, Vec<u32>) {
         let (w, h) = (img.width() as f64, img.height() as f64);
         let size = self.size as usize;
         // Continuous extents [top, left, bottom, right), clamped to the image.
@@ -190,7 +230,6 @@ impl DetectionTransform {
                 .collect();
             (rect, false, mapped)
         };
-        let hwc = resample(img, rect, size, size, flip, self.train);
         let mut out_boxes = Vec::with_capacity(mapped.len());
         let mut out_labels = Vec::with_capacity(mapped.len());
         for (e, &l) in mapped.iter().zip(labels) {
@@ -206,13 +245,7 @@ impl DetectionTransform {
             ]);
             out_labels.push(l);
         }
-        TransformedItem {
-            hwc,
-            width: size,
-            height: size,
-            boxes: out_boxes,
-            labels: out_labels,
-        }
+        (rect, flip, out_boxes, out_labels)
     }
 }
 
@@ -260,8 +293,35 @@ impl ClassificationTransform {
         }
     }
 
-    /// Applies the transform and returns interleaved RGB values in `0..=255` (`size*size*3`).
+    /// Applies the transform and returns interleaved RGB values in `0..=255` (`size*size*3`),
+    /// for inspection; the loader uses [`ClassificationTransform::apply_into`].
     pub fn apply<R: Rng + ?Sized>(&self, img: &RgbImage, rng: &mut R) -> Vec<f32> {
+        let n = (self.size * self.size) as usize;
+        let mut planar = vec![0f32; 3 * n];
+        self.raw_planar(img, rng, &mut planar);
+        let mut out = vec![0f32; 3 * n];
+        for (i, px) in out.chunks_exact_mut(3).enumerate() {
+            px[0] = planar[i];
+            px[1] = planar[n + i];
+            px[2] = planar[2 * n + i];
+        }
+        out
+    }
+
+    /// Applies the transform, writing the normalised `[3, S, S]` image into `out`.
+    pub fn apply_into<R: Rng + ?Sized>(&self, img: &RgbImage, rng: &mut R, out: &mut [f32]) {
+        self.raw_planar(img, rng, out);
+        let (scale, offset) = normalisation_factors();
+        let n = out.len() / 3;
+        for (c, plane) in out.chunks_exact_mut(n).enumerate() {
+            plane
+                .iter_mut()
+                .for_each(|v| *v = *v * scale[c] + offset[c]);
+        }
+    }
+
+    /// Planar `[3, S, S]` values in `0..=255`, jittered when training.
+    fn raw_planar<R: Rng + ?Sized>(&self, img: &RgbImage, rng: &mut R, out: &mut [f32]) {
         let (w, h) = (img.width() as f64, img.height() as f64);
         let size = self.size as usize;
         let shorter = if self.train {
@@ -293,11 +353,12 @@ impl ClassificationTransform {
             x1: (x + cw) * sx,
             y1: (y + ch) * sy,
         };
-        let mut hwc = resample(img, rect, size, size, flip, self.train);
+        resample_planar_into(
+            img, rect, size, size, flip, self.train, [1.0; 3], [0.0; 3], out,
+        );
         if self.train && self.jitter > 0.0 {
-            color_jitter(&mut hwc, self.jitter, rng);
+            color_jitter(out, self.jitter, rng);
         }
-        hwc
     }
 }
 
@@ -341,9 +402,9 @@ fn grey(r: f32, g: f32, b: f32) -> f32 {
     0.299 * r + 0.587 * g + 0.114 * b
 }
 
-/// Brightness, contrast, saturation and hue jitter of strength `s` in random order (values in
-/// `0..=255`, clamped after each step).
-pub(crate) fn color_jitter<R: Rng + ?Sized>(hwc: &mut [f32], s: f32, rng: &mut R) {
+/// Brightness, contrast, saturation and hue jitter of strength `s` in random order on planar
+/// `[3, H, W]` values in `0..=255` (clamped after each step).
+pub(crate) fn color_jitter<R: Rng + ?Sized>(planar: &mut [f32], s: f32, rng: &mut R) {
     let mut order = [0usize, 1, 2, 3];
     // Fisher-Yates with our own RNG so the order is seeded too.
     for i in (1..4).rev() {
@@ -357,37 +418,37 @@ pub(crate) fn color_jitter<R: Rng + ?Sized>(hwc: &mut [f32], s: f32, rng: &mut R
             rng.random_range(1.0 - s..1.0 + s)
         }
     });
+    let n = planar.len() / 3;
+    let (r, rest) = planar.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
     for op in order {
         match op {
-            0 => hwc
-                .iter_mut()
-                .for_each(|v| *v = (*v * f[0]).clamp(0.0, 255.0)),
+            0 => {
+                for p in [&mut *r, &mut *g, &mut *b] {
+                    p.iter_mut()
+                        .for_each(|v| *v = (*v * f[0]).clamp(0.0, 255.0));
+                }
+            }
             1 => {
-                let n = (hwc.len() / 3).max(1) as f32;
-                let mean = hwc
-                    .chunks_exact(3)
-                    .map(|p| grey(p[0], p[1], p[2]))
-                    .sum::<f32>()
-                    / n;
-                hwc.iter_mut()
-                    .for_each(|v| *v = (*v * f[1] + mean * (1.0 - f[1])).clamp(0.0, 255.0));
+                let mean = (0..n).map(|i| grey(r[i], g[i], b[i])).sum::<f32>() / n.max(1) as f32;
+                for p in [&mut *r, &mut *g, &mut *b] {
+                    p.iter_mut()
+                        .for_each(|v| *v = (*v * f[1] + mean * (1.0 - f[1])).clamp(0.0, 255.0));
+                }
             }
             2 => {
-                for p in hwc.chunks_exact_mut(3) {
-                    let g = grey(p[0], p[1], p[2]);
-                    for v in p.iter_mut() {
-                        *v = (*v * f[2] + g * (1.0 - f[2])).clamp(0.0, 255.0);
-                    }
+                for i in 0..n {
+                    let gr = grey(r[i], g[i], b[i]);
+                    r[i] = (r[i] * f[2] + gr * (1.0 - f[2])).clamp(0.0, 255.0);
+                    g[i] = (g[i] * f[2] + gr * (1.0 - f[2])).clamp(0.0, 255.0);
+                    b[i] = (b[i] * f[2] + gr * (1.0 - f[2])).clamp(0.0, 255.0);
                 }
             }
             _ => {
-                for p in hwc.chunks_exact_mut(3) {
-                    let (hh, ss, vv) = rgb_to_hsv(p[0], p[1], p[2]);
+                for i in 0..n {
+                    let (hh, ss, vv) = rgb_to_hsv(r[i], g[i], b[i]);
                     let hh = (hh + f[3]).rem_euclid(1.0);
-                    let (r, g, b) = hsv_to_rgb(hh, ss, vv);
-                    p[0] = r;
-                    p[1] = g;
-                    p[2] = b;
+                    (r[i], g[i], b[i]) = hsv_to_rgb(hh, ss, vv);
                 }
             }
         }

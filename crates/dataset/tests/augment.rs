@@ -219,3 +219,28 @@ fn classification_transforms() {
     assert_ne!(b, d);
     assert!(b.iter().all(|v| (0.0..=255.0).contains(v)));
 }
+
+#[test]
+fn apply_into_matches_apply() {
+    let img = RgbImage::from_fn(150, 110, |x, y| {
+        Rgb([
+            (x * 3 % 256) as u8,
+            (y * 2 % 256) as u8,
+            ((x + y) % 256) as u8,
+        ])
+    });
+    for t in [
+        DetectionTransform::train(65, 25.0),
+        DetectionTransform::eval(65, 25.0),
+    ] {
+        for i in 0..5 {
+            let boxes = [[10.0, 20.0, 80.0, 100.0]];
+            let a = t.apply(&img, &boxes, &[2], &mut item_rng(3, 1, i));
+            let mut out = vec![0f32; 3 * 65 * 65];
+            let (b, l) = t.apply_into(&img, &boxes, &[2], &mut item_rng(3, 1, i), &mut out);
+            assert_eq!((a.boxes.clone(), a.labels.clone()), (b, l));
+            let chw = a.to_chw();
+            assert!(chw.iter().zip(&out).all(|(x, y)| (x - y).abs() < 1e-4));
+        }
+    }
+}
