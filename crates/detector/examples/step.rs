@@ -11,6 +11,13 @@ use retinanet_extractor::{Depth, ResNetConfig, is_buffer};
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // candle asks `num_cpus` for the thread count on every parallel op unless RAYON_NUM_THREADS
+    // is set; on some machines that reads /proc/cpuinfo each time (here: 2.5x slower steps).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: step <train|infer> <size> <batch> [depth=50] [classes=20]";
     let mode = args.first().ok_or(usage)?.clone();
@@ -39,11 +46,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let t = Instant::now();
             let (cls, reg) = model.forward_t(&x, true)?;
             let loss = (candle_nn::ops::sigmoid(&cls)?.mean_all()? + reg.sqr()?.mean_all()?)?;
-            let t_fwd = t.elapsed();
-            opt.backward_step(&loss)?;
+            let t_fwd = t.elapsed().as_secs_f64();
+            let grads = loss.backward()?;
+            let t_bwd = t.elapsed().as_secs_f64() - t_fwd;
+            opt.step(&grads)?;
             println!(
-                "train {size}x{size} batch {batch}: forward {:.2}s, step total {:.2}s, loss {:.5}",
-                t_fwd.as_secs_f64(),
+                "train {size}x{size} batch {batch}: forward {t_fwd:.2}s, backward {t_bwd:.2}s, \
+                 step total {:.2}s, loss {:.5}",
                 t.elapsed().as_secs_f64(),
                 loss.to_scalar::<f32>()?
             );

@@ -37,7 +37,7 @@
 //! The `cuda` feature switches candle to its CUDA backend (see the extractor crate's docs for
 //! getting `nvcc`); the default build is CPU only.
 
-use candle_core::{Module, Result, Tensor, bail};
+use candle_core::{Result, Tensor, bail};
 use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder, VarMap};
 use retinanet_extractor::ops::{conv2d, upsample_bilinear_ac};
 use retinanet_extractor::weights::{WeightsError, read_tensors, strip_module_prefix};
@@ -132,9 +132,9 @@ impl Head {
     fn forward(&self, x: &Tensor, per_anchor: usize) -> Result<Tensor> {
         let mut y = x.clone();
         for c in &self.convs[..3] {
-            y = c.forward(&y)?.relu()?;
+            y = conv2d(&y, c)?.relu()?;
         }
-        let y = self.convs[3].forward(&y)?;
+        let y = conv2d(&y, &self.convs[3])?;
         let b = y.dim(0)?;
         // Channel index = anchor * per_anchor + value, as the tutorial's reshape assumes.
         y.permute((0, 2, 3, 1))?.reshape((b, (), per_anchor))
@@ -207,16 +207,16 @@ impl Detector {
     pub fn pyramid(&self, feats: (&Tensor, &Tensor, &Tensor)) -> Result<[Tensor; 4]> {
         let (o3, o4, o5) = feats;
         let p6 = conv2d(o5, &self.conv_out6)?;
-        let p5 = self.prj_5.forward(o5)?;
-        let q4 = self.prj_4.forward(o4)?;
+        let p5 = conv2d(o5, &self.prj_5)?;
+        let q4 = conv2d(o4, &self.prj_4)?;
         let (_, _, h4, w4) = q4.dims4()?;
         let p4 = (upsample_bilinear_ac(&p5, h4, w4)? + q4)?;
-        let q3 = self.prj_3.forward(o3)?;
+        let q3 = conv2d(o3, &self.prj_3)?;
         let (_, _, h3, w3) = q3.dims4()?;
         let p3 = (upsample_bilinear_ac(&p4, h3, w3)? + q3)?;
         Ok([
-            self.conv_3.forward(&p3)?.relu()?,
-            self.conv_4.forward(&p4)?.relu()?,
+            conv2d(&p3, &self.conv_3)?.relu()?,
+            conv2d(&p4, &self.conv_4)?.relu()?,
             p5.relu()?,
             p6.relu()?,
         ])

@@ -127,21 +127,43 @@ fn bilinear_gradient_matches_finite_differences() -> Result<()> {
 }
 
 #[test]
-fn strided_conv_gradient_is_right_for_mixed_parity_inputs() -> Result<()> {
+fn conv_gradients_match_finite_differences() -> Result<()> {
     use candle_nn::{Conv2d, Conv2dConfig};
     use retinanet_extractor::ops::conv2d;
     let dev = Device::Cpu;
-    let w = Tensor::randn(0f64, 1., (2, 2, 3, 3), &dev)?;
-    let cfg = Conv2dConfig {
-        padding: 1,
-        stride: 2,
-        ..Default::default()
-    };
-    let conv = Conv2d::new(w, None, cfg);
-    // 5 rows (odd) and 6 columns (even): candle's own backward gets the width wrong here.
-    for shape in [(1, 2, 5, 6), (1, 2, 6, 5), (2, 2, 4, 4)] {
-        let x = Tensor::randn(0f64, 1., shape, &dev)?;
+    // (kernel, stride, padding, dilation, input h, w): 3x3/2 on mixed parities (where candle's
+    // own backward gets the width wrong), 1x1, 1x1/2, 7x7/2 (the stem), dilated 3x3.
+    let cases = [
+        (3, 2, 1, 1, 5, 6),
+        (3, 2, 1, 1, 6, 5),
+        (3, 1, 1, 1, 4, 4),
+        (1, 1, 0, 1, 3, 5),
+        (1, 2, 0, 1, 5, 4),
+        (7, 2, 3, 1, 9, 8),
+        (3, 1, 2, 2, 6, 7),
+    ];
+    for (k, stride, padding, dilation, h, w) in cases {
+        let cfg = Conv2dConfig {
+            padding,
+            stride,
+            dilation,
+            ..Default::default()
+        };
+        let wt = Tensor::randn(0f64, 1., (3, 2, k, k), &dev)?;
+        let bias = Tensor::randn(0f64, 1., 3, &dev)?;
+        let x = Tensor::randn(0f64, 1., (2, 2, h, w), &dev)?;
+        let conv = Conv2d::new(wt.clone(), Some(bias.clone()), cfg);
+        // The tracked result equals candle's own convolution.
+        let xv = Var::from_tensor(&x)?;
+        let want = candle_core::Module::forward(&conv, &x)?;
+        assert!(rel_diff(&conv2d(xv.as_tensor(), &conv)?, &want)? < 1e-12);
         grad_check(&x, &|t| conv2d(t, &conv))?;
+        grad_check(&wt, &|t| {
+            conv2d(&x, &Conv2d::new(t.clone(), Some(bias.clone()), cfg))
+        })?;
+        grad_check(&bias, &|t| {
+            conv2d(&x, &Conv2d::new(wt.clone(), Some(t.clone()), cfg))
+        })?;
     }
     Ok(())
 }
