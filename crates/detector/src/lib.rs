@@ -9,9 +9,15 @@
 //!
 //! Tensor names are the tutorial's (`conv_out6`, `prj_5`, `prj_4`, `prj_3`, `conv_4`, `conv_3`,
 //! `conv_cls.{0,2,4,6}`, `conv_reg.{0,2,4,6}`) under the builder's prefix; the project uses
-//! `detector.` (and `extractor.` for the ResNet). [`load_detector`] reads the tutorial's
-//! detector state dicts; [`retinanet_extractor::weights`] has the ResNet and whole-checkpoint
-//! loaders.
+//! `detector.` (and `extractor.` for the ResNet). Weights:
+//!
+//! * whole project checkpoint: [`weights::save_varmap`] / [`weights::load_varmap`] (strict);
+//! * a ResNet alone (torchvision or tutorial names, `.pth` or `.safetensors`, or a pretraining
+//!   checkpoint): [`weights::load_resnet`]`(&varmap, path, "extractor.", skip_fc)`;
+//! * the tutorial's detector state dict: [`load_detector`]`(&varmap, path, "detector.")`.
+//!
+//! Optimisers must skip the BatchNorm running statistics: filter the VarMap with
+//! [`is_buffer`]. For inference use [`RetinaNet::infer`] (no graph kept, far less memory).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -39,11 +45,13 @@
 
 use candle_core::{Result, Tensor, bail};
 use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder, VarMap};
+use retinanet_extractor::ResNet;
 use retinanet_extractor::ops::{conv2d, upsample_bilinear_ac};
 use retinanet_extractor::weights::{WeightsError, read_tensors, strip_module_prefix};
-use retinanet_extractor::{ResNet, ResNetConfig};
 use std::collections::HashMap;
 use std::path::Path;
+
+pub use retinanet_extractor::{Depth, ResNet as Extractor, ResNetConfig, is_buffer, weights};
 
 /// Configuration of a [`Detector`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
