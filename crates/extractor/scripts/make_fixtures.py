@@ -8,6 +8,8 @@ Writes
   crates/extractor/tests/fixtures/r18h.pth             half-width ResNet-18 (basic blocks) state
                                                         dict, torchvision names, `module.` prefix
   crates/extractor/tests/fixtures/r18h_io.safetensors  its input, outputs, running stats
+  crates/extractor/tests/fixtures/wrapped_*.pth        tiny checkpoints with the state dict under
+                                                        a `state_dict` / `model` key
   crates/detector/tests/fixtures/r50h_extractor.safetensors  half-width ResNet-50, tutorial names
   crates/detector/tests/fixtures/r50h_detector.safetensors   detector on top, tutorial names
   crates/detector/tests/fixtures/r50h_io.safetensors   inputs, outputs, running stats
@@ -158,6 +160,18 @@ def main():
     save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(det_dir, 'r50h_io.safetensors'))
     for k in ['eval.out5', 'eval.cls', 'eval.reg']:
         print(k, tuple(io[k].shape), float(io[k].abs().max()))
+    wrapped()
+
+
+def wrapped():
+    """Training-loop style checkpoints: the state dict under a key, next to other objects."""
+    ext_dir = os.path.join(ROOT, 'crates', 'extractor', 'tests', 'fixtures')
+    g = torch.Generator().manual_seed(7)
+    weights = {'conv1.weight': torch.randn(4, 3, 7, 7, generator=g), 'bn1.weight': torch.rand(4, generator=g)}
+    torch.save({'state_dict': weights, 'epoch': 3}, os.path.join(ext_dir, 'wrapped_state_dict.pth'))
+    torch.save({'model': {'module.' + k: v for k, v in weights.items()}, 'optimizer': {'lr': 0.1}},
+               os.path.join(ext_dir, 'wrapped_model.pth'))
+    save_file(weights, os.path.join(ext_dir, 'wrapped_expected.safetensors'))
 
 
 if __name__ == '__main__':

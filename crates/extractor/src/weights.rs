@@ -89,18 +89,26 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError
     if ext.eq_ignore_ascii_case("safetensors") {
         return candle_core::safetensors::load(path, &Device::Cpu).map_err(err);
     }
-    let mut all = candle_core::pickle::read_all(path).map_err(err)?;
+    // A plain state dict first; a wrapped checkpoint (other objects next to the weights) may
+    // fail to parse as one, so its error is kept only if no key works either.
+    let plain = candle_core::pickle::read_all(path);
+    let mut all = match &plain {
+        Ok(v) => v.clone(),
+        Err(_) => Vec::new(),
+    };
     for key in ["state_dict", "model"] {
         if !all.is_empty() {
             break;
         }
-        // A wrapped checkpoint: the top level is not a tensor dict.
         all = candle_core::pickle::read_all_with_key(path, Some(key)).unwrap_or_default();
     }
     if all.is_empty() {
-        return Err(err(candle_core::Error::Msg(
-            "no tensors found (not a state dict?)".into(),
-        )));
+        return Err(err(match plain {
+            Err(e) => e,
+            Ok(_) => candle_core::Error::Msg(
+                "no tensors found (neither a state dict nor one under `state_dict`/`model`)".into(),
+            ),
+        }));
     }
     Ok(all.into_iter().collect())
 }

@@ -132,3 +132,29 @@ fn strict_loading_names_the_offending_tensor() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn wrapped_pth_checkpoints_are_read() {
+    let want = read_tensors(&fixtures().join("wrapped_expected.safetensors")).unwrap();
+    for (file, prefix) in [
+        ("wrapped_state_dict.pth", ""),
+        ("wrapped_model.pth", "module."),
+    ] {
+        let got = read_tensors(&fixtures().join(file)).unwrap();
+        assert_eq!(got.len(), want.len(), "{file}");
+        for (k, v) in &want {
+            let g = &got[&format!("{prefix}{k}")];
+            let d = (g - v)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{file}: {k}");
+        }
+    }
+    let e = read_tensors(&fixtures().join("no_such_file.pth")).unwrap_err();
+    assert!(e.to_string().contains("no_such_file.pth"), "{e}");
+}
