@@ -3,6 +3,16 @@
 //! a seeded parallel prefetching loader, synthetic shapes (the built-in default data) and
 //! drawing of detections.
 //!
+//! Entry points:
+//! - detection: [`DetectionDataset`] (`from_list`, `from_voc`, `from_coco`), [`DetectionTransform`]
+//!   (`train`, `eval`), [`DetectionLoader`] yielding [`DetectionBatch`];
+//! - classification: [`ClassificationDataset`] (`from_image_folder`, `from_cifar10_dir`,
+//!   `from_mnist_dir`), [`ClassificationTransform`], [`ClassificationLoader`] yielding
+//!   [`ClassificationBatch`];
+//! - [`synthetic::ensure_detection`] / [`synthetic::ensure_classification`]: the default data;
+//! - [`load_image_for_inference`], [`draw::draw_detections`], [`draw::save_png`];
+//! - converters [`voc_to_list`], [`coco_to_list`]; [`tune_allocator`] for large batches.
+//!
 //! Conventions: a box is `[ymin, xmin, ymax, xmax]` in pixels (f32, maxima inclusive, as the
 //! tutorial's VOC converter writes them); detection labels are `1..=C` in names-file order;
 //! images become `[3, H, W]` f32 RGB normalised with the ImageNet mean and std.
@@ -22,6 +32,8 @@
 //! assert_eq!(batch.boxes.len(), 4);
 //! std::fs::remove_dir_all(&cache).unwrap();
 //! ```
+
+#![warn(missing_docs)]
 
 pub mod annotations;
 pub mod classification;

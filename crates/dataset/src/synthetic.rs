@@ -126,7 +126,12 @@ impl SyntheticConfig {
             h ^= b as u64;
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
-        format!("shapes-{kind}-{}-s{}-{h:016x}", self.image_size, self.seed)
+        let size = if kind == "cls" {
+            self.class_image_size
+        } else {
+            self.image_size
+        };
+        format!("shapes-{kind}-{size}-s{}-{h:016x}", self.seed)
     }
 
     fn class_names(&self) -> Vec<String> {
