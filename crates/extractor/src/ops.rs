@@ -339,10 +339,12 @@ impl CustomOp2 for ConvBackward {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Detached operands: the gradients then hold no reference to the forward graph.
+        let (x, w) = (x.detach(), w.detach());
         let (b, cin, h, wd) = x.dims4()?;
         let (cout, _, kh, kw) = w.dims4()?;
         let (_, _, oh, ow) = grad.dims4()?;
-        let grad = grad.contiguous()?;
+        let grad = grad.detach().contiguous()?;
         // Input gradient: columns = Wᵀ [cin*kh*kw, cout] x grad [B, cout, oh*ow], then col2im.
         let cols = w
             .reshape((cout, cin * kh * kw))?
