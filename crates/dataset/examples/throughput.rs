@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..n {
         let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
         let (a, b): (f32, f32) = (rng.random_range(0.0..6.0), rng.random_range(0.0..6.0));
+        let noise: f32 = 40.0;
         let img = RgbImage::from_fn(500, 375, |x, y| {
             let (xf, yf) = (x as f32 / 500.0, y as f32 / 375.0);
             let base = [
@@ -30,7 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 128.0 + 100.0 * (b * yf + xf * 2.0).cos(),
                 128.0 + 80.0 * ((a + b) * (xf - yf)).sin(),
             ];
-            Rgb(base.map(|v| (v + rng.random_range(-20.0..20.0f32)).clamp(0.0, 255.0) as u8))
+            Rgb(base.map(|v| (v + rng.random_range(-noise..noise)).clamp(0.0, 255.0) as u8))
         });
         let name = format!("{i:05}.jpg");
         img.save_with_format(dir.join(&name), image::ImageFormat::Jpeg)?;

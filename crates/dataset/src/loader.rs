@@ -253,6 +253,25 @@ impl<S: ItemSource> Loader<S> {
         items.iter().map(|(&i, m)| (i, m.clone())).collect()
     }
 
+    /// A report of the skipped items for the end of a run (`None` when nothing was skipped):
+    /// how many, and each file with its error.
+    pub fn skip_summary(&self) -> Option<String> {
+        let items = self.skipped();
+        if items.is_empty() {
+            return None;
+        }
+        let mut s = format!(
+            "{} unreadable item(s) skipped ({} skips in all):",
+            items.len(),
+            self.skipped_count()
+        );
+        for (_, e) in items {
+            s.push_str("\n  ");
+            s.push_str(&e);
+        }
+        Some(s)
+    }
+
     /// Number of skips so far, counting an item again in every epoch it was skipped.
     pub fn skipped_count(&self) -> usize {
         self.skips.count.load(Ordering::Relaxed)
