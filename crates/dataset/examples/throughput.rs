@@ -107,6 +107,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         1e3 * cpu / items as f64,
         threads as f64 * items as f64 / cpu
     );
+    if std::env::var_os("SYNC_TOO").is_some() {
+        let c0 = cpu_seconds();
+        let t0 = Instant::now();
+        let mut items = 0;
+        for b in 0..loader.batches_per_epoch() {
+            items += loader.batch(9, b)?.indices.len();
+        }
+        let (dt, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+        println!(
+            "synchronous batches: {:.0} items/s wall, {:.2} CPU-ms per item",
+            items as f64 / dt,
+            1e3 * cpu / items as f64
+        );
+    }
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -97,7 +97,8 @@ pub trait ItemSource: Send + Sync + 'static {
 /// serves blocks above 32 MB with a fresh `mmap` each time and unmaps them on free, so every
 /// batch (and every large activation of the model) pays for page faults on all of its pages;
 /// on virtual machines that can cost more than decoding and augmenting the images. This call
-/// (`mallopt(M_MMAP_MAX, 0)` and a large `M_TRIM_THRESHOLD`) makes such blocks come from the
+/// (`mallopt(M_MMAP_MAX, 0)`, a large `M_TRIM_THRESHOLD` and one arena, since batches are
+/// allocated on the loader thread and freed on the consumer's) makes such blocks come from the
 /// heap, where freed memory is reused. It affects the whole process, so it is opt-in: call it
 /// once at program start. Returns `true` when applied (Linux with glibc), `false` elsewhere.
 pub fn tune_allocator() -> bool {
@@ -108,8 +109,13 @@ pub fn tune_allocator() -> bool {
         }
         const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
         const M_MMAP_MAX: std::ffi::c_int = -4;
-        // SAFETY: mallopt only changes allocator tunables; both parameters are valid for glibc.
-        unsafe { mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, i32::MAX) == 1 }
+        const M_ARENA_MAX: std::ffi::c_int = -8;
+        // SAFETY: mallopt only changes allocator tunables; the parameters are valid for glibc.
+        unsafe {
+            mallopt(M_MMAP_MAX, 0) == 1
+                && mallopt(M_TRIM_THRESHOLD, i32::MAX) == 1
+                && mallopt(M_ARENA_MAX, 1) == 1
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
@@ -430,6 +436,17 @@ impl<B: Send + 'static> Drop for Batches<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allocator_tuning_applies_on_glibc() {
+        assert_eq!(
+            tune_allocator(),
+            cfg!(all(target_os = "linux", target_env = "gnu"))
+        );
+        // Large blocks still work afterwards.
+        let v = vec![1f32; 40 << 20];
+        assert_eq!(v[v.len() - 1], 1.0);
+    }
 
     #[test]
     fn order_is_a_seeded_permutation() {
