@@ -419,7 +419,28 @@ pub struct Batches<B: Send + 'static> {
 impl<B: Send + 'static> Iterator for Batches<B> {
     type Item = Result<B>;
     fn next(&mut self) -> Option<Result<B>> {
-        self.rx.as_ref()?.recv().ok()
+        match self.rx.as_ref()?.recv() {
+            Ok(item) => Some(item),
+            Err(_) => {
+                // The producer is gone: normally the end of the batches, but a panic in it (a
+                // bug, not bad data) must not pass for a short epoch.
+                self.rx = None;
+                let panicked = self.handle.take().map(|h| h.join());
+                match panicked {
+                    Some(Err(payload)) => {
+                        let msg = payload
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| payload.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Some(Err(DatasetError::Invalid(format!(
+                            "the loader thread panicked: {msg}"
+                        ))))
+                    }
+                    _ => None,
+                }
+            }
+        }
     }
 }
 
@@ -436,6 +457,46 @@ impl<B: Send + 'static> Drop for Batches<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Panicky;
+    impl ItemSource for Panicky {
+        type Meta = ();
+        type Batch = usize;
+        fn len(&self) -> usize {
+            4
+        }
+        fn item_len(&self) -> usize {
+            1
+        }
+        fn load_into(&self, index: usize, _: &mut StdRng, out: &mut [f32]) -> Result<()> {
+            assert!(index != 3, "item three is broken");
+            out[0] = index as f32;
+            Ok(())
+        }
+        fn collate(
+            &self,
+            data: Vec<f32>,
+            _: Vec<(usize, ())>,
+            _: usize,
+            _: usize,
+        ) -> Result<usize> {
+            Ok(data.len())
+        }
+    }
+
+    #[test]
+    fn a_panicking_producer_is_an_error_not_a_short_epoch() {
+        let cfg = LoaderConfig {
+            shuffle: false,
+            ..LoaderConfig::new(2, 0)
+        };
+        let loader = Loader::with_source(Panicky, cfg).unwrap();
+        let out: Vec<_> = loader.epoch(0).collect();
+        assert_eq!(out.len(), 2);
+        assert_eq!(*out[0].as_ref().unwrap(), 2);
+        let e = out[1].as_ref().unwrap_err().to_string();
+        assert!(e.contains("item three is broken"), "{e}");
+    }
 
     #[test]
     fn allocator_tuning_applies_on_glibc() {
