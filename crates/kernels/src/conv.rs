@@ -296,37 +296,28 @@ pub(crate) fn forward<T: WithDType>(
     let threads = par::threads();
     // Small images: one gemm per image on each thread beats splitting each small gemm.
     let per_image = g.b >= threads && threads > 1 && ohw * g.cout * k < (1 << 22);
-    let run = |bi: usize, yb: &mut [T], cols: &mut Vec<T>, gemm_threads: usize| {
+    let run = |bi: usize, yb: &mut [T], gemm_threads: usize| {
         if let Some(bias) = bias {
             for (row, &v) in yb.chunks_exact_mut(ohw).zip(bias) {
                 row.fill(v);
             }
         }
         let xb = &x[bi * chw..(bi + 1) * chw];
-        let src: &[T] = if g.is_pointwise() {
-            xb
-        } else {
-            cols.resize(k * ohw, T::zero());
-            if gemm_threads > 1 {
-                im2col(g, xb, cols);
-            } else {
-                par::sequential(|| im2col(g, xb, cols));
-            }
-            cols
-        };
-        gemm(
-            g.cout,
-            ohw,
-            k,
-            yb,
-            ohw,
-            bias.is_some(),
-            wt,
-            (k, 1),
-            src,
-            (ohw, 1),
-            gemm_threads,
-        );
+        with_cols(g, xb, gemm_threads, |src| {
+            gemm(
+                g.cout,
+                ohw,
+                k,
+                yb,
+                ohw,
+                bias.is_some(),
+                wt,
+                (k, 1),
+                src,
+                (ohw, 1),
+                gemm_threads,
+            )
+        });
         if relu {
             for v in yb.iter_mut() {
                 if *v < T::zero() {
@@ -338,14 +329,29 @@ pub(crate) fn forward<T: WithDType>(
     if per_image {
         y.par_chunks_mut(g.cout * ohw)
             .enumerate()
-            .for_each_init(Vec::new, |cols, (bi, yb)| run(bi, yb, cols, 1));
+            .for_each(|(bi, yb)| run(bi, yb, 1));
     } else {
-        let mut cols = Vec::new();
         for (bi, yb) in y.chunks_mut(g.cout * ohw).enumerate() {
-            run(bi, yb, &mut cols, threads);
+            run(bi, yb, threads);
         }
     }
     y
+}
+
+/// Calls `f` with the patch matrix of image `xb` (the image itself for a pointwise
+/// convolution), built in this thread's scratch memory.
+fn with_cols<T: WithDType, R>(g: &Geom, xb: &[T], threads: usize, f: impl FnOnce(&[T]) -> R) -> R {
+    if g.is_pointwise() {
+        return f(xb);
+    }
+    par::with_scratch(g.k() * g.ohw(), |cols: &mut [T]| {
+        if threads > 1 {
+            im2col(g, xb, cols);
+        } else {
+            par::sequential(|| im2col(g, xb, cols));
+        }
+        f(cols)
+    })
 }
 
 /// Input gradient: `dx[b] = col2im(Wᵀ · dy[b])`.
@@ -354,7 +360,7 @@ pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<
     let mut dx = vec![T::zero(); g.b * chw];
     let threads = par::threads();
     let per_image = g.b >= threads && threads > 1 && ohw * g.cout * k < (1 << 22);
-    let run = |bi: usize, dxb: &mut [T], cols: &mut Vec<T>, gemm_threads: usize| {
+    let run = |bi: usize, dxb: &mut [T], gemm_threads: usize| {
         let dyb = &dy[bi * g.cout * ohw..(bi + 1) * g.cout * ohw];
         if g.is_pointwise() {
             gemm(
@@ -372,34 +378,34 @@ pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<
             );
             return;
         }
-        cols.resize(k * ohw, T::zero());
-        gemm(
-            k,
-            ohw,
-            g.cout,
-            cols,
-            ohw,
-            false,
-            wt,
-            (1, k),
-            dyb,
-            (ohw, 1),
-            gemm_threads,
-        );
-        if gemm_threads > 1 {
-            col2im(g, cols, dxb);
-        } else {
-            par::sequential(|| col2im(g, cols, dxb));
-        }
+        par::with_scratch(k * ohw, |cols: &mut [T]| {
+            gemm(
+                k,
+                ohw,
+                g.cout,
+                cols,
+                ohw,
+                false,
+                wt,
+                (1, k),
+                dyb,
+                (ohw, 1),
+                gemm_threads,
+            );
+            if gemm_threads > 1 {
+                col2im(g, cols, dxb);
+            } else {
+                par::sequential(|| col2im(g, cols, dxb));
+            }
+        });
     };
     if per_image {
         dx.par_chunks_mut(chw)
             .enumerate()
-            .for_each_init(Vec::new, |cols, (bi, dxb)| run(bi, dxb, cols, 1));
+            .for_each(|(bi, dxb)| run(bi, dxb, 1));
     } else {
-        let mut cols = Vec::new();
         for (bi, dxb) in dx.chunks_mut(chw).enumerate() {
-            run(bi, dxb, &mut cols, threads);
+            run(bi, dxb, threads);
         }
     }
     dx
@@ -410,33 +416,24 @@ pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let threads = par::threads();
     let per_image = g.b >= threads && threads > 1 && ohw * g.cout * k < (1 << 22);
-    let run = |bi: usize, dw: &mut [T], cols: &mut Vec<T>, first: bool, gemm_threads: usize| {
+    let run = |bi: usize, dw: &mut [T], first: bool, gemm_threads: usize| {
         let xb = &x[bi * chw..(bi + 1) * chw];
         let dyb = &dy[bi * g.cout * ohw..(bi + 1) * g.cout * ohw];
-        let src: &[T] = if g.is_pointwise() {
-            xb
-        } else {
-            cols.resize(k * ohw, T::zero());
-            if gemm_threads > 1 {
-                im2col(g, xb, cols);
-            } else {
-                par::sequential(|| im2col(g, xb, cols));
-            }
-            cols
-        };
-        gemm(
-            g.cout,
-            k,
-            ohw,
-            dw,
-            k,
-            !first,
-            dyb,
-            (ohw, 1),
-            src,
-            (1, ohw),
-            gemm_threads,
-        );
+        with_cols(g, xb, gemm_threads, |src| {
+            gemm(
+                g.cout,
+                k,
+                ohw,
+                dw,
+                k,
+                !first,
+                dyb,
+                (ohw, 1),
+                src,
+                (1, ohw),
+                gemm_threads,
+            )
+        });
     };
     if per_image {
         // Each thread accumulates its share of the batch; the partial sums are added at the end.
@@ -445,9 +442,8 @@ pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<
             .into_par_iter()
             .map(|t| {
                 let mut dw = vec![T::zero(); g.cout * k];
-                let mut cols = Vec::new();
                 for (i, bi) in (t * chunk..((t + 1) * chunk).min(g.b)).enumerate() {
-                    run(bi, &mut dw, &mut cols, i == 0, 1);
+                    run(bi, &mut dw, i == 0, 1);
                 }
                 dw
             })
@@ -462,9 +458,8 @@ pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<
         dw
     } else {
         let mut dw = vec![T::zero(); g.cout * k];
-        let mut cols = Vec::new();
         for bi in 0..g.b {
-            run(bi, &mut dw, &mut cols, bi == 0, threads);
+            run(bi, &mut dw, bi == 0, threads);
         }
         dw
     }

@@ -54,3 +54,43 @@ pub fn configure_threads() -> usize {
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     n
 }
+
+/// Slice-level entry points of the convolution kernels, for benchmarks.
+#[doc(hidden)]
+pub mod raw {
+    use crate::ConvParams;
+    use crate::conv::{Geom, backward_input, backward_weight, forward};
+
+    /// `(forward, input gradient, weight gradient)` closures' shared geometry.
+    pub fn conv_parts(
+        x_dims: &[usize],
+        w_dims: &[usize],
+        p: ConvParams,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+    ) -> candle_core::Result<[f64; 3]> {
+        let g = Geom::new(x_dims, w_dims, p)?;
+        let t = cpu_seconds();
+        std::hint::black_box(forward(&g, x, w, None, false));
+        let a = cpu_seconds() - t;
+        let t = cpu_seconds();
+        std::hint::black_box(backward_input(&g, dy, w));
+        let b = cpu_seconds() - t;
+        let t = cpu_seconds();
+        std::hint::black_box(backward_weight(&g, x, dy));
+        let c = cpu_seconds() - t;
+        Ok([a, b, c])
+    }
+
+    /// CPU time (user + system) of this process so far, in seconds (10 ms ticks): a measure of
+    /// work that holds up on a loaded machine where wall time does not.
+    pub fn cpu_seconds() -> f64 {
+        let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let rest = s.rsplit(')').next().unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the command name.
+        (tick(11) + tick(12)) / 100.0
+    }
+}

@@ -1,0 +1,32 @@
+//! Times the forward, input-gradient and weight-gradient kernels of one convolution:
+//! `cargo run --release -p retinanet-kernels --example parts -- B,Cin,H,W,Cout,k,stride,padding`.
+fn main() -> candle_core::Result<()> {
+    let arg = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "8,256,33,33,256,3,1,1".into());
+    let v: Vec<usize> = arg
+        .split(',')
+        .map(|s| s.parse().expect("integer"))
+        .collect();
+    let (xd, wd) = ([v[0], v[1], v[2], v[3]], [v[4], v[1], v[5], v[5]]);
+    let p = retinanet_kernels::ConvParams::new(v[6], v[7]);
+    let macs = retinanet_kernels::conv2d_macs(&xd, &wd, p)? as f64;
+    let oh = (v[2] + 2 * v[7] - v[5]) / v[6] + 1;
+    let ow = (v[3] + 2 * v[7] - v[5]) / v[6] + 1;
+    let x = vec![0.5f32; xd.iter().product()];
+    let w = vec![0.25f32; wd.iter().product()];
+    let dy = vec![1f32; v[0] * v[4] * oh * ow];
+    for _ in 0..4 {
+        let t = retinanet_kernels::raw::conv_parts(&xd, &wd, p, &x, &w, &dy)?;
+        println!(
+            "CPU time: fwd {:.1} ms ({:.0} GF/cpu-s)  dx {:.1} ms ({:.0})  dw {:.1} ms ({:.0})",
+            t[0] * 1e3,
+            2.0 * macs / t[0] / 1e9,
+            t[1] * 1e3,
+            2.0 * macs / t[1] / 1e9,
+            t[2] * 1e3,
+            2.0 * macs / t[2] / 1e9
+        );
+    }
+    Ok(())
+}
