@@ -16,8 +16,10 @@ fn main() -> candle_core::Result<()> {
     let x = vec![0.5f32; xd.iter().product()];
     let w = vec![0.25f32; wd.iter().product()];
     let dy = vec![1f32; v[0] * v[4] * oh * ow];
-    for _ in 0..4 {
-        let t = retinanet_kernels::raw::conv_parts(&xd, &wd, p, &x, &w, &dy)?;
+    // Enough repetitions for ~0.3 s of work per kernel at 80 GFLOP/s (CPU time has 10 ms ticks).
+    let reps = (0.3 * 80e9 / (2.0 * macs)).ceil() as usize;
+    for _ in 0..2 {
+        let t = retinanet_kernels::raw::conv_parts(&xd, &wd, p, &x, &w, &dy, reps)?;
         println!(
             "CPU time: fwd {:.1} ms ({:.0} GF/cpu-s)  dx {:.1} ms ({:.0})  dw {:.1} ms ({:.0})",
             t[0] * 1e3,

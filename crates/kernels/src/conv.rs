@@ -14,6 +14,7 @@ use candle_core::{
     bail,
 };
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Stride, padding and dilation of a convolution (the same along both axes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -138,23 +139,21 @@ impl Geom {
     }
 }
 
-/// Fills `cols` (`[Cin*kh*kw, OH*OW]`) with the patches of one image (`[Cin, H, W]`).
-pub(crate) fn im2col<T: WithDType>(g: &Geom, img: &[T], cols: &mut [T]) {
-    let (kk, ohw, hw) = (g.kh * g.kw, g.ohw(), g.h * g.w);
-    let (xlo_hi, s) = (
-        (0..g.kw)
-            .map(|kx| g.valid(kx, g.w, g.ow))
-            .collect::<Vec<_>>(),
-        g.p.stride,
-    );
-    par::for_each_chunk(cols, kk * ohw, |c, chunk| {
+/// Fills `cols` (`[Cin*kh*kw, n]`, `n = rows.len() * OW`) with the patches of output rows
+/// `rows` of one image (`[Cin, H, W]`).
+pub(crate) fn im2col<T: WithDType>(g: &Geom, img: &[T], rows: Range<usize>, cols: &mut [T]) {
+    let (kk, hw) = (g.kh * g.kw, g.h * g.w);
+    let n = rows.len() * g.ow;
+    let s = g.p.stride;
+    let xr: Vec<_> = (0..g.kw).map(|kx| g.valid(kx, g.w, g.ow)).collect();
+    par::for_each_chunk(cols, kk * n, |c, chunk| {
         let plane = &img[c * hw..(c + 1) * hw];
         for ky in 0..g.kh {
             for kx in 0..g.kw {
-                let row = &mut chunk[(ky * g.kw + kx) * ohw..][..ohw];
-                let (xlo, xhi) = xlo_hi[kx];
-                for oy in 0..g.oh {
-                    let dst = &mut row[oy * g.ow..(oy + 1) * g.ow];
+                let row = &mut chunk[(ky * g.kw + kx) * n..][..n];
+                let (xlo, xhi) = xr[kx];
+                for (i, oy) in rows.clone().enumerate() {
+                    let dst = &mut row[i * g.ow..(i + 1) * g.ow];
                     let iy = g.src(oy, ky);
                     if iy < 0 || iy >= g.h as isize {
                         dst.fill(T::zero());
@@ -182,29 +181,30 @@ pub(crate) fn im2col<T: WithDType>(g: &Geom, img: &[T], cols: &mut [T]) {
     });
 }
 
-/// Adds the patch-matrix gradient `cols` (`[Cin*kh*kw, OH*OW]`) back into the image gradient
-/// `img` (`[Cin, H, W]`), summing where windows overlap.
-pub(crate) fn col2im<T: WithDType>(g: &Geom, cols: &[T], img: &mut [T]) {
-    let (kk, ohw, hw) = (g.kh * g.kw, g.ohw(), g.h * g.w);
+/// Adds the patch-matrix gradient `cols` (`[Cin*kh*kw, n]` for output rows `rows`) back into
+/// the image gradient `img` (`[Cin, H, W]`), summing where windows overlap.
+pub(crate) fn col2im<T: WithDType>(g: &Geom, cols: &[T], rows: Range<usize>, img: &mut [T]) {
+    let (kk, hw) = (g.kh * g.kw, g.h * g.w);
+    let n = rows.len() * g.ow;
     let s = g.p.stride;
     let xr: Vec<_> = (0..g.kw).map(|kx| g.valid(kx, g.w, g.ow)).collect();
     par::for_each_chunk(img, hw, |c, plane| {
-        let src = &cols[c * kk * ohw..(c + 1) * kk * ohw];
+        let src = &cols[c * kk * n..(c + 1) * kk * n];
         for ky in 0..g.kh {
             for kx in 0..g.kw {
-                let row = &src[(ky * g.kw + kx) * ohw..][..ohw];
+                let row = &src[(ky * g.kw + kx) * n..][..n];
                 let (xlo, xhi) = xr[kx];
                 if xhi <= xlo {
                     continue;
                 }
                 let ix0 = g.src(xlo, kx) as usize;
-                for oy in 0..g.oh {
+                for (i, oy) in rows.clone().enumerate() {
                     let iy = g.src(oy, ky);
                     if iy < 0 || iy >= g.h as isize {
                         continue;
                     }
                     let dst = &mut plane[iy as usize * g.w..][..g.w];
-                    let r = &row[oy * g.ow + xlo..oy * g.ow + xhi];
+                    let r = &row[i * g.ow + xlo..i * g.ow + xhi];
                     if s == 1 {
                         for (d, v) in dst[ix0..ix0 + r.len()].iter_mut().zip(r) {
                             *d += *v;
@@ -218,6 +218,23 @@ pub(crate) fn col2im<T: WithDType>(g: &Geom, cols: &[T], img: &mut [T]) {
             }
         }
     });
+}
+
+/// Patch-matrix elements per block: 8 MiB of f32, so a block's columns stay in the L3 cache
+/// between im2col and the gemm that reads them.
+const BLOCK_ELEMS: usize = 2 << 20;
+
+/// Output-row blocks of one image: the whole image for a pointwise convolution (no patch
+/// matrix), else runs of rows whose patch matrix holds about [`BLOCK_ELEMS`] elements.
+fn row_blocks(g: &Geom) -> Vec<Range<usize>> {
+    if g.is_pointwise() {
+        return vec![0..g.oh];
+    }
+    let per = (BLOCK_ELEMS / (g.k() * g.ow).max(1)).clamp(1, g.oh.max(1));
+    (0..g.oh)
+        .step_by(per)
+        .map(|r| r..(r + per).min(g.oh))
+        .collect()
 }
 
 /// `dst (m x n, row-major, row stride ldd) (+)= a · b` where `a` and `b` are given by their
@@ -283,6 +300,12 @@ pub(crate) fn gemm<T: WithDType>(
     }
 }
 
+/// Whether to run one image per thread with single-threaded gemms (small images, where
+/// splitting each small gemm across threads costs more than it gains).
+fn per_image(g: &Geom, threads: usize) -> bool {
+    g.b >= threads && threads > 1 && g.ohw() * g.cout * g.k() < (1 << 22)
+}
+
 /// Forward pass: `y[b] = W · cols(x[b]) (+ bias)`, optionally followed by a ReLU.
 pub(crate) fn forward<T: WithDType>(
     g: &Geom,
@@ -294,8 +317,7 @@ pub(crate) fn forward<T: WithDType>(
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let mut y = vec![T::zero(); g.b * g.cout * ohw];
     let threads = par::threads();
-    // Small images: one gemm per image on each thread beats splitting each small gemm.
-    let per_image = g.b >= threads && threads > 1 && ohw * g.cout * k < (1 << 22);
+    let blocks = row_blocks(g);
     let run = |bi: usize, yb: &mut [T], gemm_threads: usize| {
         if let Some(bias) = bias {
             for (row, &v) in yb.chunks_exact_mut(ohw).zip(bias) {
@@ -303,21 +325,24 @@ pub(crate) fn forward<T: WithDType>(
             }
         }
         let xb = &x[bi * chw..(bi + 1) * chw];
-        with_cols(g, xb, gemm_threads, |src| {
-            gemm(
-                g.cout,
-                ohw,
-                k,
-                yb,
-                ohw,
-                bias.is_some(),
-                wt,
-                (k, 1),
-                src,
-                (ohw, 1),
-                gemm_threads,
-            )
-        });
+        for rows in &blocks {
+            let (r0, n) = (rows.start * g.ow, rows.len() * g.ow);
+            with_cols(g, xb, rows.clone(), gemm_threads, |src| {
+                gemm(
+                    g.cout,
+                    n,
+                    k,
+                    &mut yb[r0..],
+                    ohw,
+                    bias.is_some(),
+                    wt,
+                    (k, 1),
+                    src,
+                    (n, 1),
+                    gemm_threads,
+                )
+            });
+        }
         if relu {
             for v in yb.iter_mut() {
                 if *v < T::zero() {
@@ -326,7 +351,7 @@ pub(crate) fn forward<T: WithDType>(
             }
         }
     };
-    if per_image {
+    if per_image(g, threads) {
         y.par_chunks_mut(g.cout * ohw)
             .enumerate()
             .for_each(|(bi, yb)| run(bi, yb, 1));
@@ -338,17 +363,23 @@ pub(crate) fn forward<T: WithDType>(
     y
 }
 
-/// Calls `f` with the patch matrix of image `xb` (the image itself for a pointwise
-/// convolution), built in this thread's scratch memory.
-fn with_cols<T: WithDType, R>(g: &Geom, xb: &[T], threads: usize, f: impl FnOnce(&[T]) -> R) -> R {
+/// Calls `f` with the patch matrix of output rows `rows` of image `xb` (the image itself for a
+/// pointwise convolution), built in this thread's scratch memory.
+fn with_cols<T: WithDType, R>(
+    g: &Geom,
+    xb: &[T],
+    rows: Range<usize>,
+    threads: usize,
+    f: impl FnOnce(&[T]) -> R,
+) -> R {
     if g.is_pointwise() {
         return f(xb);
     }
-    par::with_scratch(g.k() * g.ohw(), |cols: &mut [T]| {
+    par::with_scratch(g.k() * rows.len() * g.ow, |cols: &mut [T]| {
         if threads > 1 {
-            im2col(g, xb, cols);
+            im2col(g, xb, rows, cols);
         } else {
-            par::sequential(|| im2col(g, xb, cols));
+            par::sequential(|| im2col(g, xb, rows, cols));
         }
         f(cols)
     })
@@ -359,10 +390,11 @@ pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let mut dx = vec![T::zero(); g.b * chw];
     let threads = par::threads();
-    let per_image = g.b >= threads && threads > 1 && ohw * g.cout * k < (1 << 22);
+    let blocks = row_blocks(g);
     let run = |bi: usize, dxb: &mut [T], gemm_threads: usize| {
         let dyb = &dy[bi * g.cout * ohw..(bi + 1) * g.cout * ohw];
         if g.is_pointwise() {
+            let w_t = (1, k);
             gemm(
                 k,
                 ohw,
@@ -371,35 +403,39 @@ pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<
                 ohw,
                 false,
                 wt,
-                (1, k),
+                w_t,
                 dyb,
                 (ohw, 1),
                 gemm_threads,
             );
             return;
         }
-        par::with_scratch(k * ohw, |cols: &mut [T]| {
-            gemm(
-                k,
-                ohw,
-                g.cout,
-                cols,
-                ohw,
-                false,
-                wt,
-                (1, k),
-                dyb,
-                (ohw, 1),
-                gemm_threads,
-            );
-            if gemm_threads > 1 {
-                col2im(g, cols, dxb);
-            } else {
-                par::sequential(|| col2im(g, cols, dxb));
-            }
-        });
+        for rows in &blocks {
+            let (r0, n) = (rows.start * g.ow, rows.len() * g.ow);
+            par::with_scratch(k * n, |cols: &mut [T]| {
+                let dyr = &dyb[r0..];
+                gemm(
+                    k,
+                    n,
+                    g.cout,
+                    cols,
+                    n,
+                    false,
+                    wt,
+                    (1, k),
+                    dyr,
+                    (ohw, 1),
+                    gemm_threads,
+                );
+                if gemm_threads > 1 {
+                    col2im(g, cols, rows.clone(), dxb);
+                } else {
+                    par::sequential(|| col2im(g, cols, rows.clone(), dxb));
+                }
+            });
+        }
     };
-    if per_image {
+    if per_image(g, threads) {
         dx.par_chunks_mut(chw)
             .enumerate()
             .for_each(|(bi, dxb)| run(bi, dxb, 1));
@@ -415,27 +451,33 @@ pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<
 pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let threads = par::threads();
-    let per_image = g.b >= threads && threads > 1 && ohw * g.cout * k < (1 << 22);
+    let blocks = row_blocks(g);
+    // Accumulates image `bi` into `dw`, overwriting it first when `first`.
     let run = |bi: usize, dw: &mut [T], first: bool, gemm_threads: usize| {
         let xb = &x[bi * chw..(bi + 1) * chw];
         let dyb = &dy[bi * g.cout * ohw..(bi + 1) * g.cout * ohw];
-        with_cols(g, xb, gemm_threads, |src| {
-            gemm(
-                g.cout,
-                k,
-                ohw,
-                dw,
-                k,
-                !first,
-                dyb,
-                (ohw, 1),
-                src,
-                (1, ohw),
-                gemm_threads,
-            )
-        });
+        for (j, rows) in blocks.iter().enumerate() {
+            let (r0, n) = (rows.start * g.ow, rows.len() * g.ow);
+            let acc = !(first && j == 0);
+            with_cols(g, xb, rows.clone(), gemm_threads, |src| {
+                let dyr = &dyb[r0..];
+                gemm(
+                    g.cout,
+                    k,
+                    n,
+                    dw,
+                    k,
+                    acc,
+                    dyr,
+                    (ohw, 1),
+                    src,
+                    (1, n),
+                    gemm_threads,
+                )
+            });
+        }
     };
-    if per_image {
+    if per_image(g, threads) {
         // Each thread accumulates its share of the batch; the partial sums are added at the end.
         let chunk = g.b.div_ceil(threads);
         let partial: Vec<Vec<T>> = (0..g.b.div_ceil(chunk))

@@ -61,7 +61,8 @@ pub mod raw {
     use crate::ConvParams;
     use crate::conv::{Geom, backward_input, backward_weight, forward};
 
-    /// `(forward, input gradient, weight gradient)` closures' shared geometry.
+    /// CPU seconds per call of the forward, input-gradient and weight-gradient kernels of one
+    /// convolution, each repeated `reps` times.
     pub fn conv_parts(
         x_dims: &[usize],
         w_dims: &[usize],
@@ -69,18 +70,22 @@ pub mod raw {
         x: &[f32],
         w: &[f32],
         dy: &[f32],
+        reps: usize,
     ) -> candle_core::Result<[f64; 3]> {
         let g = Geom::new(x_dims, w_dims, p)?;
-        let t = cpu_seconds();
-        std::hint::black_box(forward(&g, x, w, None, false));
-        let a = cpu_seconds() - t;
-        let t = cpu_seconds();
-        std::hint::black_box(backward_input(&g, dy, w));
-        let b = cpu_seconds() - t;
-        let t = cpu_seconds();
-        std::hint::black_box(backward_weight(&g, x, dy));
-        let c = cpu_seconds() - t;
-        Ok([a, b, c])
+        let reps = reps.max(1);
+        let per = |f: &dyn Fn()| {
+            let t = cpu_seconds();
+            for _ in 0..reps {
+                f();
+            }
+            (cpu_seconds() - t) / reps as f64
+        };
+        Ok([
+            per(&|| drop(std::hint::black_box(forward(&g, x, w, None, false)))),
+            per(&|| drop(std::hint::black_box(backward_input(&g, dy, w)))),
+            per(&|| drop(std::hint::black_box(backward_weight(&g, x, dy)))),
+        ])
     }
 
     /// CPU time (user + system) of this process so far, in seconds (10 ms ticks): a measure of

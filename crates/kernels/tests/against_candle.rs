@@ -48,6 +48,9 @@ const CASES: &[Case] = &[
     (1, 8, 3, 3, 4, 3, 2, 1, 1),
     (2, 32, 33, 33, 48, 3, 1, 1, 1),
     (2, 64, 17, 17, 32, 1, 1, 0, 1),
+    // Patch matrices over 2M elements: several row blocks per image.
+    (1, 64, 70, 70, 6, 3, 1, 1, 1),
+    (2, 64, 141, 139, 4, 3, 2, 1, 1),
 ];
 
 /// Direct six-loop convolution in f64: the independent reference for the backward pass.

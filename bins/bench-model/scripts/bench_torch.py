@@ -1,0 +1,97 @@
+"""PyTorch side of the benchmark: the tutorial's model (seed_model.py: ResNet-50 extractor + FPN
+detector) timed like `bench-model` -- inference (eval mode, no_grad) and one SGD training step
+(train mode, focal loss on random targets) on random data, median of --iters runs.
+
+    python bench_torch.py --seed-dir /work/shared/reference/python --size 257 --batch 2 --mode both
+"""
+import argparse, json, resource, statistics, sys, time
+
+import torch
+import torch.nn.functional as F
+
+
+def focal_loss(cls, reg, cls_t, reg_t, classes, alpha=0.25, gamma=2.0):
+    keep = (cls_t >= 0).unsqueeze(-1).float()
+    onehot = F.one_hot(cls_t.clamp(min=0), classes + 1)[..., 1:].float()
+    p = torch.sigmoid(cls)
+    pt = torch.where(onehot > 0, p, 1 - p)
+    w = torch.where(onehot > 0, alpha, 1 - alpha) * (1 - pt) ** gamma
+    bce = F.binary_cross_entropy_with_logits(cls, onehot, reduction='none')
+    pos = cls_t > 0
+    reg_loss = F.smooth_l1_loss(reg[pos], reg_t[pos], reduction='sum')
+    return ((w * bce * keep).sum() + reg_loss) / max(1, int(pos.sum()))
+
+
+def timed(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    cpu0 = time.process_time()
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    cpu = (time.process_time() - cpu0) / iters
+    return {'median_s': statistics.median(ts), 'min_s': min(ts), 'max_s': max(ts), 'cpu_s': cpu,
+            'runs': iters}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--seed-dir', default='/work/shared/reference/python')
+    ap.add_argument('--size', type=int, default=257)
+    ap.add_argument('--batch', type=int, default=2)
+    ap.add_argument('--classes', type=int, default=20)
+    ap.add_argument('--mode', choices=['infer', 'train', 'both'], default='both')
+    ap.add_argument('--iters', type=int, default=5)
+    ap.add_argument('--warmup', type=int, default=1)
+    ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--json', action='store_true')
+    a = ap.parse_args()
+    sys.path.insert(0, a.seed_dir)
+    from seed_model import Detector, Extractor
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    ext, det = Extractor(), Detector(classes=a.classes)
+    params = list(ext.parameters()) + list(det.parameters())
+    x = torch.randn(a.batch, 3, a.size, a.size)
+    out = {'size': a.size, 'batch': a.batch, 'threads': a.threads, 'torch': torch.__version__}
+    if a.mode in ('infer', 'both'):
+        ext.eval(); det.eval()
+
+        def infer():
+            with torch.no_grad():
+                det(ext(x, classify=False))
+        out['inference'] = timed(infer, a.warmup, a.iters)
+    if a.mode in ('train', 'both'):
+        ext.train(); det.train()
+        with torch.no_grad():
+            anchors = det(ext(x, classify=False))[0].shape[1]
+        u = torch.rand(a.batch, anchors)
+        lbl = torch.randint(1, a.classes + 1, (a.batch, anchors))
+        cls_t = torch.where(u < 0.01, lbl, torch.zeros_like(lbl))
+        cls_t = torch.where(u >= 0.99, torch.full_like(lbl, -1), cls_t)
+        reg_t = torch.randn(a.batch, anchors, 4)
+        opt = torch.optim.SGD(params, lr=1e-4)
+
+        def step():
+            opt.zero_grad()
+            cls, reg = det(ext(x, classify=False))
+            focal_loss(cls, reg, cls_t, reg_t, a.classes).backward()
+            opt.step()
+        out['train_step'] = timed(step, a.warmup, a.iters)
+    out['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if a.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k in ('inference', 'train_step'):
+            if k in out:
+                t = out[k]
+                print(f"{k:10}: median {t['median_s']:.3f} s (min {t['min_s']:.3f}, max {t['max_s']:.3f}, "
+                      f"{t['runs']} runs; CPU {t['cpu_s']:.3f} s/run)")
+        print(f"peak RSS  : {out['peak_rss_bytes'] / 1e9:.2f} GB")
+
+
+if __name__ == '__main__':
+    main()
