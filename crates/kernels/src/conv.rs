@@ -228,7 +228,7 @@ const BLOCK_ELEMS: usize = 2 << 20;
 /// matrix), else runs of rows whose patch matrix holds about [`BLOCK_ELEMS`] elements.
 fn row_blocks(g: &Geom) -> Vec<Range<usize>> {
     if g.is_pointwise() {
-        return vec![0..g.oh];
+        return std::iter::once(0..g.oh).collect();
     }
     let per = (BLOCK_ELEMS / (g.k() * g.ow).max(1)).clamp(1, g.oh.max(1));
     (0..g.oh)
