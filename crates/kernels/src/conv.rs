@@ -314,6 +314,9 @@ pub(crate) fn forward<T: WithDType>(
     bias: Option<&[T]>,
     relu: bool,
 ) -> Vec<T> {
+    if crate::winograd::suitable(g) {
+        return crate::winograd::forward(g, x, wt, bias, relu);
+    }
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let mut y = vec![T::zero(); g.b * g.cout * ohw];
     let threads = par::threads();
@@ -387,6 +390,9 @@ fn with_cols<T: WithDType, R>(
 
 /// Input gradient: `dx[b] = col2im(Wᵀ · dy[b])`.
 pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
+    if crate::winograd::suitable(g) {
+        return crate::winograd::backward_input(g, dy, wt);
+    }
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let mut dx = vec![T::zero(); g.b * chw];
     let threads = par::threads();

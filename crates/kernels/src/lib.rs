@@ -30,6 +30,7 @@
 mod bn;
 mod conv;
 mod par;
+mod winograd;
 
 pub use bn::{BatchNormOutput, batch_norm_train, channel_affine};
 pub use conv::{ConvParams, conv2d, conv2d_macs, conv2d_relu};

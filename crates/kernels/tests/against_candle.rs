@@ -48,6 +48,10 @@ const CASES: &[Case] = &[
     (1, 8, 3, 3, 4, 3, 2, 1, 1),
     (2, 32, 33, 33, 48, 3, 1, 1, 1),
     (2, 64, 17, 17, 32, 1, 1, 0, 1),
+    // Winograd F(2x2, 3x3): stride 1, at least 32 channels and 256 tiles; paddings 0, 1, 2.
+    (2, 33, 30, 29, 40, 3, 1, 0, 1),
+    (1, 40, 31, 35, 36, 3, 1, 2, 1),
+    (3, 32, 21, 23, 32, 3, 1, 1, 1),
     // Patch matrices over 2M elements: several row blocks per image.
     (1, 64, 70, 70, 6, 3, 1, 1, 1),
     (2, 64, 141, 139, 4, 3, 2, 1, 1),
