@@ -46,6 +46,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    retinanet_train::init_runtime();
     let a = Args::parse();
     let report = if let Some(det) = &a.detections {
         let (Some(gt), Some(names)) = (&a.ground_truth, &a.names) else {

@@ -49,6 +49,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    retinanet_train::init_runtime();
     let a = Args::parse();
     let device = parse_device(&a.device)?;
     let ck = match &a.checkpoint {

@@ -36,6 +36,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    retinanet_train::init_runtime();
     let args = Args::parse();
     let mut cfg: DetectorRunConfig = match &args.config {
         Some(p) => read_config(p)?,

@@ -125,7 +125,7 @@ pub fn evaluate_model(
     let mut seen = 0;
     for batch in loader.epoch(0) {
         let batch = batch?;
-        let (cls, reg) = model.forward_t(&batch.images.to_device(device)?, false)?;
+        let (cls, reg) = model.infer(&batch.images.to_device(device)?)?;
         let dets = encoder.decode_tensors(&cls, &reg, (size, size), &opts)?;
         for ((d, gb), gl) in dets.iter().zip(&batch.boxes).zip(&batch.labels) {
             if seen == n {
@@ -256,7 +256,11 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
         (cfg.train.time_limit_minutes > 0.0).then(|| cfg.train.time_limit_minutes * 60.0);
     'epochs: while epoch < cfg.train.epochs {
         let mut last = Instant::now();
-        for batch in loader.from_position(epoch, batch_in_epoch) {
+        // `from_position` runs on into the next epochs: take what is left of this one.
+        for batch in loader
+            .from_position(epoch, batch_in_epoch)
+            .take(per_epoch - batch_in_epoch)
+        {
             let batch = batch?;
             let lr = cfg.train.lr.at(step);
             let images = batch.images.to_device(&device)?;

@@ -82,7 +82,7 @@ pub fn detect_file(
         .to_device(&det.device)?;
     let (cls, reg) = det
         .model
-        .forward_t(&x, false)
+        .infer(&x)
         .with_context(|| format!("running the network on {}", path.display()))?;
     let mut d = det
         .encoder

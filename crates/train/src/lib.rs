@@ -20,6 +20,7 @@ pub mod plot;
 pub mod pretrain;
 pub mod progress;
 pub mod run;
+pub mod runtime;
 pub mod schedule;
 
 pub use checkpoint::{Checkpoint, CheckpointMeta, load_checkpoint, save_checkpoint};
@@ -29,4 +30,5 @@ pub use device::parse_device;
 pub use optim::Sgd;
 pub use pretrain::{PretrainSummary, pretrain};
 pub use run::{RunDir, RunOptions, latest_run};
+pub use runtime::init_runtime;
 pub use schedule::LrSchedule;

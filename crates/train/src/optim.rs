@@ -75,7 +75,7 @@ impl Sgd {
                 g.clone()
             };
             if self.weight_decay != 0.0 {
-                d = (d + (var.as_tensor() * self.weight_decay)?)?;
+                d = (d + (var.as_detached_tensor() * self.weight_decay)?)?;
             }
             if self.momentum != 0.0 {
                 let buf = match self.buffers.get(name) {
@@ -85,7 +85,7 @@ impl Sgd {
                 d = buf.clone();
                 self.buffers.insert(name.clone(), buf);
             }
-            var.set(&(var.as_tensor() - (d * lr)?)?)
+            var.set(&(var.as_detached_tensor() - (d * lr)?)?)
                 .with_context(|| format!("updating `{name}`"))?;
         }
         Ok(norm)

@@ -138,7 +138,11 @@ pub fn pretrain(cfg: &PretrainRunConfig, opts: &RunOptions) -> Result<PretrainSu
     let mut eval_acc = None;
     'outer: while step < t.steps {
         let mut last = Instant::now();
-        for batch in loader.from_position(epoch, batch_in_epoch) {
+        // `from_position` runs on into the next epochs: take what is left of this one.
+        for batch in loader
+            .from_position(epoch, batch_in_epoch)
+            .take(per_epoch - batch_in_epoch)
+        {
             let batch = batch?;
             let lr = t.lr.at(step);
             let images = batch.images.to_device(&device)?;

@@ -1,0 +1,71 @@
+//! Configs are strict: a typo, a missing key or a wrong type is refused with the key named;
+//! the shipped configs all parse.
+
+use retinanet_train::config::{
+    DEFAULT_DETECTOR_TOML, DEFAULT_PRETRAIN_TOML, DetectorRunConfig, PretrainRunConfig,
+};
+use retinanet_train::{parse_config, read_config};
+use std::path::Path;
+
+#[test]
+fn shipped_configs_parse() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    for f in ["default.toml", "voc.toml"] {
+        let c: DetectorRunConfig = read_config(&root.join(f)).unwrap();
+        c.train.lr.validate().unwrap();
+    }
+    for f in ["pretrain-default.toml", "pretrain-imagenet.toml"] {
+        let c: PretrainRunConfig = read_config(&root.join(f)).unwrap();
+        c.train.lr.validate().unwrap();
+    }
+    let d: DetectorRunConfig = parse_config(DEFAULT_DETECTOR_TOML).unwrap();
+    assert_eq!(
+        (
+            d.model.depth,
+            d.model.base_width,
+            d.data.size,
+            d.train.batch_size
+        ),
+        (18, 32, 129, 16)
+    );
+    let voc: DetectorRunConfig = read_config(&root.join("voc.toml")).unwrap();
+    assert_eq!(
+        (voc.model.depth, voc.data.size, voc.train.batch_size),
+        (50, 257, 30)
+    );
+    assert_eq!(
+        (voc.train.lr.lr, voc.train.momentum, voc.train.weight_decay),
+        (0.01, 0.9, 1e-4)
+    );
+    let p: PretrainRunConfig = parse_config(DEFAULT_PRETRAIN_TOML).unwrap();
+    assert_eq!(p.depth, 18);
+}
+
+#[test]
+fn typos_missing_keys_and_wrong_types_are_named() {
+    let typo = DEFAULT_DETECTOR_TOML.replace("momentum = 0.9", "momentun = 0.9");
+    let e = parse_config::<DetectorRunConfig>(&typo)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("momentun"), "{e}");
+    let missing = DEFAULT_DETECTOR_TOML.replace("weight_decay = 1e-4\n", "");
+    let e = parse_config::<DetectorRunConfig>(&missing)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("weight_decay"), "{e}");
+    let wrong = DEFAULT_DETECTOR_TOML.replace("batch_size = 16", "batch_size = \"sixteen\"");
+    let e = parse_config::<DetectorRunConfig>(&wrong)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("batch_size") || e.contains("sixteen"), "{e}");
+    assert!(e.contains("line"), "the line is named: {e}");
+    let kind = DEFAULT_DETECTOR_TOML.replace("kind = \"synthetic\"", "kind = \"pascal\"");
+    let e = parse_config::<DetectorRunConfig>(&kind)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pascal"), "{e}");
+    let e = read_config::<DetectorRunConfig>(Path::new("/nonexistent/x.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/nonexistent/x.toml"), "{e}");
+}

@@ -1,0 +1,1 @@
+//! Holds no code: the workspace-level tests live in `pipelines.rs`.
