@@ -1,62 +1,25 @@
 //! `train-detector`: trains RetinaNet. With no argument, on the built-in synthetic shapes with
 //! `configs/default.toml`; `--config` for anything else.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use clap::Parser;
+use retinanet_train::cli::RunArgs;
 use retinanet_train::config::DEFAULT_DETECTOR_TOML;
-use retinanet_train::{DetectorRunConfig, RunOptions, parse_config, read_config, train_detector};
+use retinanet_train::{DetectorRunConfig, train_detector};
 
 /// Train a RetinaNet detector.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
-    /// Run config (TOML); default: the built-in synthetic-shapes config.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Continue the run's checkpoint (`runs/<name>/checkpoint.safetensors`).
-    #[arg(long)]
-    resume: bool,
-    /// Override the config's device: cpu, cuda, cuda:N.
-    #[arg(long)]
-    device: Option<String>,
-    /// Override the config's run name.
-    #[arg(long)]
-    name: Option<String>,
-    /// Folder of run folders.
-    #[arg(long, default_value = "runs")]
-    runs_dir: PathBuf,
-    /// Stop after this many steps in total (with a checkpoint).
-    #[arg(long)]
-    max_steps: Option<usize>,
-    /// No progress output.
-    #[arg(long, short)]
-    quiet: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 fn main() -> Result<()> {
     retinanet_train::init_runtime();
     let args = Args::parse();
-    let mut cfg: DetectorRunConfig = match &args.config {
-        Some(p) => read_config(p)?,
-        None => parse_config(DEFAULT_DETECTOR_TOML)?,
-    };
-    if let Some(d) = args.device {
-        cfg.device = d;
-    }
-    if let Some(n) = args.name {
-        cfg.name = n;
-    }
-    let opts = RunOptions {
-        runs_dir: args.runs_dir,
-        resume: args.resume,
-        quiet: args.quiet,
-        max_steps: args.max_steps,
-        ..Default::default()
-    };
-    opts.install_ctrlc()?;
-    let s = train_detector(&cfg, &opts)?;
+    let cfg: DetectorRunConfig = args.run.load_config(DEFAULT_DETECTOR_TOML)?;
+    let s = train_detector(&cfg, &args.run.options()?)?;
     if let Some(r) = &s.report {
         println!("{}", r.to_table());
     }

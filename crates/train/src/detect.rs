@@ -253,7 +253,7 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
     let mut report = None;
     let mut stopped_early = false;
     let time_limit =
-        (cfg.train.time_limit_minutes > 0.0).then(|| cfg.train.time_limit_minutes * 60.0);
+        (cfg.train.time_limit_minutes > 0.0).then_some(cfg.train.time_limit_minutes * 60.0);
     'epochs: while epoch < cfg.train.epochs {
         let mut last = Instant::now();
         // `from_position` runs on into the next epochs: take what is left of this one.

@@ -9,6 +9,7 @@
 //! per-class table), `loss.png` and `map.png`.
 
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod detect;

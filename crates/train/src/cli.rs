@@ -1,0 +1,91 @@
+//! Command-line arguments shared by the training binaries (`pretrain`, `train-detector`).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::de::DeserializeOwned;
+
+use crate::run::RunOptions;
+use crate::{parse_config, read_config};
+
+/// The arguments of a training run: `#[command(flatten)]` them into a binary's parser.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Run config (TOML); default: the built-in synthetic-shapes config.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run's checkpoint (`<runs-dir>/<name>/checkpoint.safetensors`).
+    #[arg(long)]
+    pub resume: bool,
+    /// Override the config's device: cpu, cuda, cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Override the config's run name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Folder of run folders.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+    /// Stop after this many steps in total (with a checkpoint).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// A run config whose device and name the command line may override.
+pub trait RunConfig: DeserializeOwned {
+    /// Sets the device.
+    fn set_device(&mut self, device: String);
+    /// Sets the run name.
+    fn set_name(&mut self, name: String);
+}
+
+impl RunConfig for crate::DetectorRunConfig {
+    fn set_device(&mut self, device: String) {
+        self.device = device;
+    }
+    fn set_name(&mut self, name: String) {
+        self.name = name;
+    }
+}
+
+impl RunConfig for crate::PretrainRunConfig {
+    fn set_device(&mut self, device: String) {
+        self.device = device;
+    }
+    fn set_name(&mut self, name: String) {
+        self.name = name;
+    }
+}
+
+impl RunArgs {
+    /// The config (`--config`, else `default_toml`) with the command line's overrides.
+    pub fn load_config<C: RunConfig>(&self, default_toml: &str) -> Result<C> {
+        let mut cfg: C = match &self.config {
+            Some(p) => read_config(p)?,
+            None => parse_config(default_toml)?,
+        };
+        if let Some(d) = &self.device {
+            cfg.set_device(d.clone());
+        }
+        if let Some(n) = &self.name {
+            cfg.set_name(n.clone());
+        }
+        Ok(cfg)
+    }
+
+    /// The run options, with a Ctrl-C handler installed.
+    pub fn options(&self) -> Result<RunOptions> {
+        let opts = RunOptions {
+            runs_dir: self.runs_dir.clone(),
+            resume: self.resume,
+            quiet: self.quiet,
+            max_steps: self.max_steps,
+            ..Default::default()
+        };
+        opts.install_ctrlc()?;
+        Ok(opts)
+    }
+}
