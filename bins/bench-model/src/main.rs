@@ -501,8 +501,9 @@ fn print_layers(rows: &[ConvTiming]) {
 }
 
 fn main() -> Result<()> {
-    // Before any thread exists: gives candle a fixed thread count (see configure_threads).
-    let threads = retinanet_kernels::configure_threads();
+    // Before any thread exists: a fixed thread count for candle, allocator reuse (see
+    // retinanet_kernels::configure_runtime).
+    let threads = retinanet_kernels::configure_runtime();
     let a = Args::parse();
     if a.batch == 0 || a.size == 0 {
         bail!("--batch and --size must be positive")

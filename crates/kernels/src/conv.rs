@@ -317,6 +317,17 @@ pub(crate) fn forward<T: WithDType>(
     if crate::winograd::suitable(g) {
         return crate::winograd::forward(g, x, wt, bias, relu);
     }
+    forward_im2col(g, x, wt, bias, relu)
+}
+
+/// [`forward`] through im2col + gemm, whatever the geometry.
+pub(crate) fn forward_im2col<T: WithDType>(
+    g: &Geom,
+    x: &[T],
+    wt: &[T],
+    bias: Option<&[T]>,
+    relu: bool,
+) -> Vec<T> {
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let mut y = vec![T::zero(); g.b * g.cout * ohw];
     let threads = par::threads();
@@ -393,6 +404,11 @@ pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<
     if crate::winograd::suitable(g) {
         return crate::winograd::backward_input(g, dy, wt);
     }
+    backward_input_im2col(g, dy, wt)
+}
+
+/// [`backward_input`] through gemm + col2im, whatever the geometry.
+pub(crate) fn backward_input_im2col<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let mut dx = vec![T::zero(); g.b * chw];
     let threads = par::threads();

@@ -11,7 +11,8 @@
 //!   (`x * scale + shift`) in one pass.
 //!
 //! Every op falls back to candle's own operations off the CPU or for dtypes other than f32/f64.
-//! Work is spread over rayon's global pool; see [`configure_threads`].
+//! Work is spread over rayon's global pool; see [`configure_runtime`] for the process settings
+//! that matter on the CPU.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -54,6 +55,29 @@ pub fn configure_threads() -> usize {
     // SAFETY: documented precondition — called before the process starts other threads.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     n
+}
+
+/// Keeps freed memory in the allocator for reuse (glibc on Linux; elsewhere a no-op).
+///
+/// Every tensor operation allocates its output afresh. glibc serves blocks above its mmap
+/// threshold with new mappings, which the kernel zero-fills page by page on first touch and
+/// unmaps again on free: ~10% of a training step's CPU time here. Raising the mmap threshold to
+/// its maximum (32 MiB) and the trim threshold lets freed activations be reused in place; peak
+/// RSS stays about the same (measured on the ResNet-50 training step: +1%).
+pub fn configure_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator parameters; it is thread-safe in glibc.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// [`configure_threads`] and [`configure_allocator`]: what a binary running the model on the
+/// CPU should call first thing in `main`. Returns the thread count.
+pub fn configure_runtime() -> usize {
+    configure_allocator();
+    configure_threads()
 }
 
 /// Slice-level entry points of the convolution kernels, for benchmarks.

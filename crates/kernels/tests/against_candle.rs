@@ -48,10 +48,10 @@ const CASES: &[Case] = &[
     (1, 8, 3, 3, 4, 3, 2, 1, 1),
     (2, 32, 33, 33, 48, 3, 1, 1, 1),
     (2, 64, 17, 17, 32, 1, 1, 0, 1),
-    // Winograd F(2x2, 3x3): stride 1, at least 32 channels and 256 tiles; paddings 0, 1, 2.
-    (2, 33, 30, 29, 40, 3, 1, 0, 1),
-    (1, 40, 31, 35, 36, 3, 1, 2, 1),
-    (3, 32, 21, 23, 32, 3, 1, 1, 1),
+    // Winograd F(2x2, 3x3): stride 1, 256 channels and 256 tiles; paddings 0, 1, 2.
+    (2, 256, 24, 23, 256, 3, 1, 0, 1),
+    (1, 256, 33, 29, 256, 3, 1, 1, 1),
+    (2, 256, 19, 21, 256, 3, 1, 2, 1),
     // Patch matrices over 2M elements: several row blocks per image.
     (1, 64, 70, 70, 6, 3, 1, 1, 1),
     (2, 64, 141, 139, 4, 3, 2, 1, 1),
@@ -140,29 +140,34 @@ fn conv2d_gradients_match_reference() -> Result<()> {
         let grads = (&y * &r)?.sum_all()?.backward()?;
         let (gx, gw) = (grads.get(&x).unwrap(), grads.get(&wt).unwrap());
 
-        // Independent f64 reference.
-        let xv: Vec<f64> = x.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
-        let wv: Vec<f64> = wt.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
-        let rv: Vec<f64> = r.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
-        let (ny, ngx, ngw) = naive(&xv, &wv, (b, cin, h, w), (cout, k), (s, p, d), &rv);
-        assert_close(
-            &format!("naive y {case}"),
-            &y,
-            &Tensor::from_vec(ny, y.dims(), &dev)?,
-            1e-4,
-        )?;
-        assert_close(
-            &format!("naive gx {case}"),
-            gx,
-            &Tensor::from_vec(ngx, gx.dims(), &dev)?,
-            1e-4,
-        )?;
-        assert_close(
-            &format!("naive gw {case}"),
-            gw,
-            &Tensor::from_vec(ngw, gw.dims(), &dev)?,
-            1e-4,
-        )?;
+        // Independent f64 reference (too slow unoptimised for the 256-channel Winograd cases, which
+        // candle checks below).
+        if cin >= 256 {
+            assert_eq!(s, 1, "large cases must be ones candle's backward handles");
+        } else {
+            let xv: Vec<f64> = x.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+            let wv: Vec<f64> = wt.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+            let rv: Vec<f64> = r.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+            let (ny, ngx, ngw) = naive(&xv, &wv, (b, cin, h, w), (cout, k), (s, p, d), &rv);
+            assert_close(
+                &format!("naive y {case}"),
+                &y,
+                &Tensor::from_vec(ny, y.dims(), &dev)?,
+                1e-4,
+            )?;
+            assert_close(
+                &format!("naive gx {case}"),
+                gx,
+                &Tensor::from_vec(ngx, gx.dims(), &dev)?,
+                1e-4,
+            )?;
+            assert_close(
+                &format!("naive gw {case}"),
+                gw,
+                &Tensor::from_vec(ngw, gw.dims(), &dev)?,
+                1e-4,
+            )?;
+        }
 
         // candle's own backward, where it is right (it derives the transposed convolution's
         // output padding from the height only, so skip strided cases whose remainders differ).
