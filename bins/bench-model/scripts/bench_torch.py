@@ -36,6 +36,25 @@ def timed(fn, warmup, iters):
             'runs': iters}
 
 
+def bench_conv(a):
+    b, cin, h, w, cout, k, s, p = (int(v) for v in a.conv.split(','))
+    torch.set_num_threads(a.threads)
+    x = torch.randn(b, cin, h, w, requires_grad=True)
+    wt = torch.randn(cout, cin, k, k, requires_grad=True)
+    y = F.conv2d(x, wt, stride=s, padding=p)
+    r = torch.randn_like(y)
+    gflop = 2 * b * cout * y.shape[2] * y.shape[3] * cin * k * k / 1e9
+    fwd = timed(lambda: F.conv2d(x.detach(), wt.detach(), stride=s, padding=p), a.warmup, a.iters)
+
+    def both():
+        x.grad = wt.grad = None
+        (F.conv2d(x, wt, stride=s, padding=p) * r).sum().backward()
+    fb = timed(both, a.warmup, a.iters)
+    bwd = max(fb['median_s'] - fwd['median_s'], 1e-9)
+    print(f"conv {a.conv}: {gflop:.3f} GFLOP, forward {fwd['median_s'] * 1e3:.2f} ms "
+          f"({gflop / fwd['median_s']:.0f} GFLOP/s), backward {bwd * 1e3:.2f} ms ({2 * gflop / bwd:.0f} GFLOP/s)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--seed-dir', default='/work/shared/reference/python')
@@ -47,7 +66,10 @@ def main():
     ap.add_argument('--warmup', type=int, default=1)
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--json', action='store_true')
+    ap.add_argument('--conv', help='time one convolution B,Cin,H,W,Cout,k,stride,padding instead')
     a = ap.parse_args()
+    if a.conv:
+        return bench_conv(a)
     sys.path.insert(0, a.seed_dir)
     from seed_model import Detector, Extractor
 

@@ -387,36 +387,51 @@ struct ConvTiming {
     candle_bwd_s: Option<f64>,
 }
 
-/// Times one convolution: forward alone, and backward (input and weight gradients) as the
-/// fwd+bwd time minus the forward.
+/// Times one convolution's kernels (wall time, median of `--iters` rounds): forward, input
+/// gradient, weight gradient; with `--candle`, candle's conv2d forward and its autograd backward
+/// (the time of forward + `backward()` of `sum(y * r)` minus the forward, so it includes a few
+/// element-wise passes over the output).
 fn bench_conv(spec: &ConvSpec, a: &Args) -> Result<ConvTiming> {
     let dev = Device::Cpu;
-    let x = Var::randn(0f32, 1., spec.x.to_vec(), &dev)?;
-    let w = Var::randn(0f32, 0.1, spec.w.to_vec(), &dev)?;
     let p = ConvParams::new(spec.stride, spec.padding);
     let macs = conv2d_macs(&spec.x, &spec.w, p)?;
-    let iters = a.iters.max(3);
-    let fwd = time(1, iters, || {
-        conv2d(&x, &w, None, p)?;
-        Ok(())
-    })?;
-    let y = conv2d(x.as_tensor(), w.as_tensor(), None, p)?;
+    let x = Tensor::randn(0f32, 1., spec.x.to_vec(), &dev)?;
+    let w = Tensor::randn(0f32, 0.1, spec.w.to_vec(), &dev)?;
+    let y = conv2d(&x, &w, None, p)?;
     let r = Tensor::randn(0f32, 1., y.dims(), &dev)?;
-    let both = time(1, iters, || {
-        let y = conv2d(&x, &w, None, p)?;
-        (y * &r)?.sum_all()?.backward()?;
-        Ok(())
-    })?;
+    let (xv, wv, rv) = (
+        x.flatten_all()?.to_vec1::<f32>()?,
+        w.flatten_all()?.to_vec1::<f32>()?,
+        r.flatten_all()?.to_vec1::<f32>()?,
+    );
+    // Repetitions for ~50 ms per measurement at 100 GFLOP/s.
+    let reps = ((0.05 * 100e9) / (2.0 * macs as f64)).ceil().max(1.0) as usize;
+    let mut rounds = Vec::new();
+    for _ in 0..a.iters.max(3) {
+        rounds.push(retinanet_kernels::raw::conv_parts(
+            &spec.x, &spec.w, p, &xv, &wv, &rv, reps, false,
+        )?);
+    }
+    let median = |i: usize| {
+        let mut v: Vec<f64> = rounds.iter().map(|t| t[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     let (mut cf, mut cb) = (None, None);
     if a.candle {
-        let f = time(1, iters, || {
-            x.as_tensor().conv2d(&w, spec.padding, spec.stride, 1, 1)?;
+        let xv = Var::from_tensor(&x)?;
+        let wv = Var::from_tensor(&w)?;
+        let f = time(1, a.iters.max(3), || {
+            xv.as_tensor()
+                .conv2d(&wv, spec.padding, spec.stride, 1, 1)?;
             Ok(())
         })?;
         cf = Some(f.median_s);
         // candle's backward fails on some strided shapes (width remainder differs): leave blank.
-        if let Ok(t) = time(1, iters, || {
-            let y = x.as_tensor().conv2d(&w, spec.padding, spec.stride, 1, 1)?;
+        if let Ok(t) = time(1, a.iters.max(3), || {
+            let y = xv
+                .as_tensor()
+                .conv2d(&wv, spec.padding, spec.stride, 1, 1)?;
             (y * &r)?.sum_all()?.backward()?;
             Ok(())
         }) {
@@ -426,8 +441,8 @@ fn bench_conv(spec: &ConvSpec, a: &Args) -> Result<ConvTiming> {
     Ok(ConvTiming {
         spec: spec.clone(),
         gflop: 2.0 * macs as f64 / 1e9,
-        fwd_s: fwd.median_s,
-        bwd_s: (both.median_s - fwd.median_s).max(0.0),
+        fwd_s: median(0),
+        bwd_s: median(1) + median(2),
         candle_fwd_s: cf,
         candle_bwd_s: cb,
     })

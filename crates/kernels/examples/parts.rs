@@ -19,7 +19,7 @@ fn main() -> candle_core::Result<()> {
     // Enough repetitions for ~0.3 s of work per kernel at 80 GFLOP/s (CPU time has 10 ms ticks).
     let reps = (0.3 * 80e9 / (2.0 * macs)).ceil() as usize;
     for _ in 0..2 {
-        let t = retinanet_kernels::raw::conv_parts(&xd, &wd, p, &x, &w, &dy, reps)?;
+        let t = retinanet_kernels::raw::conv_parts(&xd, &wd, p, &x, &w, &dy, reps, true)?;
         println!(
             "CPU time: fwd {:.1} ms ({:.0} GF/cpu-s)  dx {:.1} ms ({:.0})  dw {:.1} ms ({:.0})",
             t[0] * 1e3,

@@ -303,7 +303,9 @@ pub(crate) fn gemm<T: WithDType>(
 /// Whether to run one image per thread with single-threaded gemms (small images, where
 /// splitting each small gemm across threads costs more than it gains).
 fn per_image(g: &Geom, threads: usize) -> bool {
-    g.b >= threads && threads > 1 && g.ohw() * g.cout * g.k() < (1 << 22)
+    // Few output channels make a thin gemm that splits badly, while building the patch matrix
+    // costs the same whatever the width: give each thread whole images (and patch matrices).
+    g.b >= threads && threads > 1 && (g.ohw() * g.cout * g.k() < (1 << 22) || g.cout < 128)
 }
 
 /// Forward pass: `y[b] = W · cols(x[b]) (+ bias)`, optionally followed by a ReLU.
