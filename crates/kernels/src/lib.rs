@@ -9,6 +9,8 @@
 //! * [`batch_norm_train`]: training-mode batch norm in two passes forward and backward, returning
 //!   the batch statistics for the running averages; [`channel_affine`]: evaluation-mode batch norm
 //!   (`x * scale + shift`) in one pass.
+//! * [`sgd_step`]: SGD with momentum and weight decay updating parameters and momentum buffers
+//!   in place, two parallel passes per tensor.
 //!
 //! Every op falls back to candle's own operations off the CPU or for dtypes other than f32/f64.
 //! Work is spread over rayon's global pool; see [`configure_runtime`] for the process settings
@@ -31,10 +33,12 @@
 mod bn;
 mod conv;
 mod par;
+mod sgd;
 mod winograd;
 
 pub use bn::{BatchNormOutput, batch_norm_train, channel_affine};
 pub use conv::{ConvParams, conv2d, conv2d_macs, conv2d_relu};
+pub use sgd::{SgdStep, sgd_step, sgd_supported};
 
 /// Sets the thread counts of the process when the environment does not: `RAYON_NUM_THREADS` (read
 /// by rayon, hence by these kernels and by candle's matrix products) to the CPUs this process may

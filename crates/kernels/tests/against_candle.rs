@@ -360,3 +360,54 @@ fn batch_norm_rejects_bad_shapes() -> Result<()> {
     assert!(e.to_string().contains("do not match"), "{e}");
     Ok(())
 }
+
+#[test]
+fn sgd_step_matches_tensor_arithmetic() -> Result<()> {
+    use retinanet_kernels::{SgdStep, sgd_step};
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::F64] {
+        for (momentum, weight_decay, grad_scale) in
+            [(0.9, 1e-2, 1.0), (0.0, 0.0, 0.5), (0.0, 1e-3, 1.0)]
+        {
+            let s = SgdStep {
+                lr: 0.1,
+                momentum,
+                weight_decay,
+                grad_scale,
+            };
+            let p0 = Tensor::randn(0f32, 1., (3, 70_001), &dev)?.to_dtype(dtype)?;
+            let param = Var::from_tensor(&p0)?;
+            let buf = Tensor::zeros(p0.dims(), dtype, &dev)?;
+            // Copies: the in-place updates must not reach the references.
+            let (mut p_ref, mut b_ref) = (p0.copy()?, buf.copy()?);
+            for _ in 0..3 {
+                let g = Tensor::randn(0f32, 1., p0.dims(), &dev)?.to_dtype(dtype)?;
+                sgd_step(&param, &g, Some(&buf), s)?;
+                // PyTorch's update in tensor arithmetic.
+                let d = ((&g * grad_scale)? + (&p_ref * weight_decay)?)?;
+                let d = if momentum != 0.0 {
+                    b_ref = ((&b_ref * momentum)? + d)?;
+                    b_ref.clone()
+                } else {
+                    d
+                };
+                p_ref = (&p_ref - (d * s.lr)?)?;
+            }
+            assert_close(&format!("sgd param {dtype:?} {s:?}"), &param, &p_ref, 1e-5)?;
+            if momentum != 0.0 {
+                assert_close(&format!("sgd buffer {dtype:?} {s:?}"), &buf, &b_ref, 1e-5)?;
+            }
+        }
+    }
+    let p = Var::zeros(4, DType::F32, &dev)?;
+    let g = Tensor::zeros(4, DType::F32, &dev)?;
+    let s = SgdStep {
+        lr: 0.1,
+        momentum: 0.9,
+        weight_decay: 0.0,
+        grad_scale: 1.0,
+    };
+    let e = sgd_step(&p, &g, None, s).unwrap_err();
+    assert!(e.to_string().contains("needs a buffer"), "{e}");
+    Ok(())
+}
