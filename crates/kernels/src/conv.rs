@@ -696,7 +696,7 @@ fn mask_relu(grad: &Tensor, res: &Tensor, relu: bool) -> Result<Tensor> {
     }
 }
 
-struct ReluMask;
+pub(crate) struct ReluMask;
 
 impl CustomOp2 for ReluMask {
     fn name(&self) -> &'static str {

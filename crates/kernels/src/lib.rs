@@ -9,6 +9,7 @@
 //! * [`batch_norm_train`]: training-mode batch norm in two passes forward and backward, returning
 //!   the batch statistics for the running averages; [`channel_affine`]: evaluation-mode batch norm
 //!   (`x * scale + shift`) in one pass.
+//! * [`relu`], [`add_relu`]: parallel ReLU and residual add + ReLU with one-pass backward.
 //! * [`sgd_step`]: SGD with momentum and weight decay updating parameters and momentum buffers
 //!   in place, two parallel passes per tensor.
 //!
@@ -36,7 +37,7 @@ mod par;
 mod sgd;
 mod winograd;
 
-pub use bn::{BatchNormOutput, batch_norm_train, channel_affine};
+pub use bn::{BatchNormOutput, add_relu, batch_norm_train, channel_affine, relu};
 pub use conv::{ConvParams, conv2d, conv2d_macs, conv2d_relu};
 pub use sgd::{SgdStep, sgd_step, sgd_supported};
 

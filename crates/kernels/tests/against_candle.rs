@@ -411,3 +411,52 @@ fn sgd_step_matches_tensor_arithmetic() -> Result<()> {
     assert!(e.to_string().contains("needs a buffer"), "{e}");
     Ok(())
 }
+
+#[test]
+fn relu_and_add_relu_match_candle() -> Result<()> {
+    use retinanet_kernels::{add_relu, relu};
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::F64] {
+        for dims in [vec![2, 3, 5, 7], vec![1, 70_001], vec![4]] {
+            let a =
+                Var::from_tensor(&Tensor::randn(0f32, 1., dims.clone(), &dev)?.to_dtype(dtype)?)?;
+            let b =
+                Var::from_tensor(&Tensor::randn(0f32, 1., dims.clone(), &dev)?.to_dtype(dtype)?)?;
+            let r = Tensor::randn(0f32, 1., dims.clone(), &dev)?.to_dtype(dtype)?;
+            let case = format!("{dims:?} {dtype:?}");
+
+            let ours = relu(&a)?;
+            let theirs = a.relu()?;
+            assert_close(&format!("relu {case}"), &ours, &theirs, 0.0)?;
+            let g1 = (&ours * &r)?.sum_all()?.backward()?;
+            let g2 = (&theirs * &r)?.sum_all()?.backward()?;
+            assert_close(
+                &format!("relu grad {case}"),
+                g1.get(&a).unwrap(),
+                g2.get(&a).unwrap(),
+                0.0,
+            )?;
+
+            let ours = add_relu(&a, &b)?;
+            let theirs = (a.as_tensor() + b.as_tensor())?.relu()?;
+            assert_close(&format!("add_relu {case}"), &ours, &theirs, 0.0)?;
+            let g1 = (&ours * &r)?.sum_all()?.backward()?;
+            let g2 = (&theirs * &r)?.sum_all()?.backward()?;
+            for (n, v) in [("a", &a), ("b", &b)] {
+                assert_close(
+                    &format!("add_relu grad {n} {case}"),
+                    g1.get(v).unwrap(),
+                    g2.get(v).unwrap(),
+                    0.0,
+                )?;
+            }
+        }
+    }
+    let e = add_relu(
+        &Tensor::zeros(3, DType::F32, &dev)?,
+        &Tensor::zeros(4, DType::F32, &dev)?,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("differ"), "{e}");
+    Ok(())
+}
