@@ -718,10 +718,16 @@ impl CustomOp2 for ReluMask {
             )
         }
         fn run<T: WithDType>(g: &[T], y: &[T]) -> Vec<T> {
-            g.iter()
-                .zip(y)
-                .map(|(&g, &y)| if y > T::zero() { g } else { T::zero() })
-                .collect()
+            const CHUNK: usize = 1 << 15;
+            let mut out = vec![T::zero(); g.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+                .for_each(|(o, (g, y))| {
+                    for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                        *o = if y > T::zero() { g } else { T::zero() };
+                    }
+                });
+            out
         }
         dispatch!("relu mask", (s1, l1, s2, l2), |g, y| (
             run(g, y),
