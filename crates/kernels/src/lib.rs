@@ -4,8 +4,10 @@
 //!
 //! * [`conv2d`] / [`conv2d_relu`]: PyTorch's `F.conv2d` (groups 1) with optional bias and fused
 //!   ReLU. 1x1 stride-1 convolutions are a plain matrix product; others build the patch matrix
-//!   of one image at a time (im2col) and multiply with the `gemm` crate. Backward: the input
-//!   gradient is `Wᵀ · dY` scattered back (col2im), the weight gradient `dY · colsᵀ`.
+//!   of one image at a time, in cache-sized row blocks (im2col), and multiply with the `gemm`
+//!   crate; wide stride-1 3x3 convolutions use Winograd F(2x2, 3x3). Backward: the input gradient
+//!   is `Wᵀ · dY` scattered back (col2im; Winograd where the forward uses it), the weight
+//!   gradient `dY · colsᵀ`.
 //! * [`batch_norm_train`]: training-mode batch norm in two passes forward and backward, returning
 //!   the batch statistics for the running averages; [`channel_affine`]: evaluation-mode batch norm
 //!   (`x * scale + shift`) in one pass.
