@@ -72,28 +72,22 @@ impl BatchNorm2d {
                 self.weight.dim(0)?
             )
         }
-        let shape4 = (1, c, 1, 1);
         if train {
             let n = b * h * w;
             if n < 2 {
                 bail!("batch-norm: training needs more than one value per channel, got {b}x{h}x{w}")
             }
-            let mean = x.mean_keepdim((0, 2, 3))?;
-            let xc = x.broadcast_sub(&mean)?;
-            let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
+            // retinanet-kernels: two passes forward and backward on the CPU (candle's broadcast
+            // ops elsewhere); the batch statistics come back detached.
+            let out = retinanet_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
             let m = self.momentum;
             let new_mean = ((self.running_mean.as_detached_tensor() * (1.0 - m))?
-                + (mean.detach().flatten_all()? * m)?)?;
+                + (out.mean.flatten_all()? * m)?)?;
             let new_var = ((self.running_var.as_detached_tensor() * (1.0 - m))?
-                + (var.detach().flatten_all()? * (m * n as f64 / (n - 1) as f64))?)?;
+                + (out.var.flatten_all()? * (m * n as f64 / (n - 1) as f64))?)?;
             self.running_mean.set(&new_mean)?;
             self.running_var.set(&new_var)?;
-            let scale = self
-                .weight
-                .reshape(shape4)?
-                .broadcast_div(&(var + self.eps)?.sqrt()?)?;
-            xc.broadcast_mul(&scale)?
-                .broadcast_add(&self.bias.reshape(shape4)?)
+            Ok(out.y)
         } else {
             // y = x * s + (b - mean * s) with s = w / sqrt(var + eps): one pass over x.
             let inv_std = (self.running_var.as_detached_tensor() + self.eps)?
@@ -101,8 +95,7 @@ impl BatchNorm2d {
                 .recip()?;
             let scale = (&self.weight * inv_std)?;
             let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
-            x.broadcast_mul(&scale.reshape(shape4)?)?
-                .broadcast_add(&shift.reshape(shape4)?)
+            retinanet_kernels::channel_affine(x, &scale, &shift)
         }
     }
 }

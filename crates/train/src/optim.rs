@@ -69,13 +69,36 @@ impl Sgd {
         for (name, var) in &self.vars {
             // A variable outside this step's graph has no gradient: PyTorch skips it too.
             let Some(g) = grads.get(var) else { continue };
-            let mut d = if scale != 1.0 {
-                (g * scale)?
-            } else {
-                g.clone()
-            };
+            let p = var.as_detached_tensor();
+            if retinanet_kernels::sgd_supported(&p) {
+                // In place, two parallel passes (retinanet-kernels); the buffer starts at zero,
+                // which makes the first step `buf = d` as in PyTorch.
+                let buf = if self.momentum != 0.0 {
+                    let b = match self.buffers.get(name) {
+                        Some(b) => b.clone(),
+                        None => p.zeros_like()?,
+                    };
+                    self.buffers.insert(name.clone(), b.clone());
+                    Some(b)
+                } else {
+                    None
+                };
+                let s = retinanet_kernels::SgdStep {
+                    lr,
+                    momentum: self.momentum,
+                    weight_decay: self.weight_decay,
+                    grad_scale: scale,
+                };
+                retinanet_kernels::sgd_step(&p, g, buf.as_ref(), s)
+                    .with_context(|| format!("updating `{name}`"))?;
+                continue;
+            }
+            // Other devices: the same update from tensor arithmetic. Detached: a momentum buffer
+            // holding the gradient's graph would keep every past step's activations alive.
+            let g = g.detach();
+            let mut d = if scale != 1.0 { (g * scale)? } else { g };
             if self.weight_decay != 0.0 {
-                d = (d + (var.as_detached_tensor() * self.weight_decay)?)?;
+                d = (d + (&p * self.weight_decay)?)?;
             }
             if self.momentum != 0.0 {
                 let buf = match self.buffers.get(name) {
@@ -85,7 +108,7 @@ impl Sgd {
                 d = buf.clone();
                 self.buffers.insert(name.clone(), buf);
             }
-            var.set(&(var.as_detached_tensor() - (d * lr)?)?)
+            var.set(&(p - (d * lr)?)?)
                 .with_context(|| format!("updating `{name}`"))?;
         }
         Ok(norm)
@@ -120,7 +143,8 @@ impl Sgd {
                     v.dims()
                 );
             }
-            let t = t.to_device(v.device())?.to_dtype(v.dtype())?;
+            // A private copy: buffers are updated in place.
+            let t = t.to_device(v.device())?.to_dtype(v.dtype())?.copy()?;
             self.buffers.insert(name.to_string(), t);
         }
         Ok(())
