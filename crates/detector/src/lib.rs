@@ -46,7 +46,7 @@
 use candle_core::{Result, Tensor, bail};
 use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder, VarMap};
 use retinanet_extractor::ResNet;
-use retinanet_extractor::ops::{conv2d, upsample_bilinear_ac};
+use retinanet_extractor::ops::{conv2d, conv2d_relu, upsample_bilinear_ac};
 use retinanet_extractor::weights::{WeightsError, read_tensors, strip_module_prefix};
 use std::collections::HashMap;
 use std::path::Path;
@@ -140,7 +140,7 @@ impl Head {
     fn forward(&self, x: &Tensor, per_anchor: usize) -> Result<Tensor> {
         let mut y = x.clone();
         for c in &self.convs[..3] {
-            y = conv2d(&y, c)?.relu()?;
+            y = conv2d_relu(&y, c)?;
         }
         let y = conv2d(&y, &self.convs[3])?;
         let b = y.dim(0)?;
@@ -223,8 +223,8 @@ impl Detector {
         let (_, _, h3, w3) = q3.dims4()?;
         let p3 = (upsample_bilinear_ac(&p4, h3, w3)? + q3)?;
         Ok([
-            conv2d(&p3, &self.conv_3)?.relu()?,
-            conv2d(&p4, &self.conv_4)?.relu()?,
+            conv2d_relu(&p3, &self.conv_3)?,
+            conv2d_relu(&p4, &self.conv_4)?,
             p5.relu()?,
             p6.relu()?,
         ])

@@ -213,11 +213,11 @@ impl Block {
         for (i, (c, bn)) in self.convs.iter().enumerate() {
             y = bn.forward_t(&conv2d(&y, c)?, train)?;
             if i != last {
-                y = y.relu()?;
+                y = retinanet_kernels::relu(&y)?;
             }
         }
         let shortcut = Downsample::forward(&self.downsample, x, train)?;
-        (y + shortcut)?.relu()
+        retinanet_kernels::add_relu(&y, &shortcut)
     }
 }
 
@@ -329,7 +329,7 @@ impl ResNet {
         // BN of part `p` (0 = stem) trains only if neither BN nor that part is frozen.
         let bn_train = |p: usize| train && !self.freeze_bn && p >= frozen;
         let mut x = self.bn1.forward_t(&conv2d(x, &self.conv1)?, bn_train(0))?;
-        x = max_pool2d(&x.relu()?, 3, 2, 1)?;
+        x = max_pool2d(&retinanet_kernels::relu(&x)?, 3, 2, 1)?;
         if frozen >= 1 {
             x = x.detach();
         }
