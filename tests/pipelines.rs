@@ -251,3 +251,45 @@ fn a_stopped_and_resumed_run_equals_an_uninterrupted_one() {
     // The final reports agree.
     assert_eq!(full.report.unwrap().map, second.report.unwrap().map);
 }
+
+#[test]
+fn a_diverging_run_stops_with_a_message_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runs, cache) = (dir.path().join("runs"), dir.path().join("cache"));
+    let cfg = detector_config(&cache, "nan", "", 2);
+    train_detector(
+        &cfg,
+        &RunOptions {
+            max_steps: Some(4),
+            ..quiet(&runs)
+        },
+    )
+    .unwrap();
+    let ck = dir.path().join("runs/nan/checkpoint.safetensors");
+    let before = std::fs::read(&ck).unwrap();
+
+    // The same run resumed with an absurd learning rate: the weights overflow within a step or two.
+    let mut wild = cfg.clone();
+    wild.train.lr.lr = 1e30;
+    wild.train.lr.warmup_steps = 0;
+    let e = train_detector(
+        &wild,
+        &RunOptions {
+            resume: true,
+            ..quiet(&runs)
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("the loss became") && e.contains("last good checkpoint"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(&ck).unwrap(),
+        before,
+        "the checkpoint of step 4 is untouched"
+    );
+    let back = load_checkpoint(&ck, &Device::Cpu).unwrap();
+    assert_eq!(back.meta.step, 4);
+}

@@ -19,8 +19,8 @@ use crate::config::{DetectorEvalConfig, DetectorRunConfig, parse_config, to_toml
 use crate::data::open_detection;
 use crate::device::parse_device;
 use crate::model::{
-    assign_from, build_retinanet, load_pretrained_extractor, retinanet_config, trainable_vars,
-    varmap_tensors,
+    assign_from, build_retinanet, first_non_finite, load_pretrained_extractor, retinanet_config,
+    trainable_vars, varmap_tensors,
 };
 use crate::optim::Sgd;
 use crate::plot::{Series, plot_lines, smooth};
@@ -231,6 +231,12 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
                 opt: &Sgd,
                 extra: serde_json::Value|
      -> Result<()> {
+        if let Some(name) = first_non_finite(&varmap)? {
+            bail!(
+                "the weights became non-finite by step {step} (`{name}`): stopping; the last good checkpoint is {} (try a lower learning rate or grad_clip)",
+                ck_path.display()
+            );
+        }
         let mut tensors = varmap_tensors(&varmap);
         tensors.extend(opt.state());
         let meta = CheckpointMeta {

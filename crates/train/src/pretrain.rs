@@ -13,7 +13,9 @@ use crate::checkpoint::{CheckpointMeta, FORMAT, load_checkpoint, save_checkpoint
 use crate::config::{PretrainRunConfig, parse_config, to_toml};
 use crate::data::open_classification;
 use crate::device::parse_device;
-use crate::model::{assign_from, build_classifier, trainable_vars, varmap_tensors};
+use crate::model::{
+    assign_from, build_classifier, first_non_finite, trainable_vars, varmap_tensors,
+};
 use crate::optim::Sgd;
 use crate::plot::{Series, plot_lines, smooth};
 use crate::progress::Progress;
@@ -107,6 +109,12 @@ pub fn pretrain(cfg: &PretrainRunConfig, opts: &RunOptions) -> Result<PretrainSu
         );
     }
     let save = |step: usize, epoch: usize, batch: usize, opt: &Sgd| -> Result<()> {
+        if let Some(name) = first_non_finite(&varmap)? {
+            bail!(
+                "the weights became non-finite by step {step} (`{name}`): stopping; the last good checkpoint is {} (try a lower learning rate or grad_clip)",
+                ck_path.display()
+            );
+        }
         let mut tensors = varmap_tensors(&varmap);
         tensors.extend(opt.state());
         let meta = CheckpointMeta {
