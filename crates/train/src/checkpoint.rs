@@ -119,6 +119,55 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
     Ok(Checkpoint { tensors, meta })
 }
 
+/// Writes a training run's checkpoints: what stays the same (file, kind, seed, config, classes)
+/// is fixed once; each save adds the weights, the optimizer state and the position.
+pub struct CheckpointWriter {
+    /// The checkpoint file.
+    pub path: std::path::PathBuf,
+    /// `"detector"` or `"extractor"`.
+    pub kind: &'static str,
+    /// The run's seed.
+    pub seed: u64,
+    /// The run's config as TOML.
+    pub config: String,
+    /// Class names `1..=C`.
+    pub class_names: Vec<String>,
+}
+
+impl CheckpointWriter {
+    /// Saves `varmap` and `opt` at `(step, epoch, batch_in_epoch)`, refusing (with the run's
+    /// message) when a weight is no longer finite, so a diverged update never replaces the last
+    /// good checkpoint.
+    pub fn save(
+        &self,
+        varmap: &candle_nn::VarMap,
+        opt: &crate::optim::Sgd,
+        (step, epoch, batch_in_epoch): (usize, usize, usize),
+        extra: serde_json::Value,
+    ) -> Result<()> {
+        if let Some(name) = crate::model::first_non_finite(varmap)? {
+            bail!(
+                "the weights became non-finite by step {step} (`{name}`): stopping; the last good checkpoint is {} (try a lower learning rate or grad_clip)",
+                self.path.display()
+            );
+        }
+        let mut tensors = crate::model::varmap_tensors(varmap);
+        tensors.extend(opt.state());
+        let meta = CheckpointMeta {
+            format: FORMAT.into(),
+            kind: self.kind.into(),
+            step,
+            epoch,
+            batch_in_epoch,
+            seed: self.seed,
+            config: self.config.clone(),
+            class_names: self.class_names.clone(),
+            extra,
+        };
+        save_checkpoint(&self.path, &tensors, &meta)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

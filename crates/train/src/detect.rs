@@ -14,13 +14,12 @@ use retinanet_eval::{Evaluator, Report};
 use retinanet_loss::{FocalLossConfig, focal_loss_detection};
 use serde_json::json;
 
-use crate::checkpoint::{CheckpointMeta, FORMAT, load_checkpoint, save_checkpoint};
+use crate::checkpoint::{CheckpointWriter, load_checkpoint};
 use crate::config::{DetectorEvalConfig, DetectorRunConfig, parse_config, to_toml};
 use crate::data::open_detection;
 use crate::device::parse_device;
 use crate::model::{
-    assign_from, build_retinanet, first_non_finite, load_pretrained_extractor, retinanet_config,
-    trainable_vars, varmap_tensors,
+    assign_from, build_retinanet, load_pretrained_extractor, retinanet_config, trainable_vars,
 };
 use crate::optim::Sgd;
 use crate::plot::{Series, plot_lines, smooth};
@@ -225,32 +224,12 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
         );
     }
     let total_steps = per_epoch * cfg.train.epochs;
-    let save = |step: usize,
-                epoch: usize,
-                batch: usize,
-                opt: &Sgd,
-                extra: serde_json::Value|
-     -> Result<()> {
-        if let Some(name) = first_non_finite(&varmap)? {
-            bail!(
-                "the weights became non-finite by step {step} (`{name}`): stopping; the last good checkpoint is {} (try a lower learning rate or grad_clip)",
-                ck_path.display()
-            );
-        }
-        let mut tensors = varmap_tensors(&varmap);
-        tensors.extend(opt.state());
-        let meta = CheckpointMeta {
-            format: FORMAT.into(),
-            kind: "detector".into(),
-            step,
-            epoch,
-            batch_in_epoch: batch,
-            seed: cfg.seed,
-            config: config_toml.clone(),
-            class_names: names.clone(),
-            extra,
-        };
-        save_checkpoint(&ck_path, &tensors, &meta)
+    let writer = CheckpointWriter {
+        path: ck_path.clone(),
+        kind: "detector",
+        seed: cfg.seed,
+        config: config_toml.clone(),
+        class_names: names.clone(),
     };
 
     let fl = FocalLossConfig::default();
@@ -315,7 +294,7 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
                 } else {
                     (epoch, batch_in_epoch)
                 };
-                save(step, e, b, &opt, json!({}))?;
+                writer.save(&varmap, &opt, (step, e, b), json!({}))?;
             }
             if opts.stop_requested() || at_max {
                 progress.println(&format!("stopped at step {step}; resume with --resume"));
@@ -333,7 +312,7 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
         }
         epoch += 1;
         batch_in_epoch = 0;
-        save(step, epoch, 0, &opt, json!({}))?;
+        writer.save(&varmap, &opt, (step, epoch, 0), json!({}))?;
         let last_epoch = epoch == cfg.train.epochs;
         if cfg.eval.every_epochs > 0 && epoch % cfg.eval.every_epochs == 0 && !last_epoch {
             let r = evaluate_model(&model, &encoder, eval_ds.clone(), cfg, &device, opts.quiet)?;

@@ -9,13 +9,11 @@ use candle_core::{D, DType};
 use retinanet_dataset::{ClassificationLoader, ClassificationTransform, LoaderConfig};
 use serde_json::json;
 
-use crate::checkpoint::{CheckpointMeta, FORMAT, load_checkpoint, save_checkpoint};
+use crate::checkpoint::{CheckpointWriter, load_checkpoint};
 use crate::config::{PretrainRunConfig, parse_config, to_toml};
 use crate::data::open_classification;
 use crate::device::parse_device;
-use crate::model::{
-    assign_from, build_classifier, first_non_finite, trainable_vars, varmap_tensors,
-};
+use crate::model::{assign_from, build_classifier, trainable_vars};
 use crate::optim::Sgd;
 use crate::plot::{Series, plot_lines, smooth};
 use crate::progress::Progress;
@@ -108,27 +106,12 @@ pub fn pretrain(cfg: &PretrainRunConfig, opts: &RunOptions) -> Result<PretrainSu
             t.batch_size
         );
     }
-    let save = |step: usize, epoch: usize, batch: usize, opt: &Sgd| -> Result<()> {
-        if let Some(name) = first_non_finite(&varmap)? {
-            bail!(
-                "the weights became non-finite by step {step} (`{name}`): stopping; the last good checkpoint is {} (try a lower learning rate or grad_clip)",
-                ck_path.display()
-            );
-        }
-        let mut tensors = varmap_tensors(&varmap);
-        tensors.extend(opt.state());
-        let meta = CheckpointMeta {
-            format: FORMAT.into(),
-            kind: "extractor".into(),
-            step,
-            epoch,
-            batch_in_epoch: batch,
-            seed: cfg.seed,
-            config: config_toml.clone(),
-            class_names: names.clone(),
-            extra: json!({}),
-        };
-        save_checkpoint(&ck_path, &tensors, &meta)
+    let writer = CheckpointWriter {
+        path: ck_path.clone(),
+        kind: "extractor",
+        seed: cfg.seed,
+        config: config_toml.clone(),
+        class_names: names.clone(),
     };
     let accuracy = |logits: &candle_core::Tensor, labels: &candle_core::Tensor| -> Result<f64> {
         let pred = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
@@ -205,7 +188,7 @@ pub fn pretrain(cfg: &PretrainRunConfig, opts: &RunOptions) -> Result<PretrainSu
                 } else {
                     (epoch, batch_in_epoch)
                 };
-                save(step, e, b, &opt)?;
+                writer.save(&varmap, &opt, (step, e, b), json!({}))?;
             }
             if opts.stop_requested() || out_of_time || at_max || done {
                 break 'outer;
