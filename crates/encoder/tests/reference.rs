@@ -29,6 +29,15 @@ fn floats(v: &Value) -> Vec<f32> {
     v.as_array().unwrap().iter().map(f).collect()
 }
 
+/// A `[B, A, K]` array of numbers, flattened row-major.
+fn flat3(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|img| img.as_array().unwrap().iter().flat_map(floats))
+        .collect()
+}
+
 fn close(a: f32, b: f32, rel: f32) -> bool {
     (a - b).abs() <= rel * a.abs().max(b.abs()).max(1e-6)
 }
@@ -149,18 +158,8 @@ fn decode_matches_reference() {
         r["img_size"][0].as_u64().unwrap() as usize,
         r["img_size"][1].as_u64().unwrap() as usize,
     );
-    let cls: Vec<f32> = r["cls_out"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|img| img.as_array().unwrap().iter().flat_map(floats))
-        .collect();
-    let reg: Vec<f32> = r["reg_out"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|img| img.as_array().unwrap().iter().flat_map(floats))
-        .collect();
+    let cls = flat3(&r["cls_out"]);
+    let reg = flat3(&r["reg_out"]);
     let classes = r["cls_out"][0][0].as_array().unwrap().len();
     let opts = DecodeOptions {
         score_th: f(&r["score_th"]),
@@ -207,18 +206,8 @@ fn decode_from_tensors_checks_shapes() {
         ..Default::default()
     })
     .unwrap();
-    let cls: Vec<f32> = r["cls_out"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|img| img.as_array().unwrap().iter().flat_map(floats))
-        .collect();
-    let reg: Vec<f32> = r["reg_out"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|img| img.as_array().unwrap().iter().flat_map(floats))
-        .collect();
+    let cls = flat3(&r["cls_out"]);
+    let reg = flat3(&r["reg_out"]);
     let an = enc.num_anchors();
     let ct = Tensor::from_vec(cls.clone(), (2, an, 4), &Device::Cpu).unwrap();
     let rt = Tensor::from_vec(reg.clone(), (2, an, 4), &Device::Cpu).unwrap();
