@@ -142,15 +142,35 @@ impl Geom {
 /// Fills `cols` (`[Cin*kh*kw, n]`, `n = rows.len() * OW`) with the patches of output rows
 /// `rows` of one image (`[Cin, H, W]`).
 pub(crate) fn im2col<T: WithDType>(g: &Geom, img: &[T], rows: Range<usize>, cols: &mut [T]) {
+    let n = rows.len() * g.ow;
+    im2col_at(g, img, rows, cols, (n, 0));
+}
+
+/// [`im2col`] into columns `off..off + n` of a patch matrix whose rows are `ld` long: how the
+/// patches of several images sit side by side in one matrix.
+pub(crate) fn im2col_at<T: WithDType>(
+    g: &Geom,
+    img: &[T],
+    rows: Range<usize>,
+    cols: &mut [T],
+    (ld, off): (usize, usize),
+) {
     let (kk, hw) = (g.kh * g.kw, g.h * g.w);
     let n = rows.len() * g.ow;
     let s = g.p.stride;
     let xr: Vec<_> = (0..g.kw).map(|kx| g.valid(kx, g.w, g.ow)).collect();
-    par::for_each_chunk(cols, kk * n, |c, chunk| {
+    // Stride 1 with output rows as wide as the input's ("same" width, e.g. 3x3 / padding 1): a
+    // patch row is the plane shifted by (dy, dx), so a run of rows is one copy.
+    let shifted = s == 1 && g.p.dilation == 1 && g.ow == g.w;
+    par::for_each_chunk(&mut cols[..g.k() * ld], kk * ld, |c, chunk| {
         let plane = &img[c * hw..(c + 1) * hw];
         for ky in 0..g.kh {
             for kx in 0..g.kw {
-                let row = &mut chunk[(ky * g.kw + kx) * n..][..n];
+                let row = &mut chunk[(ky * g.kw + kx) * ld + off..][..n];
+                if shifted {
+                    copy_shifted(g, plane, rows.clone(), (ky, kx), row);
+                    continue;
+                }
                 let (xlo, xhi) = xr[kx];
                 for (i, oy) in rows.clone().enumerate() {
                     let dst = &mut row[i * g.ow..(i + 1) * g.ow];
@@ -181,18 +201,78 @@ pub(crate) fn im2col<T: WithDType>(g: &Geom, img: &[T], rows: Range<usize>, cols
     });
 }
 
+/// One patch-matrix row of tap `(ky, kx)` for output rows `rows` of a stride-1 convolution
+/// with `OW == W`: `row[(oy - r0) * W + ox] = plane[(oy + dy) * W + ox + dx]`, zero outside the
+/// plane. The valid rows are copied as one block; the columns that wrapped into the next or
+/// previous input row are zeroed afterwards.
+fn copy_shifted<T: WithDType>(
+    g: &Geom,
+    plane: &[T],
+    rows: Range<usize>,
+    (ky, kx): (usize, usize),
+    row: &mut [T],
+) {
+    let (w, h) = (g.w as isize, g.h as isize);
+    let (dy, dx) = (
+        ky as isize - g.p.padding as isize,
+        kx as isize - g.p.padding as isize,
+    );
+    let (r0, r1) = (rows.start as isize, rows.end as isize);
+    let a = r0.max(-dy).min(r1);
+    let b = r1.min(h - dy).max(a);
+    row[..((a - r0) * w) as usize].fill(T::zero());
+    row[((b - r0) * w) as usize..].fill(T::zero());
+    let seg = &mut row[((a - r0) * w) as usize..((b - r0) * w) as usize];
+    if seg.is_empty() {
+        return;
+    }
+    if dx.abs() >= w {
+        seg.fill(T::zero());
+        return;
+    }
+    // seg[t] = plane[start + t] where that index exists.
+    let start = (a + dy) * w + dx;
+    let len = seg.len() as isize;
+    let t0 = (-start).clamp(0, len);
+    let t1 = (plane.len() as isize - start).clamp(t0, len);
+    seg[..t0 as usize].fill(T::zero());
+    seg[t1 as usize..].fill(T::zero());
+    seg[t0 as usize..t1 as usize]
+        .copy_from_slice(&plane[(start + t0) as usize..(start + t1) as usize]);
+    let k = dx.unsigned_abs();
+    for r in seg.chunks_exact_mut(g.w) {
+        if dx < 0 {
+            r[..k].fill(T::zero());
+        } else if dx > 0 {
+            r[g.w - k..].fill(T::zero());
+        }
+    }
+}
+
 /// Adds the patch-matrix gradient `cols` (`[Cin*kh*kw, n]` for output rows `rows`) back into
 /// the image gradient `img` (`[Cin, H, W]`), summing where windows overlap.
 pub(crate) fn col2im<T: WithDType>(g: &Geom, cols: &[T], rows: Range<usize>, img: &mut [T]) {
+    let n = rows.len() * g.ow;
+    col2im_at(g, cols, (n, 0), rows, img);
+}
+
+/// [`col2im`] from columns `off..` of a patch matrix whose rows are `ld` long.
+pub(crate) fn col2im_at<T: WithDType>(
+    g: &Geom,
+    cols: &[T],
+    (ld, off): (usize, usize),
+    rows: Range<usize>,
+    img: &mut [T],
+) {
     let (kk, hw) = (g.kh * g.kw, g.h * g.w);
     let n = rows.len() * g.ow;
     let s = g.p.stride;
     let xr: Vec<_> = (0..g.kw).map(|kx| g.valid(kx, g.w, g.ow)).collect();
     par::for_each_chunk(img, hw, |c, plane| {
-        let src = &cols[c * kk * n..(c + 1) * kk * n];
+        let src = &cols[c * kk * ld..(c + 1) * kk * ld];
         for ky in 0..g.kh {
             for kx in 0..g.kw {
-                let row = &src[(ky * g.kw + kx) * n..][..n];
+                let row = &src[(ky * g.kw + kx) * ld + off..][..n];
                 let (xlo, xhi) = xr[kx];
                 if xhi <= xlo {
                     continue;
@@ -308,6 +388,35 @@ fn per_image(g: &Geom, threads: usize) -> bool {
     g.b >= threads && threads > 1 && (g.ohw() * g.cout * g.k() < (1 << 22) || g.cout < 128)
 }
 
+/// Images per group on the grouped path, 1 for the other paths. Small images go through one
+/// gemm per group with the groups' patch matrices side by side: a gemm per image would pack the
+/// whole weight matrix again for a few hundred output columns (measured 1.5-2x slower on 9x9
+/// and 5x5 maps). Groups are sized so each thread gets the same number and a group's patch
+/// matrix stays within [`BLOCK_ELEMS`].
+fn group_size(g: &Geom, threads: usize) -> usize {
+    if g.is_pointwise() || g.b < 2 || !(per_image(g, threads) || g.ohw() <= SMALL_MAP) {
+        return 1;
+    }
+    let fit = (BLOCK_ELEMS / (g.k() * g.ohw()).max(1)).max(1);
+    let rounds = g.b.div_ceil(threads).div_ceil(fit);
+    g.b.div_ceil(threads * rounds)
+}
+
+/// Output maps up to this many pixels always take the grouped path (9x9 maps of ResNet's
+/// stage 3 at 129 px, 17x17 at 257 px).
+const SMALL_MAP: usize = 289;
+
+/// Copies images `b0..b0 + n` of `src` (`[B, C, HW]`) into `dst` as one `[C, n * HW]` matrix.
+fn gather_group<T: WithDType>(src: &[T], b0: usize, n: usize, c: usize, hw: usize, dst: &mut [T]) {
+    let ld = n * hw;
+    for i in 0..n {
+        let img = &src[(b0 + i) * c * hw..(b0 + i + 1) * c * hw];
+        for (ch, plane) in img.chunks_exact(hw).enumerate() {
+            dst[ch * ld + i * hw..][..hw].copy_from_slice(plane);
+        }
+    }
+}
+
 /// Forward pass: `y[b] = W · cols(x[b]) (+ bias)`, optionally followed by a ReLU.
 pub(crate) fn forward<T: WithDType>(
     g: &Geom,
@@ -316,7 +425,7 @@ pub(crate) fn forward<T: WithDType>(
     bias: Option<&[T]>,
     relu: bool,
 ) -> Vec<T> {
-    if crate::winograd::suitable(g) {
+    if crate::winograd::suitable(g) && group_size(g, par::threads()) == 1 {
         return crate::winograd::forward(g, x, wt, bias, relu);
     }
     forward_im2col(g, x, wt, bias, relu)
@@ -333,6 +442,35 @@ pub(crate) fn forward_im2col<T: WithDType>(
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let mut y = vec![T::zero(); g.b * g.cout * ohw];
     let threads = par::threads();
+    let nb = group_size(g, threads);
+    if nb > 1 {
+        y.par_chunks_mut(nb * g.cout * ohw)
+            .enumerate()
+            .for_each(|(gi, yg)| {
+                let (b0, n) = (gi * nb, yg.len() / (g.cout * ohw));
+                let ld = n * ohw;
+                par::with_scratch((k + g.cout) * ld, |buf: &mut [T]| {
+                    let (cols, out) = buf.split_at_mut(k * ld);
+                    par::sequential(|| {
+                        for i in 0..n {
+                            let xb = &x[(b0 + i) * chw..(b0 + i + 1) * chw];
+                            im2col_at(g, xb, 0..g.oh, cols, (ld, i * ohw));
+                        }
+                    });
+                    gemm(g.cout, ld, k, out, ld, false, wt, (k, 1), cols, (ld, 1), 1);
+                    // Back to [n, Cout, HW], adding the bias and applying the ReLU on the way.
+                    for (j, dst) in yg.chunks_exact_mut(ohw).enumerate() {
+                        let (i, c) = (j / g.cout, j % g.cout);
+                        let b = bias.map_or(T::zero(), |b| b[c]);
+                        for (d, &v) in dst.iter_mut().zip(&out[c * ld + i * ohw..][..ohw]) {
+                            let v = v + b;
+                            *d = if relu && v < T::zero() { T::zero() } else { v };
+                        }
+                    }
+                });
+            });
+        return y;
+    }
     let blocks = row_blocks(g);
     let run = |bi: usize, yb: &mut [T], gemm_threads: usize| {
         if let Some(bias) = bias {
@@ -403,7 +541,7 @@ fn with_cols<T: WithDType, R>(
 
 /// Input gradient: `dx[b] = col2im(Wᵀ · dy[b])`.
 pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
-    if crate::winograd::suitable(g) {
+    if crate::winograd::suitable(g) && group_size(g, par::threads()) == 1 {
         return crate::winograd::backward_input(g, dy, wt);
     }
     backward_input_im2col(g, dy, wt)
@@ -414,6 +552,26 @@ pub(crate) fn backward_input_im2col<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) 
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let mut dx = vec![T::zero(); g.b * chw];
     let threads = par::threads();
+    let nb = group_size(g, threads);
+    if nb > 1 {
+        dx.par_chunks_mut(nb * chw)
+            .enumerate()
+            .for_each(|(gi, dxg)| {
+                let (b0, n) = (gi * nb, dxg.len() / chw);
+                let ld = n * ohw;
+                par::with_scratch((g.cout + k) * ld, |buf: &mut [T]| {
+                    let (dyg, cols) = buf.split_at_mut(g.cout * ld);
+                    gather_group(dy, b0, n, g.cout, ohw, dyg);
+                    gemm(k, ld, g.cout, cols, ld, false, wt, (1, k), dyg, (ld, 1), 1);
+                    par::sequential(|| {
+                        for (i, dxb) in dxg.chunks_exact_mut(chw).enumerate() {
+                            col2im_at(g, cols, (ld, i * ohw), 0..g.oh, dxb);
+                        }
+                    });
+                });
+            });
+        return dx;
+    }
     let blocks = row_blocks(g);
     let run = |bi: usize, dxb: &mut [T], gemm_threads: usize| {
         let dyb = &dy[bi * g.cout * ohw..(bi + 1) * g.cout * ohw];
@@ -475,6 +633,42 @@ pub(crate) fn backward_input_im2col<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) 
 pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let threads = par::threads();
+    let nb = group_size(g, threads);
+    if nb > 1 {
+        let partial: Vec<Vec<T>> = (0..g.b.div_ceil(nb))
+            .into_par_iter()
+            .map(|gi| {
+                let (b0, n) = (gi * nb, nb.min(g.b - gi * nb));
+                let ld = n * ohw;
+                let mut dw = vec![T::zero(); g.cout * k];
+                par::with_scratch((g.cout + k) * ld, |buf: &mut [T]| {
+                    let (dyg, cols) = buf.split_at_mut(g.cout * ld);
+                    gather_group(dy, b0, n, g.cout, ohw, dyg);
+                    par::sequential(|| {
+                        for i in 0..n {
+                            let xb = &x[(b0 + i) * chw..(b0 + i + 1) * chw];
+                            im2col_at(g, xb, 0..g.oh, cols, (ld, i * ohw));
+                        }
+                    });
+                    gemm(
+                        g.cout,
+                        k,
+                        ld,
+                        &mut dw,
+                        k,
+                        false,
+                        dyg,
+                        (ld, 1),
+                        cols,
+                        (1, ld),
+                        1,
+                    );
+                });
+                dw
+            })
+            .collect();
+        return sum_partials(partial, g.cout * k);
+    }
     let blocks = row_blocks(g);
     // Accumulates image `bi` into `dw`, overwriting it first when `first`.
     let run = |bi: usize, dw: &mut [T], first: bool, gemm_threads: usize| {
@@ -514,14 +708,7 @@ pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<
                 dw
             })
             .collect();
-        let mut it = partial.into_iter();
-        let mut dw = it.next().unwrap_or_else(|| vec![T::zero(); g.cout * k]);
-        for p in it {
-            for (a, b) in dw.iter_mut().zip(p) {
-                *a += b;
-            }
-        }
-        dw
+        sum_partials(partial, g.cout * k)
     } else {
         let mut dw = vec![T::zero(); g.cout * k];
         for bi in 0..g.b {
@@ -529,6 +716,18 @@ pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<
         }
         dw
     }
+}
+
+/// Element-wise sum of the per-thread partial weight gradients.
+fn sum_partials<T: WithDType>(partial: Vec<Vec<T>>, len: usize) -> Vec<T> {
+    let mut it = partial.into_iter();
+    let mut dw = it.next().unwrap_or_else(|| vec![T::zero(); len]);
+    for p in it {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    dw
 }
 
 /// Per-channel sums of a `[B, C, H, W]` gradient: the bias gradient.
@@ -606,21 +805,8 @@ impl CustomOp2 for Conv2d {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = mask_relu(grad, res, self.relu)?;
-        let gx = grad.apply_op2_no_bwd(
-            w,
-            &InputGrad {
-                p: self.p,
-                x: x.dims4()?,
-            },
-        )?;
-        let gw = x.apply_op2_no_bwd(
-            &grad,
-            &WeightGrad {
-                p: self.p,
-                w: w.dims4()?,
-            },
-        )?;
-        Ok((Some(gx), Some(gw)))
+        let (gx, gw) = conv_grads(self.p, x, w, &grad)?;
+        Ok((gx, gw))
     }
 }
 
@@ -667,26 +853,36 @@ impl CustomOp3 for Conv2dBias {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = mask_relu(grad, res, self.relu)?;
-        let gx = grad.apply_op2_no_bwd(
-            w,
-            &InputGrad {
-                p: self.p,
-                x: x.dims4()?,
-            },
-        )?;
-        let gw = x.apply_op2_no_bwd(
-            &grad,
-            &WeightGrad {
-                p: self.p,
-                w: w.dims4()?,
-            },
-        )?;
+        let (gx, gw) = conv_grads(self.p, x, w, &grad)?;
         let gb = grad.apply_op1_no_bwd(&ChannelSum)?;
-        Ok((Some(gx), Some(gw), Some(gb)))
+        Ok((gx, gw, Some(gb)))
     }
 }
 
 /// The incoming gradient, zeroed where a fused ReLU clipped the output.
+/// Input and weight gradients of a convolution, each only where autograd can use it: the input
+/// gradient of the first layer (the images) is skipped, a full convolution's worth of work.
+fn conv_grads(
+    p: ConvParams,
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let gx = if x.track_op() {
+        let op = InputGrad { p, x: x.dims4()? };
+        Some(grad.apply_op2_no_bwd(w, &op)?)
+    } else {
+        None
+    };
+    let gw = if w.track_op() {
+        let op = WeightGrad { p, w: w.dims4()? };
+        Some(x.apply_op2_no_bwd(grad, &op)?)
+    } else {
+        None
+    };
+    Ok((gx, gw))
+}
+
 fn mask_relu(grad: &Tensor, res: &Tensor, relu: bool) -> Result<Tensor> {
     let grad = grad.contiguous()?;
     if relu {

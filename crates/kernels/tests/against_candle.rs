@@ -1,8 +1,30 @@
 //! Every kernel against candle's own operations (values and gradients, 1e-4 relative) over odd
 //! shapes, strides, paddings, dilations and batch sizes.
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Shape, Tensor, Var};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
 use retinanet_kernels::{ConvParams, batch_norm_train, channel_affine, conv2d, conv2d_relu};
+
+thread_local! {
+    /// Seeded per test (each test runs on its own thread), so every run draws the same inputs:
+    /// a tolerance that holds once holds always (candle's CPU generator cannot be seeded).
+    static RNG: std::cell::RefCell<StdRng> = std::cell::RefCell::new(StdRng::seed_from_u64(7));
+}
+
+/// `Tensor::randn` from the test's seeded generator (f32; convert for other dtypes).
+fn randn<S: Into<Shape>>(mean: f32, std: f32, shape: S, dev: &Device) -> Result<Tensor> {
+    let shape = shape.into();
+    let normal = Normal::new(mean, std).expect("valid normal");
+    let v: Vec<f32> = RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        (0..shape.elem_count())
+            .map(|_| normal.sample(&mut *r))
+            .collect()
+    });
+    Tensor::from_vec(v, shape, dev)
+}
 
 /// `max |a - b| / max |b|` (with a floor so all-zero references compare absolutely).
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -52,6 +74,12 @@ const CASES: &[Case] = &[
     (2, 256, 24, 23, 256, 3, 1, 0, 1),
     (1, 256, 33, 29, 256, 3, 1, 1, 1),
     (2, 256, 19, 21, 256, 3, 1, 2, 1),
+    // Small maps and larger batches: several images share one gemm (the grouped path), with a
+    // shorter last group.
+    (8, 16, 9, 9, 24, 3, 1, 1, 1),
+    (7, 12, 5, 7, 10, 3, 2, 1, 1),
+    (16, 8, 5, 5, 12, 3, 1, 1, 1),
+    (5, 24, 3, 3, 20, 3, 1, 1, 1),
     // Patch matrices over 2M elements: several row blocks per image.
     (1, 64, 70, 70, 6, 3, 1, 1, 1),
     (2, 64, 141, 139, 4, 3, 2, 1, 1),
@@ -104,8 +132,8 @@ fn naive(
 fn conv2d_forward_matches_candle() -> Result<()> {
     let dev = Device::Cpu;
     for &(b, cin, h, w, cout, k, s, p, d) in CASES {
-        let x = Tensor::randn(0f32, 1., (b, cin, h, w), &dev)?;
-        let wt = Tensor::randn(0f32, 1., (cout, cin, k, k), &dev)?;
+        let x = randn(0f32, 1., (b, cin, h, w), &dev)?;
+        let wt = randn(0f32, 1., (cout, cin, k, k), &dev)?;
         let params = ConvParams {
             stride: s,
             padding: p,
@@ -128,15 +156,15 @@ fn conv2d_gradients_match_reference() -> Result<()> {
     let dev = Device::Cpu;
     for &(b, cin, h, w, cout, k, s, p, d) in CASES {
         let case = format!("{:?}", (b, cin, h, w, cout, k, s, p, d));
-        let x = Var::randn(0f32, 1., (b, cin, h, w), &dev)?;
-        let wt = Var::randn(0f32, 1., (cout, cin, k, k), &dev)?;
+        let x = Var::from_tensor(&randn(0f32, 1., (b, cin, h, w), &dev)?)?;
+        let wt = Var::from_tensor(&randn(0f32, 1., (cout, cin, k, k), &dev)?)?;
         let params = ConvParams {
             stride: s,
             padding: p,
             dilation: d,
         };
         let y = conv2d(x.as_tensor(), wt.as_tensor(), None, params)?;
-        let r = Tensor::randn(0f32, 1., y.dims(), &dev)?;
+        let r = randn(0f32, 1., y.dims(), &dev)?;
         let grads = (&y * &r)?.sum_all()?.backward()?;
         let (gx, gw) = (grads.get(&x).unwrap(), grads.get(&wt).unwrap());
 
@@ -188,14 +216,11 @@ fn conv2d_bias_relu_and_f64_match_candle() -> Result<()> {
     for &(b, cin, h, w, cout, k, s, p, _) in CASES {
         for dtype in [DType::F32, DType::F64] {
             let case = format!("{:?} {dtype:?}", (b, cin, h, w, cout, k, s, p));
-            let x =
-                Var::from_tensor(&Tensor::randn(0f32, 1., (b, cin, h, w), &dev)?.to_dtype(dtype)?)?;
-            let wt = Var::from_tensor(
-                &Tensor::randn(0f32, 1., (cout, cin, k, k), &dev)?.to_dtype(dtype)?,
-            )?;
-            let bias = Var::from_tensor(&Tensor::randn(0f32, 1., cout, &dev)?.to_dtype(dtype)?)?;
+            let x = Var::from_tensor(&randn(0f32, 1., (b, cin, h, w), &dev)?.to_dtype(dtype)?)?;
+            let wt = Var::from_tensor(&randn(0f32, 1., (cout, cin, k, k), &dev)?.to_dtype(dtype)?)?;
+            let bias = Var::from_tensor(&randn(0f32, 1., cout, &dev)?.to_dtype(dtype)?)?;
             let params = ConvParams::new(s, p);
-            let r = |y: &Tensor| Tensor::randn(0f32, 1., y.dims(), &dev)?.to_dtype(dtype);
+            let r = |y: &Tensor| randn(0f32, 1., y.dims(), &dev)?.to_dtype(dtype);
             let theirs = x
                 .as_tensor()
                 .conv2d(wt.as_tensor(), p, s, 1, 1)?
@@ -295,12 +320,12 @@ fn batch_norm_matches_candle() -> Result<()> {
             let case = format!("{:?} {dtype:?}", (b, c, h, w));
             // An offset mean checks the two-pass variance.
             let x = Var::from_tensor(
-                &Tensor::randn(0f32, 1., (b, c, h, w), &dev)?
+                &randn(0f32, 1., (b, c, h, w), &dev)?
                     .affine(3.0, 5.0)?
                     .to_dtype(dtype)?,
             )?;
-            let wt = Var::from_tensor(&Tensor::randn(1f32, 0.5, c, &dev)?.to_dtype(dtype)?)?;
-            let bias = Var::from_tensor(&Tensor::randn(0f32, 1., c, &dev)?.to_dtype(dtype)?)?;
+            let wt = Var::from_tensor(&randn(1f32, 0.5, c, &dev)?.to_dtype(dtype)?)?;
+            let bias = Var::from_tensor(&randn(0f32, 1., c, &dev)?.to_dtype(dtype)?)?;
             let out = batch_norm_train(&x, &wt, &bias, 1e-5)?;
             let theirs = candle_bn(&x, &wt, &bias, 1e-5)?;
             assert_close(&format!("bn fwd {case}"), &out.y, &theirs, 1e-4)?;
@@ -315,7 +340,7 @@ fn batch_norm_matches_candle() -> Result<()> {
                 .sqr()?
                 .mean((0, 2, 3))?;
             assert_close(&format!("bn var {case}"), &out.var, &var, 1e-4)?;
-            let r = Tensor::randn(0f32, 1., x.dims(), &dev)?.to_dtype(dtype)?;
+            let r = randn(0f32, 1., x.dims(), &dev)?.to_dtype(dtype)?;
             let g1 = (&out.y * &r)?.sum_all()?.backward()?;
             let g2 = (&theirs * &r)?.sum_all()?.backward()?;
             for (name, v) in [("x", &x), ("w", &wt), ("b", &bias)] {
@@ -327,8 +352,8 @@ fn batch_norm_matches_candle() -> Result<()> {
                 )?;
             }
 
-            let scale = Var::from_tensor(&Tensor::randn(0f32, 1., c, &dev)?.to_dtype(dtype)?)?;
-            let shift = Var::from_tensor(&Tensor::randn(0f32, 1., c, &dev)?.to_dtype(dtype)?)?;
+            let scale = Var::from_tensor(&randn(0f32, 1., c, &dev)?.to_dtype(dtype)?)?;
+            let shift = Var::from_tensor(&randn(0f32, 1., c, &dev)?.to_dtype(dtype)?)?;
             let ours = channel_affine(&x, &scale, &shift)?;
             let theirs = x
                 .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
@@ -375,13 +400,13 @@ fn sgd_step_matches_tensor_arithmetic() -> Result<()> {
                 weight_decay,
                 grad_scale,
             };
-            let p0 = Tensor::randn(0f32, 1., (3, 70_001), &dev)?.to_dtype(dtype)?;
+            let p0 = randn(0f32, 1., (3, 70_001), &dev)?.to_dtype(dtype)?;
             let param = Var::from_tensor(&p0)?;
             let buf = Tensor::zeros(p0.dims(), dtype, &dev)?;
             // Copies: the in-place updates must not reach the references.
             let (mut p_ref, mut b_ref) = (p0.copy()?, buf.copy()?);
             for _ in 0..3 {
-                let g = Tensor::randn(0f32, 1., p0.dims(), &dev)?.to_dtype(dtype)?;
+                let g = randn(0f32, 1., p0.dims(), &dev)?.to_dtype(dtype)?;
                 sgd_step(&param, &g, Some(&buf), s)?;
                 // PyTorch's update in tensor arithmetic.
                 let d = ((&g * grad_scale)? + (&p_ref * weight_decay)?)?;
@@ -418,11 +443,9 @@ fn relu_and_add_relu_match_candle() -> Result<()> {
     let dev = Device::Cpu;
     for dtype in [DType::F32, DType::F64] {
         for dims in [vec![2, 3, 5, 7], vec![1, 70_001], vec![4]] {
-            let a =
-                Var::from_tensor(&Tensor::randn(0f32, 1., dims.clone(), &dev)?.to_dtype(dtype)?)?;
-            let b =
-                Var::from_tensor(&Tensor::randn(0f32, 1., dims.clone(), &dev)?.to_dtype(dtype)?)?;
-            let r = Tensor::randn(0f32, 1., dims.clone(), &dev)?.to_dtype(dtype)?;
+            let a = Var::from_tensor(&randn(0f32, 1., dims.clone(), &dev)?.to_dtype(dtype)?)?;
+            let b = Var::from_tensor(&randn(0f32, 1., dims.clone(), &dev)?.to_dtype(dtype)?)?;
+            let r = randn(0f32, 1., dims.clone(), &dev)?.to_dtype(dtype)?;
             let case = format!("{dims:?} {dtype:?}");
 
             let ours = relu(&a)?;
@@ -459,4 +482,32 @@ fn relu_and_add_relu_match_candle() -> Result<()> {
     .unwrap_err();
     assert!(e.to_string().contains("differ"), "{e}");
     Ok(())
+}
+
+#[test]
+fn conv2d_weight_gradient_without_input_gradient() -> Result<()> {
+    // The first layer's input (the images) is no variable: only the weight gradient is made, and
+    // it is the same as when the input gradient is made too.
+    let dev = Device::Cpu;
+    let x = randn(0f32, 1., (6, 3, 13, 11), &dev)?;
+    let wt = Var::from_tensor(&randn(0f32, 1., (5, 3, 7, 7), &dev)?)?;
+    let p = ConvParams {
+        stride: 2,
+        padding: 3,
+        dilation: 1,
+    };
+    let y = conv2d(&x, wt.as_tensor(), None, p)?;
+    let r = randn(0f32, 1., y.dims(), &dev)?;
+    let grads = (&y * &r)?.sum_all()?.backward()?;
+    assert!(grads.get(&x).is_none());
+    let xv = Var::from_tensor(&x)?;
+    let y2 = conv2d(xv.as_tensor(), wt.as_tensor(), None, p)?;
+    let grads2 = (&y2 * &r)?.sum_all()?.backward()?;
+    assert!(grads2.get(&xv).is_some());
+    assert_close(
+        "gw",
+        grads.get(&wt).unwrap(),
+        grads2.get(&wt).unwrap(),
+        1e-6,
+    )
 }
