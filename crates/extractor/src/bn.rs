@@ -89,13 +89,19 @@ impl BatchNorm2d {
             self.running_var.set(&new_var)?;
             Ok(out.y)
         } else {
-            // y = x * s + (b - mean * s) with s = w / sqrt(var + eps): one pass over x.
-            let inv_std = (self.running_var.as_detached_tensor() + self.eps)?
-                .sqrt()?
-                .recip()?;
-            let scale = (&self.weight * inv_std)?;
-            let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
+            let (scale, shift) = self.eval_affine()?;
             retinanet_kernels::channel_affine(x, &scale, &shift)
         }
+    }
+
+    /// The evaluation-mode layer as per-channel `(scale, shift)`, `y = x * scale + shift`:
+    /// `scale = w / sqrt(var + eps)`, `shift = b - mean * scale` (differentiable in `w`, `b`).
+    pub fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
+        let inv_std = (self.running_var.as_detached_tensor() + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let scale = (&self.weight * inv_std)?;
+        let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
+        Ok((scale, shift))
     }
 }
