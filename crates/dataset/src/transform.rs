@@ -52,7 +52,9 @@ impl TransformedItem {
 /// `ymin..=ymax`, i.e. the continuous extent `[ymin, ymax + 1)`; that extent is flipped, cropped,
 /// clamped and scaled, so a box painted on the image still bounds the painted pixels afterwards.
 /// Boxes whose pixel area `(ymax - ymin + 1) * (xmax - xmin + 1)` is `<= boxarea_th` after
-/// resizing are dropped, together with their labels.
+/// resizing are dropped, together with their labels; so are boxes whose extent is at most one
+/// pixel high or wide (a crop edge grazing a wide object): as inclusive boxes they would have
+/// `ymax <= ymin`, which the encoder refuses or turns into `ln(0)` regression targets.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DetectionTransform {
     /// Output side `S` (items are `S x S`).
@@ -234,7 +236,7 @@ impl DetectionTransform {
         let mut out_labels = Vec::with_capacity(mapped.len());
         for (e, &l) in mapped.iter().zip(labels) {
             let (bh, bw) = (e[2] - e[0], e[3] - e[1]);
-            if bh <= 0.0 || bw <= 0.0 || bh * bw <= self.boxarea_th as f64 {
+            if bh <= 1.0 || bw <= 1.0 || bh * bw <= self.boxarea_th as f64 {
                 continue;
             }
             out_boxes.push([

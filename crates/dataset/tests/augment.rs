@@ -192,6 +192,22 @@ fn small_boxes_are_dropped_after_resize() {
         &mut item_rng(0, 0, 0),
     );
     assert_eq!(out.boxes, vec![[0.0, 0.0, 49.0, 24.0]]);
+    // A wide box cut to a sliver by the image edge: a 0.5 x 45 extent is 22.5 px^2 but a
+    // 0.9 x 45 one (40.5 px^2) would pass the area test as an inverted box; both are dropped,
+    // a 1.5-pixel-high one is kept.
+    let out = t.apply(
+        &img,
+        &[
+            [-10.0, 0.0, 0.0, 89.0],
+            [-10.0, 0.0, 0.8, 89.0],
+            [-10.0, 0.0, 1.0, 89.0],
+            [-10.0, 0.0, 2.0, 89.0],
+        ],
+        &[1, 2, 3, 4],
+        &mut item_rng(0, 0, 0),
+    );
+    assert_eq!(out.labels, vec![4]);
+    assert_eq!(out.boxes, vec![[0.0, 0.0, 0.5, 44.0]]);
 }
 
 #[test]
