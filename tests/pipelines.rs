@@ -35,6 +35,7 @@ num_train = 24
 num_eval = 6
 image_size = 72
 max_objects = 3
+object_size = [12.0, 36.0]
 seed = 1
 [train]
 epochs = {epochs}

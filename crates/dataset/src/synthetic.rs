@@ -7,8 +7,8 @@
 //! dataset behind.
 //!
 //! Detection scenes: a varied background (flat, gradient, noise or stripes), clutter (thin lines
-//! and small dots, never labelled), and 1..=`max_objects` shapes of random colour and size (from
-//! ~12 px to half the image). Shapes may overlap, but a new shape may not hide more than half of
+//! and small dots, never labelled), and 1..=`max_objects` shapes of random colour and size
+//! (`object_size`, by default 20 px to half the image). Shapes may overlap, but a new shape may not hide more than half of
 //! an earlier one; each box is the exact bounding box of the shape's visible pixels.
 
 use std::path::{Path, PathBuf};
@@ -71,6 +71,9 @@ pub struct SyntheticConfig {
     pub classes: Vec<Shape>,
     /// Most objects in one detection scene (at least 1 is placed).
     pub max_objects: usize,
+    /// Side range `[min, max]` of the detection shapes in scene pixels (drawn log-uniformly, so
+    /// each octave is equally common).
+    pub object_size: [f32; 2],
     /// Seed of everything.
     pub seed: u64,
 }
@@ -84,6 +87,7 @@ impl Default for SyntheticConfig {
             num_eval: 200,
             classes: Shape::ALL.to_vec(),
             max_objects: 5,
+            object_size: [20.0, 80.0],
             seed: 0,
         }
     }
@@ -106,12 +110,25 @@ impl SyntheticConfig {
                 "synthetic data needs at least one class, one train image, one eval image and max_objects >= 1".into(),
             ));
         }
+        let [lo, hi] = self.object_size;
+        if !(lo >= 4.0 && lo <= hi && hi <= self.image_size as f32 - 2.0) {
+            return Err(DatasetError::Invalid(format!(
+                "synthetic object_size = [{lo}, {hi}] must satisfy 4 <= min <= max <= image_size - 2 = {}",
+                self.image_size as f32 - 2.0
+            )));
+        }
         Ok(())
     }
 
     fn key(&self, kind: &str) -> String {
+        // Classification images do not use the object sizes: leave them out of that key.
+        let sizes = if kind == "cls" {
+            String::new()
+        } else {
+            format!("|{:?}", self.object_size)
+        };
         let desc = format!(
-            "{kind}|{}|{}|{}|{}|{:?}|{}|{}|v1",
+            "{kind}|{}|{}|{}|{}|{:?}|{}|{}{sizes}|v1",
             self.image_size,
             self.class_image_size,
             self.num_train,
@@ -420,7 +437,7 @@ impl Placed {
         rng: &mut StdRng,
     ) -> Placed {
         // Log-uniform size so small objects are as common as large ones.
-        let s = (rng.random_range(size_lo.ln()..size_hi.ln())).exp();
+        let s = (rng.random_range(size_lo.ln()..=size_hi.ln())).exp();
         let aspect: f32 = match shape {
             Shape::Cross => rng.random_range(0.8..1.25),
             _ => rng.random_range(0.6..1.6),
@@ -520,7 +537,7 @@ pub fn detection_scene(
     let mut full: Vec<usize> = Vec::new();
     let mut labels = Vec::new();
     let n = rng.random_range(1..=config.max_objects);
-    let (lo, hi) = (12.0f32, config.image_size as f32 / 2.0);
+    let [lo, hi] = config.object_size;
     for _ in 0..n {
         let ci = rng.random_range(0..config.classes.len());
         for _try in 0..20 {

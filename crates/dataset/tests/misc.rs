@@ -132,11 +132,47 @@ fn synthetic_data_is_deterministic() {
         d1.path(),
         &SyntheticConfig {
             image_size: 8,
-            ..cfg
+            ..cfg.clone()
         },
     )
     .unwrap_err();
     assert!(matches!(e, DatasetError::Invalid(_)));
+    for object_size in [[3.0, 20.0], [30.0, 20.0], [20.0, 159.0]] {
+        let e = synthetic::ensure_detection(
+            d1.path(),
+            &SyntheticConfig {
+                object_size,
+                ..cfg.clone()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("object_size"),
+            "{object_size:?}: {e}"
+        );
+    }
+}
+
+#[test]
+fn synthetic_object_sizes_follow_the_config() {
+    use retinanet_dataset::loader::item_rng;
+    // Visible bounds: never above the largest side (plus rounding), and the largest visible side
+    // of an unoccluded scene's shape at least about the smallest.
+    for object_size in [[10.0f32, 16.0], [40.0, 60.0]] {
+        let cfg = SyntheticConfig {
+            object_size,
+            max_objects: 1,
+            ..Default::default()
+        };
+        for i in 0..30 {
+            let (_, boxes, _) = synthetic::detection_scene(&cfg, &mut item_rng(3, 4, i));
+            for b in &boxes {
+                let side = (b[2] - b[0]).max(b[3] - b[1]) + 1.0;
+                assert!(side <= object_size[1] * 1.5 + 2.0, "{object_size:?}: {b:?}");
+                assert!(side >= object_size[0] * 0.5, "{object_size:?}: {b:?}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -33,6 +33,8 @@ pub enum DetectionSourceConfig {
         num_eval: usize,
         image_size: u32,
         max_objects: usize,
+        /// Side range `[min, max]` of the shapes, in scene pixels.
+        object_size: [f32; 2],
         seed: u64,
     },
     /// The tutorial's list files.

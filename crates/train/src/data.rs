@@ -22,6 +22,7 @@ pub fn open_detection(src: &DetectionSourceConfig) -> Result<(DetectionDataset, 
             num_eval,
             image_size,
             max_objects,
+            object_size,
             seed,
         } => {
             let cfg = SyntheticConfig {
@@ -29,6 +30,7 @@ pub fn open_detection(src: &DetectionSourceConfig) -> Result<(DetectionDataset, 
                 num_train: *num_train,
                 num_eval: *num_eval,
                 max_objects: *max_objects,
+                object_size: *object_size,
                 seed: *seed,
                 classes: Shape::ALL.to_vec(),
                 ..SyntheticConfig::default()
