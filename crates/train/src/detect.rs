@@ -265,17 +265,18 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
             }
             let grads = loss.total.backward()?;
             let clip = (cfg.train.grad_clip > 0.0).then_some(cfg.train.grad_clip);
-            opt.step(&grads, lr, clip)?;
+            let grad_norm = opt.step(&grads, lr, clip)?;
             step += 1;
             batch_in_epoch = batch.batch + 1;
             let dt = last.elapsed().as_secs_f64();
             last = Instant::now();
             let ips = batch.boxes.len() as f64 / dt.max(1e-9);
+            // The gradient norm is known (and logged) when clipping computes it.
             train_log.write(&json!({
                 "step": step, "epoch": epoch, "loss": total,
                 "cls": loss.cls.to_scalar::<f32>()?, "reg": loss.reg.to_scalar::<f32>()?,
                 "positives": loss.num_positive, "lr": lr, "images_per_s": ips,
-                "elapsed_s": t0.elapsed().as_secs_f64(),
+                "grad_norm": grad_norm, "elapsed_s": t0.elapsed().as_secs_f64(),
             }))?;
             progress.inc(
                 1,
