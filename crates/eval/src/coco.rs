@@ -331,17 +331,10 @@ impl CocoEvaluator {
         det_scores: &[f32],
     ) -> Result<(), EvalError> {
         let gt = GroundTruth {
-            boxes: gt_boxes,
-            labels: gt_labels,
             crowd: gt_crowd,
-            ..Default::default()
+            ..GroundTruth::new(gt_boxes, gt_labels)
         };
-        let det = Detections {
-            boxes: det_boxes,
-            labels: det_labels,
-            scores: det_scores,
-        };
-        self.add(&gt, &det)
+        self.add(&gt, &Detections::new(det_boxes, det_labels, det_scores))
     }
 
     /// Adds one image given as [`GroundTruth`] (uses `crowd` and `areas`; `difficult` is a VOC

@@ -33,6 +33,29 @@ pub struct Detections<'a> {
     pub scores: &'a [f32],
 }
 
+impl<'a> GroundTruth<'a> {
+    /// Boxes and labels, with no difficult, crowd or area information (set those fields with
+    /// struct update syntax: `GroundTruth { crowd: Some(c), ..GroundTruth::new(b, l) }`).
+    pub fn new(boxes: &'a [[f32; 4]], labels: &'a [u32]) -> Self {
+        Self {
+            boxes,
+            labels,
+            ..Default::default()
+        }
+    }
+}
+
+impl<'a> Detections<'a> {
+    /// Detections from their three parallel slices.
+    pub fn new(boxes: &'a [[f32; 4]], labels: &'a [u32], scores: &'a [f32]) -> Self {
+        Self {
+            boxes,
+            labels,
+            scores,
+        }
+    }
+}
+
 fn check_len(
     image: usize,
     what: &'static str,

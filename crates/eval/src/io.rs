@@ -47,11 +47,7 @@ pub struct DetectionRecord {
 impl DetectionRecord {
     /// A borrowed view for the evaluators.
     pub fn as_detections(&self) -> Detections<'_> {
-        Detections {
-            boxes: &self.boxes,
-            labels: &self.labels,
-            scores: &self.scores,
-        }
+        Detections::new(&self.boxes, &self.labels, &self.scores)
     }
 }
 

@@ -252,19 +252,10 @@ impl Evaluator {
         det_scores: &[f32],
     ) -> Result<(), EvalError> {
         let gt = GroundTruth {
-            boxes: gt_boxes,
-            labels: gt_labels,
             difficult: gt_difficult,
-            ..Default::default()
+            ..GroundTruth::new(gt_boxes, gt_labels)
         };
-        self.add(
-            &gt,
-            &Detections {
-                boxes: det_boxes,
-                labels: det_labels,
-                scores: det_scores,
-            },
-        )
+        self.add(&gt, &Detections::new(det_boxes, det_labels, det_scores))
     }
 
     /// Adds one image to both evaluations. On error nothing is recorded.

@@ -133,17 +133,10 @@ impl VocEvaluator {
         det_scores: &[f32],
     ) -> Result<(), EvalError> {
         let gt = GroundTruth {
-            boxes: gt_boxes,
-            labels: gt_labels,
             difficult: gt_difficult,
-            ..Default::default()
+            ..GroundTruth::new(gt_boxes, gt_labels)
         };
-        let det = Detections {
-            boxes: det_boxes,
-            labels: det_labels,
-            scores: det_scores,
-        };
-        self.add(&gt, &det)
+        self.add(&gt, &Detections::new(det_boxes, det_labels, det_scores))
     }
 
     /// Adds one image given as [`GroundTruth`] and [`Detections`] (`crowd` and `areas` are not

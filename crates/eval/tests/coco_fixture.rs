@@ -95,11 +95,7 @@ impl Image {
         }
     }
     fn det(&self) -> Detections<'_> {
-        Detections {
-            boxes: &self.det_boxes,
-            labels: &self.det_labels,
-            scores: &self.det_scores,
-        }
+        Detections::new(&self.det_boxes, &self.det_labels, &self.det_scores)
     }
 }
 
