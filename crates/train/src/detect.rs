@@ -236,9 +236,18 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
     let mut progress = Progress::new("train", total_steps as u64, opts.quiet);
     progress.inc(step as u64, "");
     let mut report = None;
+    // The step `report` was evaluated at.
+    let mut eval_step = None;
     let mut stopped_early = false;
     let time_limit =
         (cfg.train.time_limit_minutes > 0.0).then_some(cfg.train.time_limit_minutes * 60.0);
+    let out_of_time = || time_limit.is_some_and(|t| t0.elapsed().as_secs_f64() >= t);
+    let time_up = |step: usize| {
+        format!(
+            "time limit of {} min reached at step {step}",
+            cfg.train.time_limit_minutes
+        )
+    };
     'epochs: while epoch < cfg.train.epochs {
         let mut last = Instant::now();
         // `from_position` runs on into the next epochs: take what is left of this one.
@@ -283,7 +292,7 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
                 &format!("ep {epoch} loss {total:.4} lr {lr:.2e} {ips:.1} img/s"),
             );
 
-            let out_of_time = time_limit.is_some_and(|t| t0.elapsed().as_secs_f64() >= t);
+            let out_of_time = out_of_time();
             let at_max = opts.max_steps.is_some_and(|m| step >= m);
             if step % cfg.train.checkpoint_every == 0
                 || opts.stop_requested()
@@ -303,10 +312,7 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
                 break 'epochs;
             }
             if out_of_time {
-                progress.println(&format!(
-                    "time limit of {} min reached at step {step}",
-                    cfg.train.time_limit_minutes
-                ));
+                progress.println(&time_up(step));
                 stopped_early = true;
                 break 'epochs;
             }
@@ -319,14 +325,28 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
             let r = evaluate_model(&model, &encoder, eval_ds.clone(), cfg, &device, opts.quiet)?;
             log_eval(&mut eval_log, &progress, &r, step, epoch, t0)?;
             report = Some(r);
+            eval_step = Some(step);
             write_plots(&run)?;
+        }
+        // The limit may pass during that evaluation: stop here rather than after one more step
+        // and a second evaluation.
+        if out_of_time() {
+            progress.println(&time_up(step));
+            stopped_early = true;
+            break 'epochs;
         }
     }
     progress.finish();
-    // A final evaluation unless the run was interrupted.
+    // A final evaluation unless the run was interrupted (or one was just made at this step).
     if !opts.stop_requested() && opts.max_steps.is_none_or(|m| step < m) {
-        let r = evaluate_model(&model, &encoder, eval_ds, cfg, &device, opts.quiet)?;
-        log_eval(&mut eval_log, &progress, &r, step, epoch, t0)?;
+        let r = match report.take().filter(|_| eval_step == Some(step)) {
+            Some(r) => r,
+            None => {
+                let r = evaluate_model(&model, &encoder, eval_ds, cfg, &device, opts.quiet)?;
+                log_eval(&mut eval_log, &progress, &r, step, epoch, t0)?;
+                r
+            }
+        };
         std::fs::write(run.file("report.json"), r.to_json())?;
         std::fs::write(run.file("report.txt"), r.to_table())?;
         report = Some(r);
