@@ -544,7 +544,54 @@ pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<
     if crate::winograd::suitable(g) && group_size(g, par::threads()) == 1 {
         return crate::winograd::backward_input(g, dy, wt);
     }
+    if let Some(gt) = transposed(g) {
+        return forward(&gt, dy, &flip_transpose(g, wt), None, false);
+    }
     backward_input_im2col(g, dy, wt)
+}
+
+/// For a stride-1 convolution with a square kernel and `padding < k`, the input gradient is a
+/// forward convolution of `dy` with the kernel rotated by 180 degrees and its channel axes
+/// swapped, at padding `k - 1 - padding`: this geometry. Its gemm has the long `Cout*k*k` inner
+/// dimension of a forward pass (instead of `Cout`) and its patch matrix is gathered by im2col
+/// rather than scattered by col2im. Pointwise convolutions keep their plain gemm.
+fn transposed(g: &Geom) -> Option<Geom> {
+    let ok = g.p.stride == 1
+        && g.p.dilation == 1
+        && g.kh == g.kw
+        && g.p.padding < g.kh
+        && !g.is_pointwise();
+    ok.then(|| Geom {
+        b: g.b,
+        cin: g.cout,
+        h: g.oh,
+        w: g.ow,
+        cout: g.cin,
+        kh: g.kh,
+        kw: g.kw,
+        oh: g.h,
+        ow: g.w,
+        p: ConvParams {
+            padding: g.kh - 1 - g.p.padding,
+            ..g.p
+        },
+    })
+}
+
+/// `w'[ci][co][y][x] = w[co][ci][kh-1-y][kw-1-x]`: the weights of [`transposed`].
+fn flip_transpose<T: WithDType>(g: &Geom, wt: &[T]) -> Vec<T> {
+    let kk = g.kh * g.kw;
+    let mut out = vec![T::zero(); wt.len()];
+    for co in 0..g.cout {
+        for ci in 0..g.cin {
+            let src = &wt[(co * g.cin + ci) * kk..][..kk];
+            let dst = &mut out[(ci * g.cout + co) * kk..][..kk];
+            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *s;
+            }
+        }
+    }
+    out
 }
 
 /// [`backward_input`] through gemm + col2im, whatever the geometry.
