@@ -406,6 +406,17 @@ fn group_size(g: &Geom, threads: usize) -> usize {
 /// stage 3 at 129 px, 17x17 at 257 px).
 const SMALL_MAP: usize = 289;
 
+/// Patch matrices of images `b0..b0 + n` of `x` side by side in `cols` (`[Cin*kh*kw, n * OHW]`).
+fn group_cols<T: WithDType>(g: &Geom, x: &[T], b0: usize, n: usize, cols: &mut [T]) {
+    let (ohw, chw) = (g.ohw(), g.cin * g.h * g.w);
+    par::sequential(|| {
+        for i in 0..n {
+            let xb = &x[(b0 + i) * chw..(b0 + i + 1) * chw];
+            im2col_at(g, xb, 0..g.oh, cols, (n * ohw, i * ohw));
+        }
+    });
+}
+
 /// Copies images `b0..b0 + n` of `src` (`[B, C, HW]`) into `dst` as one `[C, n * HW]` matrix.
 fn gather_group<T: WithDType>(src: &[T], b0: usize, n: usize, c: usize, hw: usize, dst: &mut [T]) {
     let ld = n * hw;
@@ -417,6 +428,12 @@ fn gather_group<T: WithDType>(src: &[T], b0: usize, n: usize, c: usize, hw: usiz
     }
 }
 
+/// Winograd for the geometries it suits, unless the grouped im2col path takes them (small maps,
+/// where Winograd's 2x2 tiles waste a large share of the work on the border).
+fn use_winograd(g: &Geom) -> bool {
+    crate::winograd::suitable(g) && group_size(g, par::threads()) == 1
+}
+
 /// Forward pass: `y[b] = W · cols(x[b]) (+ bias)`, optionally followed by a ReLU.
 pub(crate) fn forward<T: WithDType>(
     g: &Geom,
@@ -425,7 +442,7 @@ pub(crate) fn forward<T: WithDType>(
     bias: Option<&[T]>,
     relu: bool,
 ) -> Vec<T> {
-    if crate::winograd::suitable(g) && group_size(g, par::threads()) == 1 {
+    if use_winograd(g) {
         return crate::winograd::forward(g, x, wt, bias, relu);
     }
     forward_im2col(g, x, wt, bias, relu)
@@ -451,12 +468,7 @@ pub(crate) fn forward_im2col<T: WithDType>(
                 let ld = n * ohw;
                 par::with_scratch((k + g.cout) * ld, |buf: &mut [T]| {
                     let (cols, out) = buf.split_at_mut(k * ld);
-                    par::sequential(|| {
-                        for i in 0..n {
-                            let xb = &x[(b0 + i) * chw..(b0 + i + 1) * chw];
-                            im2col_at(g, xb, 0..g.oh, cols, (ld, i * ohw));
-                        }
-                    });
+                    group_cols(g, x, b0, n, cols);
                     gemm(g.cout, ld, k, out, ld, false, wt, (k, 1), cols, (ld, 1), 1);
                     // Back to [n, Cout, HW], adding the bias and applying the ReLU on the way.
                     for (j, dst) in yg.chunks_exact_mut(ohw).enumerate() {
@@ -541,7 +553,7 @@ fn with_cols<T: WithDType, R>(
 
 /// Input gradient: `dx[b] = col2im(Wᵀ · dy[b])`.
 pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
-    if crate::winograd::suitable(g) && group_size(g, par::threads()) == 1 {
+    if use_winograd(g) {
         return crate::winograd::backward_input(g, dy, wt);
     }
     if let Some(gt) = transposed(g) {
@@ -691,12 +703,7 @@ pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<
                 par::with_scratch((g.cout + k) * ld, |buf: &mut [T]| {
                     let (dyg, cols) = buf.split_at_mut(g.cout * ld);
                     gather_group(dy, b0, n, g.cout, ohw, dyg);
-                    par::sequential(|| {
-                        for i in 0..n {
-                            let xb = &x[(b0 + i) * chw..(b0 + i + 1) * chw];
-                            im2col_at(g, xb, 0..g.oh, cols, (ld, i * ohw));
-                        }
-                    });
+                    group_cols(g, x, b0, n, cols);
                     gemm(
                         g.cout,
                         k,
@@ -852,8 +859,7 @@ impl CustomOp2 for Conv2d {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = mask_relu(grad, res, self.relu)?;
-        let (gx, gw) = conv_grads(self.p, x, w, &grad)?;
-        Ok((gx, gw))
+        conv_grads(self.p, x, w, &grad)
     }
 }
 
@@ -1103,6 +1109,13 @@ fn conv2d_act(
         Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv2dBias { p, relu }),
         None => x.apply_op2(&w, Conv2d { p, relu }),
     }
+}
+
+/// Output dims `[B, Cout, OH, OW]` of a convolution of `x_dims` by `w_dims` (errors as
+/// [`conv2d`] would).
+pub fn conv2d_out_dims(x_dims: &[usize], w_dims: &[usize], p: ConvParams) -> Result<[usize; 4]> {
+    let g = Geom::new(x_dims, w_dims, p)?;
+    Ok([g.b, g.cout, g.oh, g.ow])
 }
 
 /// Multiply-adds of the forward pass of a convolution of `x_dims` with `w_dims` (backward costs
