@@ -239,6 +239,15 @@ pub fn upsample_bilinear_ac(x: &Tensor, out_h: usize, out_w: usize) -> Result<Te
         .reshape((b, c, out_h, out_w))
 }
 
+/// retinanet-kernels' parameters of a candle convolution (groups are checked by the callers).
+pub(crate) fn kernel_params(cfg: &candle_nn::Conv2dConfig) -> retinanet_kernels::ConvParams {
+    retinanet_kernels::ConvParams {
+        stride: cfg.stride,
+        padding: cfg.padding,
+        dilation: cfg.dilation,
+    }
+}
+
 /// Applies a candle-nn convolution (groups 1) with a faster backward pass on the CPU.
 ///
 /// candle 0.11 computes a convolution's input gradient with direct `conv_transpose2d` loops,
@@ -258,12 +267,7 @@ pub fn conv2d(x: &Tensor, conv: &candle_nn::Conv2d) -> Result<Tensor> {
     // The CPU path: retinanet-kernels' im2col/Winograd + gemm convolution with its own backward
     // (2-4x candle's on this model), bias added in the same pass.
     if x.device().is_cpu() && cfg.groups == 1 && x.dtype() == DType::F32 {
-        let p = retinanet_kernels::ConvParams {
-            stride: cfg.stride,
-            padding: cfg.padding,
-            dilation: cfg.dilation,
-        };
-        return retinanet_kernels::conv2d(x, w, conv.bias(), p);
+        return retinanet_kernels::conv2d(x, w, conv.bias(), kernel_params(&cfg));
     }
     let tracked = x.track_op() || w.track_op();
     if !tracked {
@@ -485,12 +489,7 @@ impl CustomOp1 for Col2Im {
 pub fn conv2d_relu(x: &Tensor, conv: &candle_nn::Conv2d) -> Result<Tensor> {
     let cfg = *conv.config();
     if x.device().is_cpu() && cfg.groups == 1 && x.dtype() == DType::F32 {
-        let p = retinanet_kernels::ConvParams {
-            stride: cfg.stride,
-            padding: cfg.padding,
-            dilation: cfg.dilation,
-        };
-        return retinanet_kernels::conv2d_relu(x, conv.weight(), conv.bias(), p);
+        return retinanet_kernels::conv2d_relu(x, conv.weight(), conv.bias(), kernel_params(&cfg));
     }
     conv2d(x, conv)?.relu()
 }

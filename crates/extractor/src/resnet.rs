@@ -1,7 +1,7 @@
 //! ResNet-18/34/50/101 with torchvision's tensor names.
 
 use crate::bn::BatchNorm2d;
-use crate::ops::{conv2d, conv2d_relu, max_pool2d};
+use crate::ops::{conv2d, conv2d_relu, kernel_params, max_pool2d};
 use candle_core::{Module, Result, Tensor, bail};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
@@ -172,11 +172,13 @@ fn conv_bn(
     bn_train: bool,
     relu: bool,
 ) -> Result<Tensor> {
-    let (b, _, h, w) = x.dims4()?;
-    let (cout, _, kh, kw) = conv.weight().dims4()?;
-    let cfg = conv.config();
-    let side = |n: usize, k: usize| (n + 2 * cfg.padding).saturating_sub(k) / cfg.stride + 1;
-    let out_elems = b * cout * side(h, kh) * side(w, kw);
+    let out_elems: usize = retinanet_kernels::conv2d_out_dims(
+        x.dims(),
+        conv.weight().dims(),
+        kernel_params(conv.config()),
+    )?
+    .iter()
+    .product();
     if bn_train || conv.bias().is_some() || conv.weight().elem_count() > out_elems {
         let y = bn.forward_t(&conv2d(x, conv)?, bn_train)?;
         return if relu {

@@ -40,7 +40,7 @@ mod sgd;
 mod winograd;
 
 pub use bn::{BatchNormOutput, add_relu, batch_norm_train, channel_affine, relu};
-pub use conv::{ConvParams, conv2d, conv2d_macs, conv2d_relu};
+pub use conv::{ConvParams, conv2d, conv2d_macs, conv2d_out_dims, conv2d_relu};
 pub use sgd::{SgdStep, sgd_step, sgd_supported};
 
 /// Sets the thread counts of the process when the environment does not: `RAYON_NUM_THREADS` (read
