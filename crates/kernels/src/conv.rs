@@ -180,8 +180,8 @@ pub(crate) fn im2col_at<T: WithDType>(
                         continue;
                     }
                     let src_row = &plane[iy as usize * g.w..][..g.w];
-                    dst[..xlo].fill(T::zero());
-                    dst[xhi..].fill(T::zero());
+                    zero(&mut dst[..xlo]);
+                    zero(&mut dst[xhi..]);
                     if xhi > xlo {
                         let ix0 = g.src(xlo, kx) as usize;
                         if s == 1 {
@@ -220,8 +220,8 @@ fn copy_shifted<T: WithDType>(
     let (r0, r1) = (rows.start as isize, rows.end as isize);
     let a = r0.max(-dy).min(r1);
     let b = r1.min(h - dy).max(a);
-    row[..((a - r0) * w) as usize].fill(T::zero());
-    row[((b - r0) * w) as usize..].fill(T::zero());
+    zero(&mut row[..((a - r0) * w) as usize]);
+    zero(&mut row[((b - r0) * w) as usize..]);
     let seg = &mut row[((a - r0) * w) as usize..((b - r0) * w) as usize];
     if seg.is_empty() {
         return;
@@ -235,17 +235,33 @@ fn copy_shifted<T: WithDType>(
     let len = seg.len() as isize;
     let t0 = (-start).clamp(0, len);
     let t1 = (plane.len() as isize - start).clamp(t0, len);
-    seg[..t0 as usize].fill(T::zero());
-    seg[t1 as usize..].fill(T::zero());
+    zero(&mut seg[..t0 as usize]);
+    zero(&mut seg[t1 as usize..]);
     seg[t0 as usize..t1 as usize]
         .copy_from_slice(&plane[(start + t0) as usize..(start + t1) as usize]);
+    // The columns that wrapped into the neighbouring input row: |dx| <= padding a row.
     let k = dx.unsigned_abs();
-    for r in seg.chunks_exact_mut(g.w) {
-        if dx < 0 {
-            r[..k].fill(T::zero());
-        } else if dx > 0 {
-            r[g.w - k..].fill(T::zero());
+    if k > 0 {
+        let first = if dx < 0 { 0 } else { g.w - k };
+        for r in seg.chunks_exact_mut(g.w) {
+            zero(&mut r[first..first + k]);
         }
+    }
+}
+
+/// Zeroes a slice that is usually empty or a few elements long. `fill` (and any loop the
+/// compiler recognises) calls memset even for no element; copy_shifted zeroes such pieces for
+/// every channel, tap and row, and those calls were ~6% of the small default model's training
+/// step.
+#[inline(always)]
+fn zero<T: WithDType>(s: &mut [T]) {
+    let z = T::zero();
+    match s {
+        [] => {}
+        [a] => *a = z,
+        [a, b] => (*a, *b) = (z, z),
+        [a, b, c] => (*a, *b, *c) = (z, z, z),
+        _ => s.fill(z),
     }
 }
 
