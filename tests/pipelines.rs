@@ -52,6 +52,7 @@ time_limit_minutes = 0.0
 [train.lr]
 lr = 0.01
 boundaries = [10]
+progress_boundaries = [0.25]
 decay = 0.1
 warmup_steps = 3
 warmup_factor = 0.1
@@ -99,6 +100,7 @@ time_limit_minutes = 0.0
 [train.lr]
 lr = 0.05
 boundaries = [4]
+progress_boundaries = [0.5]
 decay = 0.1
 warmup_steps = 0
 warmup_factor = 1.0
@@ -246,6 +248,10 @@ fn a_stopped_and_resumed_run_equals_an_uninterrupted_one() {
         assert_eq!(va, vb, "tensor {k} differs after resume");
     }
     assert_eq!(a.meta.step, b.meta.step);
+    // The progress decay fired at step 3 of 12 (before the stop) and was restored on resume:
+    // without it the resumed steps would run at 10x the rate and the weights would differ.
+    assert_eq!(a.meta.extra["progress_decays"].to_string(), "[3]");
+    assert_eq!(b.meta.extra["progress_decays"].to_string(), "[3]");
     // The resumed log has one line per step, none duplicated.
     let log = std::fs::read_to_string(second.run.train_log()).unwrap();
     assert_eq!(log.lines().count(), 12);

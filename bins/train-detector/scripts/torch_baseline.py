@@ -19,6 +19,8 @@ ap.add_argument('--data', help='a synthetic detection cache folder (train.txt, e
 ap.add_argument('--lr', type=float, default=0.02)
 ap.add_argument('--warmup', type=int, default=100)
 ap.add_argument('--boundary', type=int, default=10**9)
+ap.add_argument('--decay-at', type=float, default=0.0, help='x0.1 once this fraction of --minutes has passed (0: only at --boundary)')
+ap.add_argument('--clip', type=float, default=0.0, help='global gradient-norm clip (0: none)')
 ap.add_argument('--minutes', type=float, default=10.0)
 ap.add_argument('--eval-at', type=str, default='6,10')
 ap.add_argument('--batch', type=int, default=16)
@@ -140,8 +142,9 @@ enc.a_hw, enc.scales, enc.first_stride, enc.th = A_HW, 4, 8, (0.3, 0.5)
 enc.yxyx, enc.yxhw = gen_anchors(A_HW, 4, (S, S), 8); enc.an = enc.yxyx.shape[0]
 opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
 
-def lr_at(step):
-    base = args.lr * (0.1 if step >= args.boundary else 1.0)
+def lr_at(step, el=0.0):
+    decayed = step >= args.boundary or (args.decay_at > 0 and el >= args.decay_at * args.minutes * 60)
+    base = args.lr * (0.1 if decayed else 1.0)
     if step < args.warmup: return base * (0.1 + 0.9 * step / args.warmup)
     return base
 
@@ -195,12 +198,15 @@ while True:
     items = [train_item(timg[j], train[j][1], train[j][2]) for j in idx]
     x = torch.stack([it[0] for it in items])
     tc, tr = enc.encode([it[2] for it in items], [it[1] for it in items])
-    for g in opt.param_groups: g['lr'] = lr_at(step)
+    lr = lr_at(step, time.time() - t0)
+    for g in opt.param_groups: g['lr'] = lr
     c, r = model(x)
     loss = focal_loss_detection(c, r, tc, tr)
-    opt.zero_grad(); loss.backward(); opt.step(); step += 1
+    opt.zero_grad(); loss.backward()
+    if args.clip > 0: torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    opt.step(); step += 1
     el = time.time() - t0
-    if step % 50 == 0: print(f'step {step} t {el:.1f}s loss {loss.item():.4f} lr {lr_at(step):.4f}', flush=True)
+    if step % 50 == 0: print(f'step {step} t {el:.1f}s loss {loss.item():.4f} lr {lr:.4f}', flush=True)
     if evals and el >= evals[0]:
         te = time.time(); evaluate(f'{evals[0] / 60:g}min'); print(f'eval at step {step}, {el:.1f}s (took {time.time() - te:.1f}s)', flush=True)
         t0 += time.time() - te; evals.pop(0)

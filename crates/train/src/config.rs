@@ -100,7 +100,8 @@ pub struct DetectorTrainConfig {
     pub pretrained: String,
     /// Write a checkpoint every this many steps (and at each epoch end).
     pub checkpoint_every: usize,
-    /// Stop (with a checkpoint) after this many minutes of training (0: no limit).
+    /// Stop (with a checkpoint) after this many minutes of training (0: no limit); the run's
+    /// total, resumes included (the clock is kept in the checkpoint).
     pub time_limit_minutes: f64,
     /// Learning-rate schedule (boundaries in steps).
     pub lr: LrSchedule,
@@ -199,7 +200,8 @@ pub struct PretrainTrainConfig {
     pub momentum: f64,
     /// L2 weight decay.
     pub weight_decay: f64,
-    /// Stop (with a checkpoint) after this many minutes (0: no limit).
+    /// Stop (with a checkpoint) after this many minutes (0: no limit); the run's total, resumes
+    /// included.
     pub time_limit_minutes: f64,
     /// Learning-rate schedule.
     pub lr: LrSchedule,

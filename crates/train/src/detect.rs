@@ -25,6 +25,7 @@ use crate::optim::Sgd;
 use crate::plot::{Series, plot_lines, smooth};
 use crate::progress::Progress;
 use crate::run::{JsonLog, RunDir, RunOptions, read_series};
+use crate::schedule::{ProgressDecays, resume_clock, run_progress};
 
 /// What a training run ended with.
 #[derive(Clone, Debug)]
@@ -151,7 +152,7 @@ pub fn evaluate_model(
 /// Trains a detector as `cfg` says; see the crate docs for the run folder's contents.
 pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<TrainSummary> {
     validate(cfg)?;
-    let t0 = Instant::now();
+    let mut t0 = Instant::now();
     let device = parse_device(&cfg.device)?;
     let run = RunDir::create(&opts.runs_dir, &cfg.name)?;
     let (train_ds, eval_ds) = open_detection(&cfg.data.source)?;
@@ -173,6 +174,7 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
 
     // Where to start: a fresh run, or the checkpoint of this run folder.
     let (mut step, mut epoch, mut batch_in_epoch) = (0usize, 0usize, 0usize);
+    let mut decays = ProgressDecays::default();
     let ck_path = run.checkpoint();
     if opts.resume {
         let ck = load_checkpoint(&ck_path, &device)
@@ -183,6 +185,8 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
         assign_from(&varmap, &ck.tensors, &ck_path)?;
         opt.load_state(&ck.tensors)?;
         (step, epoch, batch_in_epoch) = (ck.meta.step, ck.meta.epoch, ck.meta.batch_in_epoch);
+        (decays, t0) = resume_clock(&ck.meta.extra, cfg.train.time_limit_minutes)
+            .with_context(|| format!("cannot resume run {}", run.root.display()))?;
         if !opts.quiet {
             eprintln!(
                 "resuming {} at step {step} (epoch {epoch}, batch {batch_in_epoch})",
@@ -256,7 +260,10 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
             .take(per_epoch - batch_in_epoch)
         {
             let batch = batch?;
-            let lr = cfg.train.lr.at(step);
+            let elapsed = t0.elapsed().as_secs_f64();
+            let done = run_progress(step, total_steps, elapsed, time_limit);
+            cfg.train.lr.advance(&mut decays, step, done);
+            let lr = cfg.train.lr.at_progress(step, &decays);
             let images = batch.images.to_device(&device)?;
             let (cls, reg) = model.forward_t(&images, true)?;
             let targets = encoder
@@ -304,7 +311,12 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
                 } else {
                     (epoch, batch_in_epoch)
                 };
-                writer.save(&varmap, &opt, (step, e, b), json!({}))?;
+                writer.save(
+                    &varmap,
+                    &opt,
+                    (step, e, b),
+                    decays.to_extra(t0.elapsed().as_secs_f64()),
+                )?;
             }
             if opts.stop_requested() || at_max {
                 progress.println(&format!("stopped at step {step}; resume with --resume"));
@@ -319,7 +331,12 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
         }
         epoch += 1;
         batch_in_epoch = 0;
-        writer.save(&varmap, &opt, (step, epoch, 0), json!({}))?;
+        writer.save(
+            &varmap,
+            &opt,
+            (step, epoch, 0),
+            decays.to_extra(t0.elapsed().as_secs_f64()),
+        )?;
         let last_epoch = epoch == cfg.train.epochs;
         if cfg.eval.every_epochs > 0 && epoch % cfg.eval.every_epochs == 0 && !last_epoch {
             let r = evaluate_model(&model, &encoder, eval_ds.clone(), cfg, &device, opts.quiet)?;

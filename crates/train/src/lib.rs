@@ -32,4 +32,4 @@ pub use optim::Sgd;
 pub use pretrain::{PretrainSummary, pretrain};
 pub use run::{RunDir, RunOptions, latest_run};
 pub use runtime::init_runtime;
-pub use schedule::LrSchedule;
+pub use schedule::{LrSchedule, ProgressDecays, run_progress};

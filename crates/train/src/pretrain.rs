@@ -18,6 +18,7 @@ use crate::optim::Sgd;
 use crate::plot::{Series, plot_lines, smooth};
 use crate::progress::Progress;
 use crate::run::{JsonLog, RunDir, RunOptions, read_series};
+use crate::schedule::{ProgressDecays, resume_clock, run_progress};
 
 /// What a pretraining run ended with.
 #[derive(Clone, Debug)]
@@ -42,7 +43,7 @@ pub fn pretrain(cfg: &PretrainRunConfig, opts: &RunOptions) -> Result<PretrainSu
         );
     }
     t.lr.validate().context("train.lr")?;
-    let t0 = Instant::now();
+    let mut t0 = Instant::now();
     let device = parse_device(&cfg.device)?;
     let run = RunDir::create(&opts.runs_dir, &cfg.name)?;
     let (train_ds, eval_ds) = open_classification(&cfg.data.source)?;
@@ -59,6 +60,7 @@ pub fn pretrain(cfg: &PretrainRunConfig, opts: &RunOptions) -> Result<PretrainSu
     let config_toml = to_toml(cfg)?;
     let ck_path = run.checkpoint();
     let (mut step, mut epoch, mut batch_in_epoch) = (0usize, 0usize, 0usize);
+    let mut decays = ProgressDecays::default();
     if opts.resume {
         let ck = load_checkpoint(&ck_path, &device)
             .with_context(|| format!("cannot resume run {}", run.root.display()))?;
@@ -75,6 +77,8 @@ pub fn pretrain(cfg: &PretrainRunConfig, opts: &RunOptions) -> Result<PretrainSu
         assign_from(&varmap, &ck.tensors, &ck_path)?;
         opt.load_state(&ck.tensors)?;
         (step, epoch, batch_in_epoch) = (ck.meta.step, ck.meta.epoch, ck.meta.batch_in_epoch);
+        (decays, t0) = resume_clock(&ck.meta.extra, t.time_limit_minutes)
+            .with_context(|| format!("cannot resume run {}", run.root.display()))?;
     } else if ck_path.exists() {
         bail!(
             "{} already holds a checkpoint: pass --resume to continue it, or choose another run name",
@@ -135,7 +139,9 @@ pub fn pretrain(cfg: &PretrainRunConfig, opts: &RunOptions) -> Result<PretrainSu
             .take(per_epoch - batch_in_epoch)
         {
             let batch = batch?;
-            let lr = t.lr.at(step);
+            let done = run_progress(step, t.steps, t0.elapsed().as_secs_f64(), time_limit);
+            t.lr.advance(&mut decays, step, done);
+            let lr = t.lr.at_progress(step, &decays);
             let images = batch.images.to_device(&device)?;
             let labels = batch.labels.to_device(&device)?;
             let logits = model.classify_t(&images, true)?;
@@ -188,7 +194,12 @@ pub fn pretrain(cfg: &PretrainRunConfig, opts: &RunOptions) -> Result<PretrainSu
                 } else {
                     (epoch, batch_in_epoch)
                 };
-                writer.save(&varmap, &opt, (step, e, b), json!({}))?;
+                writer.save(
+                    &varmap,
+                    &opt,
+                    (step, e, b),
+                    decays.to_extra(t0.elapsed().as_secs_f64()),
+                )?;
             }
             if opts.stop_requested() || out_of_time || at_max || done {
                 break 'outer;
