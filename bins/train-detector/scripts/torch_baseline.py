@@ -5,7 +5,7 @@ specification's encoder and focal loss from shared/reference/python, trained on 
 synthetic data cache for a wall-clock budget. At each `--eval-at` minute it writes detections of
 the held-out split (JSON lines, source-image coordinates) for `evaluate --detections`.
 
-  python torch_baseline.py --data data-cache/shapes-det-160-... --lr 0.02 --minutes 10
+  python torch_baseline.py --data data-cache/shapes-det-160-... --lr 0.08 --warmup 50 --clip 1 --decay-at 0.88 --minutes 10
   evaluate --detections OUT-10min.jsonl --ground-truth OUT-gt.jsonl --names DATA/names.txt
 
 `--bench` instead times one training step and one inference of the model on random data."""

@@ -119,6 +119,21 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
     Ok(Checkpoint { tensors, meta })
 }
 
+/// Where a run resumes after step `step`, which ended batch `batch_in_epoch` (counted from 1)
+/// of `epoch`: the end of an epoch is stored as the start of the next.
+pub fn resume_position(
+    step: usize,
+    epoch: usize,
+    batch_in_epoch: usize,
+    per_epoch: usize,
+) -> (usize, usize, usize) {
+    if batch_in_epoch == per_epoch {
+        (step, epoch + 1, 0)
+    } else {
+        (step, epoch, batch_in_epoch)
+    }
+}
+
 /// Writes a training run's checkpoints: what stays the same (file, kind, seed, config, classes)
 /// is fixed once; each save adds the weights, the optimizer state and the position.
 pub struct CheckpointWriter {

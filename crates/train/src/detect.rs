@@ -14,7 +14,7 @@ use retinanet_eval::{Evaluator, Report};
 use retinanet_loss::{FocalLossConfig, focal_loss_detection};
 use serde_json::json;
 
-use crate::checkpoint::{CheckpointWriter, load_checkpoint};
+use crate::checkpoint::{CheckpointWriter, load_checkpoint, resume_position};
 use crate::config::{DetectorEvalConfig, DetectorRunConfig, parse_config, to_toml};
 use crate::data::open_detection;
 use crate::device::parse_device;
@@ -306,17 +306,9 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
                 || out_of_time
                 || at_max
             {
-                let (e, b) = if batch_in_epoch == per_epoch {
-                    (epoch + 1, 0)
-                } else {
-                    (epoch, batch_in_epoch)
-                };
-                writer.save(
-                    &varmap,
-                    &opt,
-                    (step, e, b),
-                    decays.to_extra(t0.elapsed().as_secs_f64()),
-                )?;
+                let at = resume_position(step, epoch, batch_in_epoch, per_epoch);
+                let extra = decays.to_extra(t0.elapsed().as_secs_f64());
+                writer.save(&varmap, &opt, at, extra)?;
             }
             if opts.stop_requested() || at_max {
                 progress.println(&format!("stopped at step {step}; resume with --resume"));

@@ -9,7 +9,7 @@ use candle_core::{D, DType};
 use retinanet_dataset::{ClassificationLoader, ClassificationTransform, LoaderConfig};
 use serde_json::json;
 
-use crate::checkpoint::{CheckpointWriter, load_checkpoint};
+use crate::checkpoint::{CheckpointWriter, load_checkpoint, resume_position};
 use crate::config::{PretrainRunConfig, parse_config, to_toml};
 use crate::data::open_classification;
 use crate::device::parse_device;
@@ -189,17 +189,9 @@ pub fn pretrain(cfg: &PretrainRunConfig, opts: &RunOptions) -> Result<PretrainSu
                 || at_max
                 || done
             {
-                let (e, b) = if batch_in_epoch == per_epoch {
-                    (epoch + 1, 0)
-                } else {
-                    (epoch, batch_in_epoch)
-                };
-                writer.save(
-                    &varmap,
-                    &opt,
-                    (step, e, b),
-                    decays.to_extra(t0.elapsed().as_secs_f64()),
-                )?;
+                let at = resume_position(step, epoch, batch_in_epoch, per_epoch);
+                let extra = decays.to_extra(t0.elapsed().as_secs_f64());
+                writer.save(&varmap, &opt, at, extra)?;
             }
             if opts.stop_requested() || out_of_time || at_max || done {
                 break 'outer;
