@@ -245,6 +245,9 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
     let mut stopped_early = false;
     let time_limit =
         (cfg.train.time_limit_minutes > 0.0).then_some(cfg.train.time_limit_minutes * 60.0);
+    if let Some(limit) = time_limit {
+        progress.set_deadline(t0 + std::time::Duration::from_secs_f64(limit));
+    }
     let out_of_time = || time_limit.is_some_and(|t| t0.elapsed().as_secs_f64() >= t);
     let time_up = |step: usize| {
         format!(

@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 /// A progress display over `total` units.
 pub struct Progress {
@@ -15,6 +15,29 @@ pub struct Progress {
     start: Instant,
     last_line: Instant,
     quiet: bool,
+    deadline: Option<Instant>,
+}
+
+/// The bar's look; its ETA ends at `deadline` when that comes first.
+fn style(deadline: Option<Instant>) -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{prefix:>10} [{elapsed_precise}] {wide_bar:.cyan/blue} {pos}/{len} {per_sec} ETA {eta} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .with_key(
+        "eta",
+        move |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.0}s", eta(state.eta(), deadline).as_secs_f64());
+        },
+    )
+    .progress_chars("=> ")
+}
+
+/// The time left: by the work's rate, or until `deadline` if that comes first.
+fn eta(by_rate: Duration, deadline: Option<Instant>) -> Duration {
+    deadline.map_or(by_rate, |d| {
+        by_rate.min(d.saturating_duration_since(Instant::now()))
+    })
 }
 
 impl Progress {
@@ -22,13 +45,7 @@ impl Progress {
     pub fn new(label: &str, total: u64, quiet: bool) -> Self {
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let b = ProgressBar::new(total);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>10} [{elapsed_precise}] {wide_bar:.cyan/blue} {pos}/{len} {per_sec} ETA {eta} {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
+            b.set_style(style(None));
             b.set_prefix(label.to_string());
             b
         });
@@ -41,6 +58,15 @@ impl Progress {
             start: now,
             last_line: now,
             quiet,
+            deadline: None,
+        }
+    }
+
+    /// Ends the ETA at `deadline` when that comes first: a run with a time limit.
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = Some(deadline);
+        if let Some(b) = &self.bar {
+            b.set_style(style(Some(deadline)));
         }
     }
 
@@ -56,7 +82,8 @@ impl Progress {
             self.last_line = Instant::now();
             let el = self.start.elapsed().as_secs_f64();
             let rate = self.pos as f64 / el.max(1e-9);
-            let eta = (self.total.saturating_sub(self.pos)) as f64 / rate.max(1e-9);
+            let left = (self.total.saturating_sub(self.pos)) as f64 / rate.max(1e-9);
+            let eta = eta(Duration::from_secs_f64(left.min(1e9)), self.deadline).as_secs_f64();
             eprintln!(
                 "{} {}/{} ({:.1}/s, ETA {:.0}s) {msg}",
                 self.label, self.pos, self.total, rate, eta
@@ -78,5 +105,22 @@ impl Progress {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_eta_ends_at_the_deadline_when_that_comes_first() {
+        let by_rate = Duration::from_secs(300);
+        assert_eq!(eta(by_rate, None), by_rate);
+        let far = Instant::now() + Duration::from_secs(1000);
+        assert_eq!(eta(by_rate, Some(far)), by_rate);
+        let near = eta(by_rate, Some(Instant::now() + Duration::from_secs(60)));
+        assert!(near <= Duration::from_secs(60) && near > Duration::from_secs(58), "{near:?}");
+        let past = Instant::now() - Duration::from_secs(1);
+        assert_eq!(eta(by_rate, Some(past)), Duration::ZERO);
     }
 }
