@@ -238,7 +238,7 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
 
     let fl = FocalLossConfig::default();
     let mut progress = Progress::new("train", total_steps as u64, opts.quiet);
-    progress.inc(step as u64, "");
+    progress.start_at(step as u64);
     let mut report = None;
     // The step `report` was evaluated at.
     let mut eval_step = None;

@@ -128,7 +128,7 @@ pub fn pretrain(cfg: &PretrainRunConfig, opts: &RunOptions) -> Result<PretrainSu
     };
 
     let mut progress = Progress::new("pretrain", t.steps as u64, opts.quiet);
-    progress.inc(step as u64, "");
+    progress.start_at(step as u64);
     let time_limit = (t.time_limit_minutes > 0.0).then_some(t.time_limit_minutes * 60.0);
     if let Some(limit) = time_limit {
         progress.set_deadline(t0 + std::time::Duration::from_secs_f64(limit));

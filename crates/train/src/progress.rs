@@ -12,6 +12,8 @@ pub struct Progress {
     label: String,
     total: u64,
     pos: u64,
+    /// Units done before this process started (a resumed run): not part of the rate.
+    base: u64,
     start: Instant,
     last_line: Instant,
     quiet: bool,
@@ -55,10 +57,21 @@ impl Progress {
             label: label.into(),
             total,
             pos: 0,
+            base: 0,
             start: now,
             last_line: now,
             quiet,
             deadline: None,
+        }
+    }
+
+    /// Starts the count at `pos` (a resumed run) without counting those units in the rate.
+    pub fn start_at(&mut self, pos: u64) {
+        (self.pos, self.base) = (pos, pos);
+        self.start = Instant::now();
+        if let Some(b) = &self.bar {
+            b.set_position(pos);
+            b.reset_eta();
         }
     }
 
@@ -81,7 +94,7 @@ impl Progress {
         {
             self.last_line = Instant::now();
             let el = self.start.elapsed().as_secs_f64();
-            let rate = self.pos as f64 / el.max(1e-9);
+            let rate = (self.pos - self.base) as f64 / el.max(1e-9);
             let left = (self.total.saturating_sub(self.pos)) as f64 / rate.max(1e-9);
             let eta = eta(Duration::from_secs_f64(left.min(1e9)), self.deadline).as_secs_f64();
             eprintln!(
@@ -119,7 +132,10 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(1000);
         assert_eq!(eta(by_rate, Some(far)), by_rate);
         let near = eta(by_rate, Some(Instant::now() + Duration::from_secs(60)));
-        assert!(near <= Duration::from_secs(60) && near > Duration::from_secs(58), "{near:?}");
+        assert!(
+            near <= Duration::from_secs(60) && near > Duration::from_secs(58),
+            "{near:?}"
+        );
         let past = Instant::now() - Duration::from_secs(1);
         assert_eq!(eta(by_rate, Some(past)), Duration::ZERO);
     }
