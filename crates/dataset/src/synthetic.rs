@@ -8,8 +8,9 @@
 //!
 //! Detection scenes: a varied background (flat, gradient, noise or stripes), clutter (thin lines
 //! and small dots, never labelled), and 1..=`max_objects` shapes of random colour and size
-//! (`object_size`, by default 20 px to half the image). Shapes may overlap, but a new shape may not hide more than half of
-//! an earlier one; each box is the exact bounding box of the shape's visible pixels.
+//! (`object_size`, by default 20 to 80 px: up to half the default 160 px scene). Shapes may
+//! overlap, but a new shape may not hide more than half of an earlier one; each box is the exact
+//! bounding box of the shape's visible pixels.
 
 use std::path::{Path, PathBuf};
 

@@ -928,7 +928,6 @@ impl CustomOp3 for Conv2dBias {
     }
 }
 
-/// The incoming gradient, zeroed where a fused ReLU clipped the output.
 /// Input and weight gradients of a convolution, each only where autograd can use it: the input
 /// gradient of the first layer (the images) is skipped, a full convolution's worth of work.
 fn conv_grads(
@@ -952,6 +951,7 @@ fn conv_grads(
     Ok((gx, gw))
 }
 
+/// The incoming gradient, zeroed where a fused ReLU clipped the output.
 fn mask_relu(grad: &Tensor, res: &Tensor, relu: bool) -> Result<Tensor> {
     let grad = grad.contiguous()?;
     if relu {
