@@ -22,14 +22,16 @@ def focal_loss(cls, reg, cls_t, reg_t, classes, alpha=0.25, gamma=2.0):
     return ((w * bce * keep).sum() + reg_loss) / max(1, int(pos.sum()))
 
 
-def timed(fn, warmup, iters):
+def timed(fn, warmup, iters, sync=lambda: None):
     for _ in range(warmup):
         fn()
+    sync()
     ts = []
     cpu0 = time.process_time()
     for _ in range(iters):
         t = time.perf_counter()
         fn()
+        sync()  # a GPU runs asynchronously: count the time until its queue is done
         ts.append(time.perf_counter() - t)
     cpu = (time.process_time() - cpu0) / iters
     return {'median_s': statistics.median(ts), 'min_s': min(ts), 'max_s': max(ts), 'cpu_s': cpu,
@@ -66,6 +68,8 @@ def main():
     ap.add_argument('--warmup', type=int, default=1)
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--json', action='store_true')
+    ap.add_argument('--device', default='cpu', help='cpu or cuda (whole-model timings only)')
+    ap.add_argument('--no-tf32', action='store_true', help='on CUDA: full f32 convolutions (PyTorch lets cuDNN use TF32 by default)')
     ap.add_argument('--conv', help='time one convolution B,Cin,H,W,Cout,k,stride,padding instead')
     a = ap.parse_args()
     if a.conv:
@@ -75,26 +79,32 @@ def main():
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    ext, det = Extractor(), Detector(classes=a.classes)
+    dev = torch.device(a.device)
+    if a.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
+    ext, det = Extractor().to(dev), Detector(classes=a.classes).to(dev)
     params = list(ext.parameters()) + list(det.parameters())
-    x = torch.randn(a.batch, 3, a.size, a.size)
-    out = {'size': a.size, 'batch': a.batch, 'threads': a.threads, 'torch': torch.__version__}
+    x = torch.randn(a.batch, 3, a.size, a.size, device=dev)
+    out = {'size': a.size, 'batch': a.batch, 'threads': a.threads, 'torch': torch.__version__,
+           'device': str(dev)}
     if a.mode in ('infer', 'both'):
         ext.eval(); det.eval()
 
         def infer():
             with torch.no_grad():
                 det(ext(x, classify=False))
-        out['inference'] = timed(infer, a.warmup, a.iters)
+        out['inference'] = timed(infer, a.warmup, a.iters, sync)
     if a.mode in ('train', 'both'):
         ext.train(); det.train()
         with torch.no_grad():
             anchors = det(ext(x, classify=False))[0].shape[1]
-        u = torch.rand(a.batch, anchors)
-        lbl = torch.randint(1, a.classes + 1, (a.batch, anchors))
+        u = torch.rand(a.batch, anchors, device=dev)
+        lbl = torch.randint(1, a.classes + 1, (a.batch, anchors), device=dev)
         cls_t = torch.where(u < 0.01, lbl, torch.zeros_like(lbl))
         cls_t = torch.where(u >= 0.99, torch.full_like(lbl, -1), cls_t)
-        reg_t = torch.randn(a.batch, anchors, 4)
+        reg_t = torch.randn(a.batch, anchors, 4, device=dev)
         opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
 
         def step():
@@ -102,7 +112,7 @@ def main():
             cls, reg = det(ext(x, classify=False))
             focal_loss(cls, reg, cls_t, reg_t, a.classes).backward()
             opt.step()
-        out['train_step'] = timed(step, a.warmup, a.iters)
+        out['train_step'] = timed(step, a.warmup, a.iters, sync)
     out['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if a.json:
         print(json.dumps(out, indent=2))

@@ -28,6 +28,7 @@ ap.add_argument('--out', default='torch-baseline')
 ap.add_argument('--seed-dir', default='../shared/reference/python', help='folder of seed_ref.py')
 ap.add_argument('--threads', type=int, default=2)
 ap.add_argument('--bench', action='store_true', help='time a training step and an inference instead')
+ap.add_argument('--device', default='cpu', help='with --bench: cpu or cuda')
 args = ap.parse_args()
 sys.path.insert(0, args.seed_dir)
 from seed_ref import Encoder, focal_loss_detection, gen_anchors, A_HW
@@ -168,21 +169,32 @@ def evaluate(tag):
 
 if args.bench:
     import statistics
-    x = torch.randn(args.batch, 3, S, S)
+    dev = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
+    model.to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(args.batch, 3, S, S, device=dev)
     with torch.no_grad():
         a = model(x)[0].shape[1]
-    tc = torch.randint(-1, 5, (args.batch, a)); tr = torch.randn(args.batch, a, 4)
+    tc = torch.randint(-1, 5, (args.batch, a), device=dev); tr = torch.randn(args.batch, a, 4, device=dev)
+    loss_fn = focal_loss_detection
+    if dev.type == 'cuda':
+        # seed_ref's loss builds its one-hot targets on the CPU; bench_torch.py's (the same
+        # focal loss + smooth L1) stays on the device
+        sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[2] / 'bench-model' / 'scripts'))
+        from bench_torch import focal_loss
+        loss_fn = lambda c, r, tc, tr: focal_loss(c, r, tc, tr, 4)
     def step():
-        c, r = model(x); loss = focal_loss_detection(c, r, tc, tr); opt.zero_grad(); loss.backward(); opt.step()
+        c, r = model(x); loss = loss_fn(c, r, tc, tr); opt.zero_grad(); loss.backward(); opt.step()
     def infer():
         model.eval()
         with torch.no_grad(): model(x)
         model.train()
     for name, f in [('train step', step), ('inference', infer)]:
-        f(); ts = []
+        f(); sync(); ts = []
         for _ in range(10):
-            t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
-        print(f'{name}: median {statistics.median(ts):.3f} s (min {min(ts):.3f})')
+            t = time.perf_counter(); f(); sync(); ts.append(time.perf_counter() - t)
+        print(f'{name}: median {statistics.median(ts):.4f} s (min {min(ts):.4f})')
     sys.exit(0)
 train = read_list(f'{args.data}/train.txt'); evl = read_list(f'{args.data}/eval.txt')
 timg = load(train); eimg = load(evl)

@@ -43,17 +43,22 @@ impl Sgd {
 
     /// Global L2 norm of the gradients.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut sq = 0f64;
+        // Summed on the gradients' device, read back once: one device sync per step, not one
+        // per variable (which would stall a GPU ~100 times a step).
+        let mut sq: Option<Tensor> = None;
         for (_, v) in &self.vars {
             if let Some(g) = grads.get(v) {
-                sq += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?;
+                let s = g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?;
+                sq = Some(match sq {
+                    Some(acc) => (acc + s)?,
+                    None => s,
+                });
             }
         }
-        Ok(sq.sqrt())
+        Ok(match sq {
+            Some(s) => s.to_scalar::<f64>()?.sqrt(),
+            None => 0.0,
+        })
     }
 
     /// One update at learning rate `lr`. With `clip = Some(c)`, gradients are scaled so their
