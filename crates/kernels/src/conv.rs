@@ -458,10 +458,23 @@ pub(crate) fn forward<T: WithDType>(
     bias: Option<&[T]>,
     relu: bool,
 ) -> Vec<T> {
+    if T::DTYPE == DType::F32 && !use_winograd(g) && crate::direct::suitable(g) {
+        let y = crate::direct::forward(g, as_f32(x), as_f32(wt), bias.map(as_f32), relu);
+        // SAFETY: T is f32 (checked above): same layout, same allocation.
+        let mut y = std::mem::ManuallyDrop::new(y);
+        return unsafe { Vec::from_raw_parts(y.as_mut_ptr().cast::<T>(), y.len(), y.capacity()) };
+    }
     if use_winograd(g) {
         return crate::winograd::forward(g, x, wt, bias, relu);
     }
     forward_im2col(g, x, wt, bias, relu)
+}
+
+/// `s` as f32; call only when `T::DTYPE` is F32.
+fn as_f32<T: WithDType>(s: &[T]) -> &[f32] {
+    assert_eq!(T::DTYPE, DType::F32);
+    // SAFETY: T is f32 (asserted).
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) }
 }
 
 /// [`forward`] through im2col + gemm, whatever the geometry.

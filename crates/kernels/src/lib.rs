@@ -5,9 +5,11 @@
 //! * [`conv2d`] / [`conv2d_relu`]: PyTorch's `F.conv2d` (groups 1) with optional bias and fused
 //!   ReLU. 1x1 stride-1 convolutions are a plain matrix product; others build the patch matrix
 //!   of one image at a time, in cache-sized row blocks (im2col), and multiply with the `gemm`
-//!   crate; wide stride-1 3x3 convolutions use Winograd F(2x2, 3x3). Backward: the input gradient
-//!   is `Wᵀ · dY` scattered back (col2im; Winograd where the forward uses it), the weight
-//!   gradient `dY · colsᵀ`.
+//!   crate; wide stride-1 3x3 convolutions use Winograd F(2x2, 3x3), and f32 convolutions with
+//!   kernels larger than 1x1 and up to 256 input channels a direct AVX-512 kernel without a
+//!   patch matrix (where the CPU has AVX-512). Backward: the input gradient is `Wᵀ · dY`
+//!   scattered back (col2im), or for stride 1 a forward convolution of `dY` with the rotated
+//!   kernel (through the same kernels); the weight gradient `dY · colsᵀ`.
 //! * [`batch_norm_train`]: training-mode batch norm in two passes forward and backward, returning
 //!   the batch statistics for the running averages; [`channel_affine`]: evaluation-mode batch norm
 //!   (`x * scale + shift`) in one pass.
@@ -35,6 +37,7 @@
 
 mod bn;
 mod conv;
+mod direct;
 mod par;
 mod sgd;
 mod winograd;

@@ -13,6 +13,11 @@ pub(crate) fn threads() -> usize {
     rayon::current_num_threads()
 }
 
+/// Whether this thread is inside [`sequential`] (an outer loop already runs one task per thread).
+pub(crate) fn is_sequential() -> bool {
+    SEQUENTIAL.with(Cell::get)
+}
+
 /// Runs `f` with [`for_each_chunk`] sequential on this thread.
 pub(crate) fn sequential<R>(f: impl FnOnce() -> R) -> R {
     let old = SEQUENTIAL.with(|s| s.replace(true));

@@ -78,6 +78,13 @@ const CASES: &[Case] = &[
     // shorter last group.
     (8, 16, 9, 9, 24, 3, 1, 1, 1),
     (7, 12, 5, 7, 10, 3, 2, 1, 1),
+    // The direct kernel (AVX-512, >= 128 outputs): a 7x7/2 stem with 16 channels (one vector),
+    // 100 channels at stride 2 (a block of 64 and one of 36), a 5x5 kernel with 70 channels
+    // (64 + 6), and exactly one block of 64.
+    (3, 3, 37, 35, 16, 7, 2, 3, 1),
+    (2, 20, 19, 17, 100, 3, 2, 1, 1),
+    (1, 40, 15, 13, 70, 5, 1, 2, 1),
+    (4, 64, 9, 9, 64, 3, 1, 1, 1),
     (16, 8, 5, 5, 12, 3, 1, 1, 1),
     (5, 24, 3, 3, 20, 3, 1, 1, 1),
     // Patch matrices over 2M elements: several row blocks per image.
