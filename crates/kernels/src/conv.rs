@@ -719,6 +719,19 @@ pub(crate) fn backward_input_im2col<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) 
 
 /// Weight gradient: `dW = Σ_b dy[b] · cols(x[b])ᵀ`.
 pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
+    if T::DTYPE == DType::F32 && crate::direct::suitable(g) {
+        let dw = crate::direct::backward_weight(g, as_f32(x), as_f32(dy));
+        // SAFETY: T is f32 (checked above): same layout, same allocation.
+        let mut dw = std::mem::ManuallyDrop::new(dw);
+        return unsafe {
+            Vec::from_raw_parts(dw.as_mut_ptr().cast::<T>(), dw.len(), dw.capacity())
+        };
+    }
+    backward_weight_im2col(g, x, dy)
+}
+
+/// [`backward_weight`] through im2col + gemm, whatever the geometry.
+pub(crate) fn backward_weight_im2col<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let threads = par::threads();
     let nb = group_size(g, threads);

@@ -54,23 +54,13 @@ pub(crate) fn forward(
     bias: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
-    let (k, pad, s) = (g.kh, g.p.padding, g.p.stride);
-    let (hp, wp) = (g.h + 2 * pad, g.w + 2 * pad);
-    let plane = hp * wp;
-    // The zero-padded input (the input itself without padding).
+    let k = g.kh;
+    let (wp, plane) = padded_dims(g);
     let padded;
-    let xp: &[f32] = if pad == 0 {
+    let xp: &[f32] = if g.p.padding == 0 {
         x
     } else {
-        let mut v = vec![0f32; g.b * g.cin * plane];
-        v.par_chunks_mut(plane)
-            .zip(x.par_chunks(g.h * g.w))
-            .for_each(|(dst, src)| {
-                for (r, row) in src.chunks_exact(g.w).enumerate() {
-                    dst[(r + pad) * wp + pad..][..g.w].copy_from_slice(row);
-                }
-            });
-        padded = v;
+        padded = pad_input(g, x);
         &padded
     };
     // Weights packed per block of 64 output channels: `[block][cin][tap][64]`, zero lanes past
@@ -104,16 +94,10 @@ pub(crate) fn forward(
         let lo = ci * chunk;
         let hi = (lo + chunk).min(total);
         // Offset in `xp` of each position's window origin, and of its output channel 0 in `y`.
-        let (base, dst): (Vec<usize>, Vec<usize>) = (lo..hi)
-            .map(|pos| {
-                let (b, m) = (pos / ohw, pos % ohw);
-                let (oy, ox) = (m / g.ow, m % g.ow);
-                (
-                    b * g.cin * plane + oy * s * wp + ox * s,
-                    b * g.cout * ohw + m,
-                )
-            })
-            .unzip();
+        let base = window_bases(g, lo..hi);
+        let dst: Vec<usize> = (lo..hi)
+            .map(|pos| (pos / ohw) * g.cout * ohw + pos % ohw)
+            .collect();
         for bi in 0..blocks {
             let co0 = bi * CO_BLOCK;
             let nco = CO_BLOCK.min(g.cout - co0);
@@ -145,6 +129,216 @@ pub(crate) fn forward(
         (0..chunks).into_par_iter().for_each(job);
     }
     y
+}
+
+/// Row length and plane size of the zero-padded input.
+fn padded_dims(g: &Geom) -> (usize, usize) {
+    let pad = g.p.padding;
+    (g.w + 2 * pad, (g.h + 2 * pad) * (g.w + 2 * pad))
+}
+
+/// The input with `padding` zeros around every plane.
+fn pad_input(g: &Geom, x: &[f32]) -> Vec<f32> {
+    let pad = g.p.padding;
+    let (wp, plane) = padded_dims(g);
+    let mut v = vec![0f32; g.b * g.cin * plane];
+    v.par_chunks_mut(plane)
+        .zip(x.par_chunks(g.h * g.w))
+        .for_each(|(dst, src)| {
+            for (r, row) in src.chunks_exact(g.w).enumerate() {
+                dst[(r + pad) * wp + pad..][..g.w].copy_from_slice(row);
+            }
+        });
+    v
+}
+
+/// Offset in the padded input of each output position's window origin, over the whole batch.
+fn window_bases(g: &Geom, positions: std::ops::Range<usize>) -> Vec<usize> {
+    let (wp, plane) = padded_dims(g);
+    let (ohw, s) = (g.ohw(), g.p.stride);
+    positions
+        .map(|pos| {
+            let (b, m) = (pos / ohw, pos % ohw);
+            b * g.cin * plane + (m / g.ow) * s * wp + (m % g.ow) * s
+        })
+        .collect()
+}
+
+/// Weight gradient `dW[co][ci][ty][tx] = Σ_pos dy[co][pos] · x_padded[ci][window(pos) + (ty, tx)]`
+/// for a [`suitable`] convolution, `[Cout, Cin, k, k]`.
+///
+/// The same register tile as the forward pass with the roles turned: 16-lane vectors of output
+/// channels (from `dy` transposed to `[pos][64]` per channel block) times `MT` taps broadcast
+/// from the input, summed over positions. Threads take disjoint sets of taps, and walk the
+/// positions in blocks whose transposed `dy` stays in cache.
+pub(crate) fn backward_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let k = g.kh;
+    let (wp, plane) = padded_dims(g);
+    let padded;
+    let xp: &[f32] = if g.p.padding == 0 {
+        x
+    } else {
+        padded = pad_input(g, x);
+        &padded
+    };
+    let ohw = g.ohw();
+    let total = g.b * ohw;
+    let blocks = g.cout.div_ceil(CO_BLOCK);
+    // dy as [block][pos][64], zero lanes past Cout.
+    let mut dyt = vec![0f32; blocks * total * CO_BLOCK];
+    dyt.par_chunks_mut(ohw * CO_BLOCK)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            let (bi, b) = (i / g.b, i % g.b);
+            for c in 0..CO_BLOCK.min(g.cout - bi * CO_BLOCK) {
+                let src = &dy[(b * g.cout + bi * CO_BLOCK + c) * ohw..][..ohw];
+                for (m, &v) in src.iter().enumerate() {
+                    dst[m * CO_BLOCK + c] = v;
+                }
+            }
+        });
+    let base = window_bases(g, 0..total);
+    let taps = k * k;
+    let kk = g.cin * taps;
+    // Offset of each (ci, tap) from a window origin.
+    let koff: Vec<usize> = (0..kk)
+        .map(|i| (i / taps) * plane + (i % taps / k) * wp + i % k)
+        .collect();
+    let mut dw = vec![0f32; g.cout * kk];
+    // Tasks: (channel block, group of taps); each owns its entries of dw.
+    let group = 48;
+    let groups = kk.div_ceil(group);
+    let out = SendPtr(dw.as_mut_ptr());
+    // Positions per block: 64 channels x 1,024 positions = 256 KiB of dy, kept in L2.
+    let pblock = 1024;
+    let job = |t: usize| {
+        let (bi, gi) = (t / groups, t % groups);
+        let co0 = bi * CO_BLOCK;
+        let nco = CO_BLOCK.min(g.cout - co0);
+        let offs = &koff[gi * group..((gi + 1) * group).min(kk)];
+        let dyb = &dyt[bi * total * CO_BLOCK..][..total * CO_BLOCK];
+        let ctx = WCtx {
+            xp,
+            base: &base,
+            dyt: dyb,
+        };
+        // SAFETY: AVX-512F is available (`suitable`); every window read lies inside `xp`, and
+        // this task writes only its own taps of `dw`.
+        unsafe {
+            match nco.div_ceil(16) {
+                4 => wrun::<6, 4>(&ctx, offs, gi * group, co0, nco, kk, pblock, out),
+                3 => wrun::<6, 3>(&ctx, offs, gi * group, co0, nco, kk, pblock, out),
+                2 => wrun::<8, 2>(&ctx, offs, gi * group, co0, nco, kk, pblock, out),
+                _ => wrun::<12, 1>(&ctx, offs, gi * group, co0, nco, kk, pblock, out),
+            }
+        }
+    };
+    let tasks = blocks * groups;
+    if crate::par::is_sequential() {
+        (0..tasks).for_each(job);
+    } else {
+        (0..tasks).into_par_iter().for_each(job);
+    }
+    dw
+}
+
+struct WCtx<'a> {
+    xp: &'a [f32],
+    /// Window origin of every position.
+    base: &'a [usize],
+    /// `dy` of one channel block, `[pos][64]`.
+    dyt: &'a [f32],
+}
+
+/// Weight-gradient tiles of `MT` taps (`offs`, starting at tap index `k0`) for one channel block,
+/// summed over all positions in blocks of `pblock`, written to `dw[co][k0 + j]`.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn wrun<const MT: usize, const NV: usize>(
+    ctx: &WCtx,
+    offs: &[usize],
+    k0: usize,
+    co0: usize,
+    nco: usize,
+    kk: usize,
+    pblock: usize,
+    out: SendPtr,
+) {
+    use std::arch::x86_64::*;
+    let total = ctx.base.len();
+    let tiles = offs.len().div_ceil(MT);
+    let mut acc = vec![[[_mm512_setzero_ps(); NV]; MT]; tiles];
+    for p0 in (0..total).step_by(pblock) {
+        let p1 = (p0 + pblock).min(total);
+        for (ti, a) in acc.iter_mut().enumerate() {
+            let o = &offs[ti * MT..((ti + 1) * MT).min(offs.len())];
+            let mut off = [o[0]; MT];
+            off[..o.len()].copy_from_slice(o);
+            // SAFETY: as in `backward_weight`.
+            unsafe { wmicro::<MT, NV>(ctx, &off, p0..p1, a) };
+        }
+    }
+    let mut tile = [[0f32; 64]; MT];
+    for (ti, a) in acc.iter().enumerate() {
+        for (row, av) in tile.iter_mut().zip(a) {
+            for (v, &x) in av.iter().enumerate() {
+                unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(16 * v), x) };
+            }
+        }
+        let n = MT.min(offs.len() - ti * MT);
+        for c in 0..nco {
+            for (j, row) in tile.iter().enumerate().take(n) {
+                // SAFETY: in bounds; this task owns taps k0.. of its channel block.
+                unsafe { *out.0.add((co0 + c) * kk + k0 + ti * MT + j) = row[c] };
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn wrun<const MT: usize, const NV: usize>(
+    _: &WCtx,
+    _: &[usize],
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: SendPtr,
+) {
+    unreachable!("the direct kernel is selected only on x86-64 with AVX-512")
+}
+
+/// `acc[j][v] += Σ_{pos in range} dy[pos][16v..16v+16] · x[base[pos] + off[j]]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn wmicro<const MT: usize, const NV: usize>(
+    ctx: &WCtx,
+    off: &[usize; MT],
+    range: std::ops::Range<usize>,
+    acc: &mut [[std::arch::x86_64::__m512; NV]; MT],
+) {
+    use std::arch::x86_64::*;
+    let mut a = *acc;
+    let xp = ctx.xp.as_ptr();
+    for pos in range {
+        let d = unsafe { ctx.dyt.as_ptr().add(pos * CO_BLOCK) };
+        let mut dv = [_mm512_setzero_ps(); NV];
+        for (v, r) in dv.iter_mut().enumerate() {
+            *r = unsafe { _mm512_loadu_ps(d.add(16 * v)) };
+        }
+        let xb = unsafe { xp.add(*ctx.base.get_unchecked(pos)) };
+        for j in 0..MT {
+            let xv = _mm512_set1_ps(unsafe { *xb.add(off[j]) });
+            for v in 0..NV {
+                a[j][v] = _mm512_fmadd_ps(dv[v], xv, a[j][v]);
+            }
+        }
+    }
+    *acc = a;
 }
 
 #[derive(Clone, Copy)]
@@ -269,7 +463,8 @@ mod tests {
             .collect()
     }
 
-    /// The direct kernel against im2col + gemm, whatever `suitable` says, with bias and ReLU:
+    /// The direct kernels (forward with bias and ReLU, weight gradient) against im2col + gemm,
+    /// whatever `suitable` says:
     /// every tile width (1-4 vectors, several blocks), strides 1-3, tiles that cross rows and
     /// images, positions that do not fill the last tile.
     #[test]
@@ -296,6 +491,17 @@ mod tests {
             let x = values(b * cin * h * w, 3 * i as u64 + 1);
             let wt = values(cout * cin * k * k, 3 * i as u64 + 2);
             let bias = values(cout, 3 * i as u64 + 3);
+            // The weight gradient, against gemm over the patch matrices.
+            let dy = values(b * cout * g.ohw(), 3 * i as u64 + 4);
+            let got = backward_weight(&g, &x, &dy);
+            let want = crate::conv::backward_weight_im2col(&g, &x, &dy);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (j, (a, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - e).abs() <= 1e-5 * scale,
+                    "case {i}: weight gradient {j} is {a}, im2col gives {e}"
+                );
+            }
             for relu in [false, true] {
                 let got = forward(&g, &x, &wt, Some(&bias), relu);
                 let want = crate::conv::forward_im2col(&g, &x, &wt, Some(&bias), relu);
