@@ -43,14 +43,15 @@ impl PoolGeom {
         let xs = x0.max(0) as usize;
         let xe = ((x0 + self.k as isize) as usize).min(w);
         let mut best = ys * w + xs;
-        let mut best_v = plane[best].to_f64();
+        let mut best_v = plane[best];
         for y in ys..ye {
-            for x in xs..xe {
-                let v = plane[y * w + x].to_f64();
-                if v > best_v || v.is_nan() && !best_v.is_nan() {
-                    best_v = v;
-                    best = y * w + x;
-                }
+            for (x, &v) in plane[y * w + xs..y * w + xe].iter().enumerate() {
+                // Branch-free selects (the comparison is a coin flip on real data, a branch on
+                // it mispredicted half the time); `v != v` is the NaN test.
+                #[allow(clippy::eq_op)]
+                let take = v > best_v || (v != v && best_v == best_v);
+                best = if take { y * w + xs + x } else { best };
+                best_v = if take { v } else { best_v };
             }
         }
         best

@@ -63,19 +63,20 @@ pub(crate) fn forward(
         padded = pad_input(g, x);
         &padded
     };
-    // Weights packed per block of 64 output channels: `[block][cin][tap][64]`, zero lanes past
-    // Cout.
+    // Weights packed per block of output channels: `[block][cin][tap][lanes]` (block `bi` at
+    // `bi * kk * 64`), zero lanes past Cout.
     let taps = k * k;
     let kk = g.cin * taps;
     let blocks = g.cout.div_ceil(CO_BLOCK);
-    let mut wpk = vec![0f32; blocks * kk * CO_BLOCK];
+    let mut wpk = vec![0f32; (blocks - 1) * kk * CO_BLOCK + kk * lanes(g.cout, blocks - 1)];
     wpk.par_chunks_mut(kk * CO_BLOCK)
         .enumerate()
         .for_each(|(bi, dst)| {
+            let lw = lanes(g.cout, bi);
             for c in 0..CO_BLOCK.min(g.cout - bi * CO_BLOCK) {
                 let co = bi * CO_BLOCK + c;
                 for (i, &v) in w[co * kk..(co + 1) * kk].iter().enumerate() {
-                    dst[i * CO_BLOCK + c] = v;
+                    dst[i * lw + c] = v;
                 }
             }
         });
@@ -83,52 +84,72 @@ pub(crate) fn forward(
 
     let ohw = g.ohw();
     let total = g.b * ohw;
-    let mut y = vec![0f32; g.b * g.cout * ohw];
     // Chunks of positions, a few per thread; each chunk does all channel blocks.
     let chunk = total
         .div_ceil(crate::par::threads() * 4)
         .next_multiple_of(24)
         .max(24);
-    let out = SendPtr(y.as_mut_ptr());
-    let job = |ci: usize| {
-        let lo = ci * chunk;
-        let hi = (lo + chunk).min(total);
-        // Offset in `xp` of each position's window origin, and of its output channel 0 in `y`.
-        let base = window_bases(g, lo..hi);
-        let dst: Vec<usize> = (lo..hi)
-            .map(|pos| (pos / ohw) * g.cout * ohw + pos % ohw)
-            .collect();
-        for bi in 0..blocks {
-            let co0 = bi * CO_BLOCK;
-            let nco = CO_BLOCK.min(g.cout - co0);
-            let wb = &wpk[bi * kk * CO_BLOCK..][..kk * CO_BLOCK];
-            let ctx = Ctx {
-                xp,
-                w: wb,
-                cin: g.cin,
-                plane,
-                toff: &toff,
-            };
-            // SAFETY: `available()` checked AVX-512F; every position of `base` reads its window
-            // inside `xp` (Geom's output size keeps windows in the padded input), and the chunk
-            // writes only its own positions of `y`.
-            unsafe {
-                match nco.div_ceil(16) {
-                    4 => run::<6, 4>(&ctx, &base, &dst, co0, nco, ohw, bias, relu, out),
-                    3 => run::<6, 3>(&ctx, &base, &dst, co0, nco, ohw, bias, relu, out),
-                    2 => run::<8, 2>(&ctx, &base, &dst, co0, nco, ohw, bias, relu, out),
-                    _ => run::<12, 1>(&ctx, &base, &dst, co0, nco, ohw, bias, relu, out),
+    // Every output is written below: each chunk writes all channels of its positions.
+    filled_later(g.b * g.cout * ohw, |y| {
+        let out = SendPtr(y.as_mut_ptr().cast::<f32>());
+        let job = |ci: usize| {
+            let lo = ci * chunk;
+            let hi = (lo + chunk).min(total);
+            // Offset in `xp` of each position's window origin, and of its output channel 0 in `y`.
+            let base = window_bases(g, lo..hi);
+            let dst: Vec<usize> = (lo..hi)
+                .map(|pos| (pos / ohw) * g.cout * ohw + pos % ohw)
+                .collect();
+            for bi in 0..blocks {
+                let co0 = bi * CO_BLOCK;
+                let nco = CO_BLOCK.min(g.cout - co0);
+                let wb = &wpk[bi * kk * CO_BLOCK..][..kk * lanes(g.cout, bi)];
+                let ctx = Ctx {
+                    xp,
+                    w: wb,
+                    cin: g.cin,
+                    plane,
+                    toff: &toff,
+                };
+                // SAFETY: `available()` checked AVX-512F; every position of `base` reads its window
+                // inside `xp` (Geom's output size keeps windows in the padded input), and the chunk
+                // writes only its own positions of `y`.
+                unsafe {
+                    match nco.div_ceil(16) {
+                        4 => run::<6, 4>(&ctx, &base, &dst, co0, nco, ohw, bias, relu, out),
+                        3 => run::<6, 3>(&ctx, &base, &dst, co0, nco, ohw, bias, relu, out),
+                        2 => run::<8, 2>(&ctx, &base, &dst, co0, nco, ohw, bias, relu, out),
+                        _ => run::<12, 1>(&ctx, &base, &dst, co0, nco, ohw, bias, relu, out),
+                    }
                 }
             }
+        };
+        let chunks = total.div_ceil(chunk);
+        if crate::par::is_sequential() {
+            (0..chunks).for_each(job);
+        } else {
+            (0..chunks).into_par_iter().for_each(job);
         }
-    };
-    let chunks = total.div_ceil(chunk);
-    if crate::par::is_sequential() {
-        (0..chunks).for_each(job);
-    } else {
-        (0..chunks).into_par_iter().for_each(job);
-    }
-    y
+    })
+}
+
+/// Lanes of channel block `bi`: 64, or the last block's channels rounded up to whole vectors
+/// (a 12-channel output streams 16 lanes of weights, not 64).
+fn lanes(cout: usize, bi: usize) -> usize {
+    (cout - bi * CO_BLOCK).min(CO_BLOCK).next_multiple_of(16)
+}
+
+/// A vector of `n` floats that the caller writes completely before reading: it skips the
+/// zero-fill (a memset of every output and buffer here).
+fn filled_later(n: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { v.set_len(n) };
+    fill(&mut v);
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `fill` wrote every element (the callers' contract); MaybeUninit<f32> and f32 share
+    // their layout.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), n, v.capacity()) }
 }
 
 /// Row length and plane size of the zero-padded input.
@@ -139,17 +160,27 @@ fn padded_dims(g: &Geom) -> (usize, usize) {
 
 /// The input with `padding` zeros around every plane.
 fn pad_input(g: &Geom, x: &[f32]) -> Vec<f32> {
+    use std::mem::MaybeUninit;
     let pad = g.p.padding;
     let (wp, plane) = padded_dims(g);
-    let mut v = vec![0f32; g.b * g.cin * plane];
-    v.par_chunks_mut(plane)
-        .zip(x.par_chunks(g.h * g.w))
-        .for_each(|(dst, src)| {
-            for (r, row) in src.chunks_exact(g.w).enumerate() {
-                dst[(r + pad) * wp + pad..][..g.w].copy_from_slice(row);
-            }
-        });
-    v
+    let zero = MaybeUninit::new(0f32);
+    filled_later(g.b * g.cin * plane, |v| {
+        v.par_chunks_mut(plane)
+            .zip(x.par_chunks(g.h * g.w))
+            .for_each(|(dst, src)| {
+                // Every element once: top rows, each row's margins and values, bottom rows.
+                dst[..pad * wp].fill(zero);
+                for (r, row) in src.chunks_exact(g.w).enumerate() {
+                    let d = &mut dst[(r + pad) * wp..][..wp];
+                    d[..pad].fill(zero);
+                    for (o, &i) in d[pad..pad + g.w].iter_mut().zip(row) {
+                        *o = MaybeUninit::new(i);
+                    }
+                    d[pad + g.w..].fill(zero);
+                }
+                dst[(g.h + pad) * wp..].fill(zero);
+            })
+    })
 }
 
 /// Offset in the padded input of each output position's window origin, over the whole batch.
@@ -184,19 +215,22 @@ pub(crate) fn backward_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let ohw = g.ohw();
     let total = g.b * ohw;
     let blocks = g.cout.div_ceil(CO_BLOCK);
-    // dy as [block][pos][64], zero lanes past Cout.
-    let mut dyt = vec![0f32; blocks * total * CO_BLOCK];
-    dyt.par_chunks_mut(ohw * CO_BLOCK)
-        .enumerate()
-        .for_each(|(i, dst)| {
-            let (bi, b) = (i / g.b, i % g.b);
-            for c in 0..CO_BLOCK.min(g.cout - bi * CO_BLOCK) {
-                let src = &dy[(b * g.cout + bi * CO_BLOCK + c) * ohw..][..ohw];
-                for (m, &v) in src.iter().enumerate() {
-                    dst[m * CO_BLOCK + c] = v;
+    // dy as [block][pos][lanes] (block `bi` at `bi * total * 64`), zero lanes past Cout.
+    let last = lanes(g.cout, blocks - 1);
+    let mut dyt = vec![0f32; (blocks - 1) * total * CO_BLOCK + total * last];
+    for (bi, blk) in dyt.chunks_mut(total * CO_BLOCK).enumerate() {
+        let lw = lanes(g.cout, bi);
+        blk.par_chunks_mut(ohw * lw)
+            .enumerate()
+            .for_each(|(b, dst)| {
+                for c in 0..CO_BLOCK.min(g.cout - bi * CO_BLOCK) {
+                    let src = &dy[(b * g.cout + bi * CO_BLOCK + c) * ohw..][..ohw];
+                    for (m, &v) in src.iter().enumerate() {
+                        dst[m * lw + c] = v;
+                    }
                 }
-            }
-        });
+            });
+    }
     let base = window_bases(g, 0..total);
     let taps = k * k;
     let kk = g.cin * taps;
@@ -216,7 +250,7 @@ pub(crate) fn backward_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         let co0 = bi * CO_BLOCK;
         let nco = CO_BLOCK.min(g.cout - co0);
         let offs = &koff[gi * group..((gi + 1) * group).min(kk)];
-        let dyb = &dyt[bi * total * CO_BLOCK..][..total * CO_BLOCK];
+        let dyb = &dyt[bi * total * CO_BLOCK..][..total * lanes(g.cout, bi)];
         let ctx = WCtx {
             xp,
             base: &base,
@@ -246,7 +280,7 @@ struct WCtx<'a> {
     xp: &'a [f32],
     /// Window origin of every position.
     base: &'a [usize],
-    /// `dy` of one channel block, `[pos][64]`.
+    /// `dy` of one channel block, `[pos][16 * NV]`.
     dyt: &'a [f32],
 }
 
@@ -325,7 +359,7 @@ unsafe fn wmicro<const MT: usize, const NV: usize>(
     let mut a = *acc;
     let xp = ctx.xp.as_ptr();
     for pos in range {
-        let d = unsafe { ctx.dyt.as_ptr().add(pos * CO_BLOCK) };
+        let d = unsafe { ctx.dyt.as_ptr().add(pos * 16 * NV) };
         let mut dv = [_mm512_setzero_ps(); NV];
         for (v, r) in dv.iter_mut().enumerate() {
             *r = unsafe { _mm512_loadu_ps(d.add(16 * v)) };
@@ -349,7 +383,7 @@ unsafe impl Sync for SendPtr {}
 
 struct Ctx<'a> {
     xp: &'a [f32],
-    /// Packed weights of one channel block: `[cin][tap][64]`.
+    /// Packed weights of one channel block: `[cin][tap][16 * NV]`.
     w: &'a [f32],
     cin: usize,
     plane: usize,
@@ -435,7 +469,7 @@ unsafe fn micro<const MT: usize, const NV: usize>(
                     acc[j][v] = _mm512_fmadd_ps(wv[v], xv, acc[j][v]);
                 }
             }
-            wptr = unsafe { wptr.add(CO_BLOCK) };
+            wptr = unsafe { wptr.add(16 * NV) };
         }
     }
     for (row, a) in tile.iter_mut().zip(&acc) {
