@@ -8,7 +8,8 @@
 //!   backend.
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType, bail,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
+    WithDType, bail,
 };
 
 /// Geometry of a 2-D max-pool (square kernel).
@@ -31,31 +32,28 @@ impl PoolGeom {
         Ok((n + 2 * self.p - self.k) / self.s + 1)
     }
 
-    /// Index (within one `h x w` plane) of the first maximum of the window of output `(oy, ox)`.
-    /// Scans in row-major order with a strict `>` so ties keep the first element (PyTorch's rule);
-    /// a NaN wins, so NaNs propagate as in PyTorch.
+    /// The window of output `(oy, ox)` clipped to an `h x w` plane: rows `ys..ye`, columns
+    /// `xs..xe` (never empty: padding is at most half the kernel).
     #[inline]
-    fn argmax<T: WithDType>(&self, plane: &[T], h: usize, w: usize, oy: usize, ox: usize) -> usize {
-        let y0 = (oy * self.s) as isize - self.p as isize;
-        let x0 = (ox * self.s) as isize - self.p as isize;
-        let ys = y0.max(0) as usize;
-        let ye = ((y0 + self.k as isize) as usize).min(h);
-        let xs = x0.max(0) as usize;
-        let xe = ((x0 + self.k as isize) as usize).min(w);
-        let mut best = ys * w + xs;
-        let mut best_v = plane[best];
-        for y in ys..ye {
-            for (x, &v) in plane[y * w + xs..y * w + xe].iter().enumerate() {
-                // Branch-free selects (the comparison is a coin flip on real data, a branch on
-                // it mispredicted half the time); `v != v` is the NaN test.
-                #[allow(clippy::eq_op)]
-                let take = v > best_v || (v != v && best_v == best_v);
-                best = if take { y * w + xs + x } else { best };
-                best_v = if take { v } else { best_v };
-            }
-        }
-        best
+    fn window(&self, h: usize, w: usize, oy: usize, ox: usize) -> (usize, usize, usize, usize) {
+        let clip = |o: usize, n: usize| {
+            let start = (o * self.s) as isize - self.p as isize;
+            let lo = start.max(0) as usize;
+            let hi = ((start + self.k as isize) as usize).min(n);
+            (lo, hi)
+        };
+        let ((ys, ye), (xs, xe)) = (clip(oy, h), clip(ox, w));
+        (ys, ye, xs, xe)
     }
+}
+
+/// `a` if it is larger or NaN, else `m`: a max that lets NaN through, as PyTorch's pooling does.
+/// A select, not a branch: the comparison is a coin flip on real data.
+#[inline]
+fn nan_max<T: WithDType>(m: T, a: T) -> T {
+    #[allow(clippy::eq_op)]
+    let take = a > m || a != a;
+    if take { a } else { m }
 }
 
 fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
@@ -80,7 +78,14 @@ impl MaxPool2d {
             .for_each(|(o, plane)| {
                 for oy in 0..oh {
                     for ox in 0..ow {
-                        o[oy * ow + ox] = plane[self.0.argmax(plane, h, w, oy, ox)];
+                        let (ys, ye, xs, xe) = self.0.window(h, w, oy, ox);
+                        let mut m = plane[ys * w + xs];
+                        for y in ys..ye {
+                            for &v in &plane[y * w + xs..y * w + xe] {
+                                m = nan_max(m, v);
+                            }
+                        }
+                        o[oy * ow + ox] = m;
                     }
                 }
             });
@@ -101,14 +106,20 @@ impl CustomOp1 for MaxPool2d {
         }
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad_res.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(&grad, &MaxPool2dGrad(self.0))?))
+        Ok(Some(arg.apply_op3_no_bwd(
+            &res.contiguous()?,
+            &grad,
+            &MaxPool2dGrad(self.0),
+        )?))
     }
 }
 
-/// `(input, grad_output) -> grad_input` for [`MaxPool2d`]; the argmax is recomputed rather than
-/// stored, which keeps the forward pass allocation-free beyond its output.
+/// `(input, output, grad_output) -> grad_input` for [`MaxPool2d`]: each output's gradient goes
+/// to the first element of its window (row-major) equal to the output, i.e. the first maximum
+/// (the first NaN where the output is NaN). The position is found again rather than stored,
+/// which keeps the forward pass allocation-free beyond its output.
 struct MaxPool2dGrad(PoolGeom);
 
 impl MaxPool2dGrad {
@@ -116,12 +127,18 @@ impl MaxPool2dGrad {
         &self,
         x: &[T],
         lx: &Layout,
+        y: &[T],
+        ly: &Layout,
         g: &[T],
         lg: &Layout,
     ) -> Result<(Vec<T>, Shape)> {
         let (b, c, h, w) = lx.shape().dims4()?;
         let (gb, gc, oh, ow) = lg.shape().dims4()?;
-        if (gb, gc) != (b, c) || oh != self.0.out_size(h)? || ow != self.0.out_size(w)? {
+        if (gb, gc) != (b, c)
+            || oh != self.0.out_size(h)?
+            || ow != self.0.out_size(w)?
+            || ly.shape() != lg.shape()
+        {
             bail!(
                 "max_pool2d backward: gradient shape {:?} does not match input {:?}",
                 lg.shape(),
@@ -129,16 +146,31 @@ impl MaxPool2dGrad {
             )
         }
         let x = contiguous_slice(x, lx, "input")?;
+        let y = contiguous_slice(y, ly, "output")?;
         let g = contiguous_slice(g, lg, "gradient")?;
         let mut out = vec![T::zero(); b * c * h * w];
         use rayon::prelude::*;
         out.par_chunks_exact_mut(h * w)
-            .zip(x.par_chunks_exact(h * w).zip(g.par_chunks_exact(oh * ow)))
-            .for_each(|(oplane, (plane, gplane))| {
+            .zip(x.par_chunks_exact(h * w))
+            .zip(y.par_chunks_exact(oh * ow).zip(g.par_chunks_exact(oh * ow)))
+            .for_each(|((oplane, plane), (yplane, gplane))| {
                 for oy in 0..oh {
                     for ox in 0..ow {
-                        let i = self.0.argmax(plane, h, w, oy, ox);
-                        oplane[i] += gplane[oy * ow + ox];
+                        let (ys, ye, xs, xe) = self.0.window(h, w, oy, ox);
+                        let m = yplane[oy * ow + ox];
+                        #[allow(clippy::eq_op)]
+                        let nan = m != m;
+                        // Scanned backwards with selects, so the last hit is the first match.
+                        let mut first = ys * w + xs;
+                        for y in (ys..ye).rev() {
+                            for x in (xs..xe).rev() {
+                                let v = plane[y * w + x];
+                                #[allow(clippy::eq_op)]
+                                let hit = v == m || (nan && v != v);
+                                first = if hit { y * w + x } else { first };
+                            }
+                        }
+                        oplane[first] += gplane[oy * ow + ox];
                     }
                 }
             });
@@ -146,7 +178,7 @@ impl MaxPool2dGrad {
     }
 }
 
-impl CustomOp2 for MaxPool2dGrad {
+impl CustomOp3 for MaxPool2dGrad {
     fn name(&self) -> &'static str {
         "max-pool2d-padded-grad"
     }
@@ -157,14 +189,16 @@ impl CustomOp2 for MaxPool2dGrad {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                self.run(x, l1, g, l2).map(|(v, s)| (CpuStorage::F32(v), s))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                self.run(x, l1, g, l2).map(|(v, s)| (CpuStorage::F64(v), s))
-            }
+        match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => self
+                .run(x, l1, y, l2, g, l3)
+                .map(|(v, s)| (CpuStorage::F32(v), s)),
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => self
+                .run(x, l1, y, l2, g, l3)
+                .map(|(v, s)| (CpuStorage::F64(v), s)),
             _ => bail!("max_pool2d backward: unsupported dtypes"),
         }
     }

@@ -100,6 +100,35 @@ fn max_pool_ties_go_to_the_first_maximum() -> Result<()> {
 }
 
 #[test]
+fn max_pool_lets_nan_through_and_routes_its_gradient_to_the_first_nan() -> Result<()> {
+    // One 3x3 window (kernel 3, stride 3): NaNs at positions 4 and 7, the largest number at 8.
+    let v = [0.5f32, 1.0, -2.0, 3.0, f32::NAN, 0.0, 1.5, f32::NAN, 9.0];
+    let x = Var::from_tensor(&Tensor::from_slice(&v, (1, 1, 3, 3), &Device::Cpu)?)?;
+    let y = max_pool2d(x.as_tensor(), 3, 3, 0)?;
+    assert!(y.flatten_all()?.to_vec1::<f32>()?[0].is_nan());
+    let g = y.sum_all()?.backward()?;
+    let g = g
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert_eq!(g, vec![0., 0., 0., 0., 1., 0., 0., 0., 0.]);
+    // Without NaNs the maximum wins, wherever it is.
+    let v = [0.5f32, 1.0, -2.0, 3.0, 2.0, 0.0, 1.5, 3.0, 9.0];
+    let x = Var::from_tensor(&Tensor::from_slice(&v, (1, 1, 3, 3), &Device::Cpu)?)?;
+    let y = max_pool2d(x.as_tensor(), 3, 3, 0)?;
+    assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![9.0]);
+    let g = y.sum_all()?.backward()?;
+    let g = g
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert_eq!(g, vec![0., 0., 0., 0., 0., 0., 0., 0., 1.]);
+    Ok(())
+}
+
+#[test]
 fn bilinear_matches_candle_forward_and_tutorial_up() -> Result<()> {
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1., (2, 3, 4, 5), &dev)?;
