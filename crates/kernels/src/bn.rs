@@ -6,6 +6,7 @@
 //! single per-channel `x * scale + shift`.
 
 use crate::conv::{dispatch, slice};
+use crate::reduce::{lane_sum, lane_sum2};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -20,19 +21,17 @@ fn channel_stats<T: WithDType>(x: &[T], b: usize, c: usize, hw: usize) -> Vec<(f
             let mut s = 0f64;
             for p in planes() {
                 // Sum each plane in f32/f64 lanes first (vectorises), then in f64.
-                s += p.iter().fold(T::zero(), |a, &v| a + v).to_f64();
+                s += lane_sum(p, |v| v).to_f64();
             }
             let mean = s / n;
             let m = T::from_f64(mean);
             let mut q = 0f64;
             for p in planes() {
-                q += p
-                    .iter()
-                    .fold(T::zero(), |a, &v| {
-                        let d = v - m;
-                        a + d * d
-                    })
-                    .to_f64();
+                q += lane_sum(p, |v| {
+                    let d = v - m;
+                    d * d
+                })
+                .to_f64();
             }
             (mean, q / n)
         })
@@ -71,12 +70,7 @@ fn grad_sums<T: WithDType>(
             for bi in 0..b {
                 let o = (bi * c + ci) * hw;
                 let (xp, gp) = (&x[o..o + hw], &g[o..o + hw]);
-                let (a, bb) = xp
-                    .iter()
-                    .zip(gp)
-                    .fold((T::zero(), T::zero()), |(a, bb), (&xv, &gv)| {
-                        (a + gv, bb + gv * (xv - m))
-                    });
+                let (a, bb) = lane_sum2(xp, gp, |_, gv| gv, |xv, gv| gv * (xv - m));
                 sg += a.to_f64();
                 sgx += bb.to_f64();
             }

@@ -833,9 +833,7 @@ pub(crate) fn channel_sum<T: WithDType>(dy: &[T], b: usize, c: usize, hw: usize)
         .map(|ci| {
             let mut s = T::zero();
             for bi in 0..b {
-                for &v in &dy[(bi * c + ci) * hw..][..hw] {
-                    s += v;
-                }
+                s += crate::reduce::lane_sum(&dy[(bi * c + ci) * hw..][..hw], |v| v);
             }
             s
         })

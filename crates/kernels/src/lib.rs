@@ -39,6 +39,7 @@ mod bn;
 mod conv;
 mod direct;
 mod par;
+mod reduce;
 mod sgd;
 mod winograd;
 
