@@ -221,12 +221,74 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     if x.device().is_cpu() {
         x.contiguous()?.apply_op1(op)
     } else {
-        let dev = x.device().clone();
-        x.to_device(&Device::Cpu)?
-            .contiguous()?
-            .apply_op1(op)?
-            .to_device(&dev)
+        max_pool2d_portable(x, kernel, stride, padding)
     }
+}
+
+/// [`max_pool2d`] from candle's differentiable operations, for devices other than the CPU (a
+/// round trip through the CPU op cost a copy of the activation each way, forward and backward).
+///
+/// The windows are `kernel²` strided views of the input padded with `-inf`; the output sums,
+/// for each view, the values where that view holds the window's first maximum and zero
+/// elsewhere, so its gradient reaches the first maximum of each window only, as on the CPU.
+/// NaN inputs are not propagated the way the CPU op does (the maximum is the device's).
+pub fn max_pool2d_portable(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    if kernel == 0 || stride == 0 || 2 * padding > kernel {
+        bail!("max_pool2d: bad geometry kernel {kernel}, stride {stride}, padding {padding}")
+    }
+    let g = PoolGeom {
+        k: kernel,
+        s: stride,
+        p: padding,
+    };
+    let (b, c, h, w) = x.dims4()?;
+    let (oh, ow) = (g.out_size(h)?, g.out_size(w)?);
+    let dev = x.device();
+    // Padded so that each view can take `oh * stride` rows from its offset before subsampling.
+    let (hp, wp) = (
+        (kernel - 1 + oh * stride).max(h + 2 * padding),
+        (kernel - 1 + ow * stride).max(w + 2 * padding),
+    );
+    let pad = |t: &Tensor| -> Result<Tensor> {
+        t.pad_with_zeros(2, padding, hp - h - padding)?
+            .pad_with_zeros(3, padding, wp - w - padding)
+    };
+    let inside = pad(&Tensor::ones((1, 1, h, w), DType::U8, dev)?)?.broadcast_as((b, c, hp, wp))?;
+    let low = Tensor::full(f64::NEG_INFINITY, (b, c, hp, wp), dev)?.to_dtype(x.dtype())?;
+    let xp = inside.where_cond(&pad(x)?, &low)?;
+    let mut views = Vec::with_capacity(kernel * kernel);
+    for dy in 0..kernel {
+        for dx in 0..kernel {
+            let v = xp
+                .narrow(2, dy, oh * stride)?
+                .narrow(3, dx, ow * stride)?
+                .contiguous()?
+                .reshape((b, c, oh, stride, ow, stride))?
+                .narrow(3, 0, 1)?
+                .narrow(5, 0, 1)?
+                .reshape((b, c, oh, ow))?;
+            views.push(v);
+        }
+    }
+    let mut max = views[0].detach();
+    for v in &views[1..] {
+        max = max.maximum(&v.detach())?;
+    }
+    // Row-major scan: a view takes the window where it equals the maximum and no earlier one did.
+    let zeros = max.zeros_like()?;
+    let mut taken = zeros.clone();
+    let mut out = zeros.clone();
+    for v in &views {
+        let hit = (v.detach().eq(&max)?.to_dtype(x.dtype())? * (1.0 - &taken)?)?;
+        taken = (taken + &hit)?;
+        out = (out + hit.to_dtype(DType::U8)?.where_cond(v, &zeros)?)?;
+    }
+    Ok(out)
 }
 
 /// The `[n_out, n_in]` matrix of 1-D linear interpolation with aligned corners: output `o`

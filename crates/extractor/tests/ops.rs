@@ -1,7 +1,7 @@
 //! Forward values and gradients (against finite differences) of the custom operations.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use retinanet_extractor::ops::{max_pool2d, upsample_bilinear_ac};
+use retinanet_extractor::ops::{max_pool2d, max_pool2d_portable, upsample_bilinear_ac};
 
 /// Max relative difference of two tensors: max |a - b| / max(max |b|, tiny).
 fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -125,6 +125,32 @@ fn max_pool_lets_nan_through_and_routes_its_gradient_to_the_first_nan() -> Resul
         .flatten_all()?
         .to_vec1::<f32>()?;
     assert_eq!(g, vec![0., 0., 0., 0., 0., 0., 0., 0., 1.]);
+    Ok(())
+}
+
+#[test]
+fn the_portable_max_pool_matches_the_cpu_op_with_its_gradients() -> Result<()> {
+    // Random values (no ties) and a tensor of many ties (rounded to 0.5 steps, half of them 0
+    // as after a ReLU): the same outputs and the same gradients, first maximum included.
+    let r = Tensor::randn(0f32, 1., (2, 3, 11, 10), &Device::Cpu)?;
+    let ties = ((r.relu()? * 2.0)?.round()? * 0.5)?;
+    for x0 in [r, ties] {
+        for (k, s, p) in [(3, 2, 1), (2, 2, 0), (3, 1, 1), (3, 3, 0)] {
+            let x = Var::from_tensor(&x0)?;
+            let a = max_pool2d(x.as_tensor(), k, s, p)?;
+            let b = max_pool2d_portable(x.as_tensor(), k, s, p)?;
+            assert_eq!(a.dims(), b.dims());
+            assert_eq!(rel_diff(&b, &a)?, 0.0, "values, {k}/{s}/{p}");
+            let w = Tensor::randn(0f32, 1., a.dims(), &Device::Cpu)?;
+            let ga = (&a * &w)?.sum_all()?.backward()?;
+            let gb = (&b * &w)?.sum_all()?.backward()?;
+            let (ga, gb) = (
+                ga.get(x.as_tensor()).unwrap(),
+                gb.get(x.as_tensor()).unwrap(),
+            );
+            assert!(rel_diff(gb, ga)? < 1e-6, "gradients, {k}/{s}/{p}");
+        }
+    }
     Ok(())
 }
 
