@@ -7,7 +7,8 @@
 //!   of one image at a time, in cache-sized row blocks (im2col), and multiply with the `gemm`
 //!   crate; wide stride-1 3x3 convolutions use Winograd F(2x2, 3x3), and f32 convolutions with
 //!   kernels larger than 1x1 and up to 256 input channels a direct AVX-512 kernel without a
-//!   patch matrix (where the CPU has AVX-512). Backward: the input gradient is `Wᵀ · dY`
+//!   patch matrix (where the CPU has AVX-512; `RETINANET_NO_DIRECT_CONV=1` turns it off, for
+//!   comparisons). Backward: the input gradient is `Wᵀ · dY`
 //!   scattered back (col2im), or for stride 1 a forward convolution of `dY` with the rotated
 //!   kernel (through the same kernels); the weight gradient `dY · colsᵀ`.
 //! * [`batch_norm_train`]: training-mode batch norm in two passes forward and backward, returning
