@@ -8,10 +8,11 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use retinanet_detector::{Depth, ResNetConfig, RetinaNetConfig, is_buffer};
+use retinanet_integration_tests::tiny_detector_toml;
 use retinanet_loss::{FocalLossConfig, focal_loss_detection};
-use retinanet_train::model::build_retinanet;
+use retinanet_train::model::{build_retinanet, trainable_vars};
 use retinanet_train::{RunOptions, Sgd, load_checkpoint, parse_config, train_detector};
 
 fn gpu() -> Device {
@@ -36,20 +37,11 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 /// ‖a − b‖ / ‖b‖ over all elements (f64), with the two tensors on any devices.
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a: Vec<f32> = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let host = |t: &Tensor| -> Vec<f32> {
+        let t = t.to_device(&Device::Cpu).unwrap();
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let (a, b) = (host(a), host(b));
     assert_eq!(a.len(), b.len());
     let (mut d, mut n) = (0f64, 0f64);
     for (x, y) in a.iter().zip(&b) {
@@ -71,15 +63,18 @@ fn small_config() -> RetinaNetConfig {
     cfg
 }
 
-fn trainable(varmap: &candle_nn::VarMap) -> Vec<(String, Var)> {
-    let data = varmap.data().lock().unwrap();
-    let mut v: Vec<(String, Var)> = data
-        .iter()
-        .filter(|(k, _)| !is_buffer(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
+/// Prints the largest difference found and fails above `tol`.
+fn check_worst(what: &str, worst: &(f64, String), tol: f64) {
+    eprintln!(
+        "{what}: largest difference {:.2e} in `{}`",
+        worst.0, worst.1
+    );
+    assert!(
+        worst.0 < tol,
+        "{what}: `{}` differs by {:.2e}",
+        worst.1,
+        worst.0
+    );
 }
 
 #[test]
@@ -145,26 +140,16 @@ fn forward_loss_gradients_and_sgd_match_the_cpu() {
     assert_eq!(lc.num_positive, lg.num_positive);
 
     let (gc, gg) = (lc.total.backward().unwrap(), lg.total.backward().unwrap());
-    let (vc, vg) = (trainable(&vm_c), trainable(&vm_g));
+    let (vc, vg) = (trainable_vars(&vm_c), trainable_vars(&vm_g));
     assert_eq!(vc.len(), vg.len());
     let mut worst = (0f64, String::new());
     for ((name, a), (_, g)) in vc.iter().zip(&vg) {
-        let (da, dg) = (gc.get(a).unwrap(), gg.get(g).unwrap());
-        let e = rel_err(dg, da);
+        let e = rel_err(gg.get(g).unwrap(), gc.get(a).unwrap());
         if e > worst.0 {
             worst = (e, name.clone());
         }
     }
-    eprintln!(
-        "largest gradient difference {:.2e} in `{}`",
-        worst.0, worst.1
-    );
-    assert!(
-        worst.0 < 1e-3,
-        "largest gradient difference {:.2e} in `{}`",
-        worst.0,
-        worst.1
-    );
+    check_worst("gradients (relative)", &worst, 1e-3);
 
     // One SGD step (in place on the CPU, tensor arithmetic on the GPU), clipped.
     let mut oc = Sgd::new(vc.clone(), 0.9, 1e-4).unwrap();
@@ -191,61 +176,7 @@ fn forward_loss_gradients_and_sgd_match_the_cpu() {
 }
 
 fn run_config(cache: &Path, name: &str, device: &str) -> retinanet_train::DetectorRunConfig {
-    let text = format!(
-        r#"
-name = "{name}"
-seed = 3
-device = "{device}"
-[model]
-depth = 18
-base_width = 8
-fpn_channels = 16
-head_channels = 16
-[data]
-size = 65
-eval_size = 65
-boxarea_th = 25.0
-skip_bad_images = false
-[data.source]
-kind = "synthetic"
-cache_dir = "{cache}"
-num_train = 24
-num_eval = 6
-image_size = 72
-max_objects = 3
-object_size = [12.0, 36.0]
-seed = 1
-[train]
-epochs = 2
-batch_size = 4
-iou_th = [0.3, 0.5]
-momentum = 0.9
-weight_decay = 1e-4
-grad_clip = 10.0
-freeze_bn = false
-frozen_stages = 0
-pretrained = ""
-checkpoint_every = 4
-time_limit_minutes = 0.0
-[train.lr]
-lr = 0.01
-boundaries = [10]
-progress_boundaries = []
-decay = 0.1
-warmup_steps = 3
-warmup_factor = 0.1
-[eval]
-every_epochs = 1
-score_th = 0.05
-nms_th = 0.5
-class_agnostic = false
-pre_nms_top_k = 100
-max_detections = 20
-max_images = 0
-"#,
-        cache = cache.display()
-    );
-    parse_config(&text).unwrap()
+    parse_config(&tiny_detector_toml(cache, name, device, "", 2, "[]")).unwrap()
 }
 
 fn losses(log: &Path) -> Vec<f64> {
@@ -289,7 +220,7 @@ fn a_training_run_on_cuda_follows_the_cpu_run() {
     assert_eq!(a.tensors.len(), b.tensors.len());
     // Absolute: BatchNorm biases start at zero and are still ~1e-3 after 12 steps, so a
     // relative measure of them is all rounding.
-    let mut worst = (0f32, String::new());
+    let mut worst = (0f64, String::new());
     for (k, ta) in &a.tensors {
         if ta.dtype() == DType::F32 {
             let d = (&b.tensors[k] - ta)
@@ -298,22 +229,13 @@ fn a_training_run_on_cuda_follows_the_cpu_run() {
                 .unwrap()
                 .flatten_all()
                 .unwrap();
-            let m = d.max(0).unwrap().to_scalar::<f32>().unwrap();
+            let m = d.max(0).unwrap().to_scalar::<f32>().unwrap() as f64;
             if m > worst.0 {
                 worst = (m, k.clone());
             }
         }
     }
-    eprintln!(
-        "checkpoints: largest difference {:.2e} in `{}`",
-        worst.0, worst.1
-    );
-    assert!(
-        worst.0 < 1e-4,
-        "checkpoint tensor `{}` differs by {:.2e}",
-        worst.1,
-        worst.0
-    );
+    check_worst("checkpoints (absolute)", &worst, 1e-4);
     // Evaluation on the GPU: the same detections, so the same mAP to rounding.
     let (mc, mg) = (c.report.unwrap().map, g.report.unwrap().map);
     match (mc, mg) {

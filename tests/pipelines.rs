@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use candle_core::Device;
+use retinanet_integration_tests::tiny_detector_toml;
 use retinanet_train::config::{DetectorRunConfig, PretrainRunConfig};
 use retinanet_train::infer::{detect_file, draw, output_path, save};
 use retinanet_train::{
@@ -13,61 +14,10 @@ use retinanet_train::{
 };
 
 fn detector_config(cache: &Path, name: &str, pretrained: &str, epochs: usize) -> DetectorRunConfig {
-    let text = format!(
-        r#"
-name = "{name}"
-seed = 3
-device = "cpu"
-[model]
-depth = 18
-base_width = 8
-fpn_channels = 16
-head_channels = 16
-[data]
-size = 65
-eval_size = 65
-boxarea_th = 25.0
-skip_bad_images = false
-[data.source]
-kind = "synthetic"
-cache_dir = "{cache}"
-num_train = 24
-num_eval = 6
-image_size = 72
-max_objects = 3
-object_size = [12.0, 36.0]
-seed = 1
-[train]
-epochs = {epochs}
-batch_size = 4
-iou_th = [0.3, 0.5]
-momentum = 0.9
-weight_decay = 1e-4
-grad_clip = 10.0
-freeze_bn = false
-frozen_stages = 0
-pretrained = "{pretrained}"
-checkpoint_every = 4
-time_limit_minutes = 0.0
-[train.lr]
-lr = 0.01
-boundaries = [10]
-progress_boundaries = [0.25]
-decay = 0.1
-warmup_steps = 3
-warmup_factor = 0.1
-[eval]
-every_epochs = 1
-score_th = 0.05
-nms_th = 0.5
-class_agnostic = false
-pre_nms_top_k = 100
-max_detections = 20
-max_images = 0
-"#,
-        cache = cache.display()
-    );
-    parse_config(&text).unwrap()
+    parse_config(&tiny_detector_toml(
+        cache, name, "cpu", pretrained, epochs, "[0.25]",
+    ))
+    .unwrap()
 }
 
 fn pretrain_config(cache: &Path) -> PretrainRunConfig {

@@ -9,6 +9,12 @@
 //! weights per 16 channels and one broadcast per position. Positions are addressed one by one,
 //! so strides, padding and tiles that cross rows or images cost nothing extra.
 
+// Off x86-64 nothing here is selected (`suitable` is false) and the kernels are compiled out.
+#![cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused, unreachable_code)
+)]
+
 use crate::conv::Geom;
 use rayon::prelude::*;
 
@@ -54,15 +60,12 @@ pub(crate) fn forward(
     bias: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the direct kernel is selected only on x86-64 with AVX-512");
     let k = g.kh;
     let (wp, plane) = padded_dims(g);
-    let padded;
-    let xp: &[f32] = if g.p.padding == 0 {
-        x
-    } else {
-        padded = pad_input(g, x);
-        &padded
-    };
+    let xp = pad_input(g, x);
+    let xp: &[f32] = &xp;
     // Weights packed per block of output channels: `[block][cin][tap][lanes]` (block `bi` at
     // `bi * kk * 64`), zero lanes past Cout.
     let taps = k * k;
@@ -114,6 +117,7 @@ pub(crate) fn forward(
                 // SAFETY: `available()` checked AVX-512F; every position of `base` reads its window
                 // inside `xp` (Geom's output size keeps windows in the padded input), and the chunk
                 // writes only its own positions of `y`.
+                #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match nco.div_ceil(16) {
                         4 => run::<6, 4>(&ctx, &base, &dst, co0, nco, ohw, bias, relu, out),
@@ -158,13 +162,16 @@ fn padded_dims(g: &Geom) -> (usize, usize) {
     (g.w + 2 * pad, (g.h + 2 * pad) * (g.w + 2 * pad))
 }
 
-/// The input with `padding` zeros around every plane.
-fn pad_input(g: &Geom, x: &[f32]) -> Vec<f32> {
+/// The input with `padding` zeros around every plane (the input itself without padding).
+fn pad_input<'a>(g: &Geom, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
     use std::mem::MaybeUninit;
     let pad = g.p.padding;
+    if pad == 0 {
+        return x.into();
+    }
     let (wp, plane) = padded_dims(g);
     let zero = MaybeUninit::new(0f32);
-    filled_later(g.b * g.cin * plane, |v| {
+    let v = filled_later(g.b * g.cin * plane, |v| {
         v.par_chunks_mut(plane)
             .zip(x.par_chunks(g.h * g.w))
             .for_each(|(dst, src)| {
@@ -180,7 +187,8 @@ fn pad_input(g: &Geom, x: &[f32]) -> Vec<f32> {
                 }
                 dst[(g.h + pad) * wp..].fill(zero);
             })
-    })
+    });
+    v.into()
 }
 
 /// Offset in the padded input of each output position's window origin, over the whole batch.
@@ -203,15 +211,12 @@ fn window_bases(g: &Geom, positions: std::ops::Range<usize>) -> Vec<usize> {
 /// from the input, summed over positions. Threads take disjoint sets of taps, and walk the
 /// positions in blocks whose transposed `dy` stays in cache.
 pub(crate) fn backward_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the direct kernel is selected only on x86-64 with AVX-512");
     let k = g.kh;
     let (wp, plane) = padded_dims(g);
-    let padded;
-    let xp: &[f32] = if g.p.padding == 0 {
-        x
-    } else {
-        padded = pad_input(g, x);
-        &padded
-    };
+    let xp = pad_input(g, x);
+    let xp: &[f32] = &xp;
     let ohw = g.ohw();
     let total = g.b * ohw;
     let blocks = g.cout.div_ceil(CO_BLOCK);
@@ -263,6 +268,7 @@ pub(crate) fn backward_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         };
         // SAFETY: AVX-512F is available (`suitable`); every window read lies inside `xp`, and
         // this task writes only its own taps of `dw`.
+        #[cfg(target_arch = "x86_64")]
         unsafe {
             match nco.div_ceil(16) {
                 4 => wrun::<6, 4>(&ctx, offs, gi * group, co0, nco, kk, pblock, out),
@@ -333,21 +339,6 @@ unsafe fn wrun<const MT: usize, const NV: usize>(
             }
         }
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn wrun<const MT: usize, const NV: usize>(
-    _: &WCtx,
-    _: &[usize],
-    _: usize,
-    _: usize,
-    _: usize,
-    _: usize,
-    _: usize,
-    _: SendPtr,
-) {
-    unreachable!("the direct kernel is selected only on x86-64 with AVX-512")
 }
 
 /// `acc[j][v] += Σ_{pos in range} dy[pos][16v..16v+16] · x[base[pos] + off[j]]`.
@@ -428,22 +419,6 @@ unsafe fn run<const MT: usize, const NV: usize>(
             }
         }
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn run<const MT: usize, const NV: usize>(
-    _: &Ctx,
-    _: &[usize],
-    _: &[usize],
-    _: usize,
-    _: usize,
-    _: usize,
-    _: Option<&[f32]>,
-    _: bool,
-    _: SendPtr,
-) {
-    unreachable!("the direct kernel is selected only on x86-64 with AVX-512")
 }
 
 /// The register tile: `acc[j][v]` = output channels `16v..16v+16` of position `j`, summed over
