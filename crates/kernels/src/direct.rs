@@ -26,6 +26,7 @@ use rayon::prelude::*;
 /// (512 channels: 127 vs 146 GFLOP/s; 2,048: 48 vs 72) or too few tiles share the work.
 pub(crate) fn suitable(g: &Geom) -> bool {
     available()
+        && g.cout > 0
         && g.kh == g.kw
         && g.kh > 1
         && g.p.dilation == 1
