@@ -49,15 +49,10 @@
 //! # CUDA
 //!
 //! The `cuda` feature forwards to `candle-core/cuda` and `candle-nn/cuda`; the default build is
-//! CPU only. Building with it needs `nvcc` (CUDA 13.0.x). Without a system toolkit the PyPI
-//! wheels work: `pip install "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-runtime==13.0.*"
-//! "nvidia-cuda-cccl==13.0.*" "nvidia-cublas==13.0.*" "nvidia-curand==10.4.0.*"` into a venv;
-//! they unpack under `site-packages/nvidia/cu13/` (`bin/nvcc`, `include`, `lib`). Put that
-//! `bin` on `PATH`, set `CUDA_ROOT` and `CUDA_PATH` to the `cu13` directory, add its `lib` to
-//! `LD_LIBRARY_PATH` and `LIBRARY_PATH`, and set `CUDA_COMPUTE_CAP=90` (H100/H200) so the
-//! kernels compile without querying a GPU; then `cargo build --release --features cuda`
-//! (the driver's `libcuda.so` comes from the machine). The max-pool op
-//! has a CPU kernel only: on a GPU its input makes a round trip through host memory.
+//! CPU only. Building with it needs `nvcc` and the CUDA libraries; `scripts/cuda-toolchain.sh`
+//! at the workspace root installs them from PyPI wheels and sets up the link (see
+//! `docs/cuda.md`). On a GPU the convolutions and BatchNorm are candle's, and the max-pool is
+//! [`ops::max_pool2d_portable`] (candle operations, same gradient routing as the CPU op).
 
 pub mod bn;
 pub mod ops;

@@ -2,7 +2,8 @@
 //!
 //! * [`max_pool2d`]: max-pooling with padding and a kernel that differs from its stride (the
 //!   ResNet stem's 3x3/2, padding 1). A CPU custom op whose backward routes each output gradient
-//!   to the first maximal input of its window, as PyTorch does.
+//!   to the first maximal input of its window, as PyTorch does; [`max_pool2d_portable`] does the
+//!   same from candle operations on other devices.
 //! * [`upsample_bilinear_ac`]: bilinear resize with `align_corners=True` to any size, written as
 //!   two matrix products with fixed interpolation matrices, so candle differentiates it on every
 //!   backend.
@@ -207,8 +208,8 @@ impl CustomOp3 for MaxPool2dGrad {
 /// 2-D max-pool of a `[B, C, H, W]` tensor with a `kernel x kernel` window, `stride` and
 /// implicit `-inf` `padding` (PyTorch's `F.max_pool2d(x, kernel, stride, padding)`, floor mode).
 ///
-/// Differentiable: the gradient of each output goes to the first maximum of its window. Runs on
-/// the CPU; on another device the tensor makes a (differentiable) round trip through the CPU.
+/// Differentiable: the gradient of each output goes to the first maximum of its window. A CPU
+/// kernel; on other devices [`max_pool2d_portable`].
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
     if kernel == 0 || stride == 0 || 2 * padding > kernel {
         bail!("max_pool2d: bad geometry kernel {kernel}, stride {stride}, padding {padding}")
