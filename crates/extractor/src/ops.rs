@@ -22,6 +22,17 @@ struct PoolGeom {
 }
 
 impl PoolGeom {
+    fn new(kernel: usize, stride: usize, padding: usize) -> Result<Self> {
+        if kernel == 0 || stride == 0 || 2 * padding > kernel {
+            bail!("max_pool2d: bad geometry kernel {kernel}, stride {stride}, padding {padding}")
+        }
+        Ok(Self {
+            k: kernel,
+            s: stride,
+            p: padding,
+        })
+    }
+
     fn out_size(&self, n: usize) -> Result<usize> {
         if n + 2 * self.p < self.k {
             bail!(
@@ -211,18 +222,11 @@ impl CustomOp3 for MaxPool2dGrad {
 /// Differentiable: the gradient of each output goes to the first maximum of its window. A CPU
 /// kernel; on other devices [`max_pool2d_portable`].
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
-    if kernel == 0 || stride == 0 || 2 * padding > kernel {
-        bail!("max_pool2d: bad geometry kernel {kernel}, stride {stride}, padding {padding}")
-    }
-    let op = MaxPool2d(PoolGeom {
-        k: kernel,
-        s: stride,
-        p: padding,
-    });
+    let g = PoolGeom::new(kernel, stride, padding)?;
     if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(op)
+        x.contiguous()?.apply_op1(MaxPool2d(g))
     } else {
-        max_pool2d_portable(x, kernel, stride, padding)
+        pool_portable(x, g)
     }
 }
 
@@ -239,14 +243,15 @@ pub fn max_pool2d_portable(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    if kernel == 0 || stride == 0 || 2 * padding > kernel {
-        bail!("max_pool2d: bad geometry kernel {kernel}, stride {stride}, padding {padding}")
-    }
-    let g = PoolGeom {
+    pool_portable(x, PoolGeom::new(kernel, stride, padding)?)
+}
+
+fn pool_portable(x: &Tensor, g: PoolGeom) -> Result<Tensor> {
+    let PoolGeom {
         k: kernel,
         s: stride,
         p: padding,
-    };
+    } = g;
     let (b, c, h, w) = x.dims4()?;
     let (oh, ow) = (g.out_size(h)?, g.out_size(w)?);
     let dev = x.device();
