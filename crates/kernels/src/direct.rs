@@ -72,7 +72,7 @@ pub(crate) fn forward(
     let taps = k * k;
     let kk = g.cin * taps;
     let blocks = g.cout.div_ceil(CO_BLOCK);
-    let mut wpk = vec![0f32; (blocks - 1) * kk * CO_BLOCK + kk * lanes(g.cout, blocks - 1)];
+    let mut wpk = vec![0f32; blocked_len(g.cout, kk)];
     wpk.par_chunks_mut(kk * CO_BLOCK)
         .enumerate()
         .for_each(|(bi, dst)| {
@@ -107,7 +107,7 @@ pub(crate) fn forward(
             for bi in 0..blocks {
                 let co0 = bi * CO_BLOCK;
                 let nco = CO_BLOCK.min(g.cout - co0);
-                let wb = &wpk[bi * kk * CO_BLOCK..][..kk * lanes(g.cout, bi)];
+                let wb = block(&wpk, g.cout, kk, bi);
                 let ctx = Ctx {
                     xp,
                     w: wb,
@@ -129,12 +129,7 @@ pub(crate) fn forward(
                 }
             }
         };
-        let chunks = total.div_ceil(chunk);
-        if crate::par::is_sequential() {
-            (0..chunks).for_each(job);
-        } else {
-            (0..chunks).into_par_iter().for_each(job);
-        }
+        crate::par::for_each_index(total.div_ceil(chunk), job);
     })
 }
 
@@ -142,6 +137,18 @@ pub(crate) fn forward(
 /// (a 12-channel output streams 16 lanes of weights, not 64).
 fn lanes(cout: usize, bi: usize) -> usize {
     (cout - bi * CO_BLOCK).min(CO_BLOCK).next_multiple_of(16)
+}
+
+/// Length of a buffer of `rows` rows per channel block, each `lanes` wide: block `bi` starts at
+/// `bi * rows * 64` (only the last block may be narrower).
+fn blocked_len(cout: usize, rows: usize) -> usize {
+    let blocks = cout.div_ceil(CO_BLOCK);
+    (blocks - 1) * rows * CO_BLOCK + rows * lanes(cout, blocks - 1)
+}
+
+/// Block `bi` of a [`blocked_len`] buffer.
+fn block(buf: &[f32], cout: usize, rows: usize, bi: usize) -> &[f32] {
+    &buf[bi * rows * CO_BLOCK..][..rows * lanes(cout, bi)]
 }
 
 /// A vector of `n` floats that the caller writes completely before reading: it skips the
@@ -222,8 +229,7 @@ pub(crate) fn backward_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let total = g.b * ohw;
     let blocks = g.cout.div_ceil(CO_BLOCK);
     // dy as [block][pos][lanes] (block `bi` at `bi * total * 64`), zero lanes past Cout.
-    let last = lanes(g.cout, blocks - 1);
-    let mut dyt = vec![0f32; (blocks - 1) * total * CO_BLOCK + total * last];
+    let mut dyt = vec![0f32; blocked_len(g.cout, total)];
     for (bi, blk) in dyt.chunks_mut(total * CO_BLOCK).enumerate() {
         let lw = lanes(g.cout, bi);
         blk.par_chunks_mut(ohw * lw)
@@ -261,7 +267,7 @@ pub(crate) fn backward_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         let co0 = bi * CO_BLOCK;
         let nco = CO_BLOCK.min(g.cout - co0);
         let offs = &koff[gi * group..((gi + 1) * group).min(kk)];
-        let dyb = &dyt[bi * total * CO_BLOCK..][..total * lanes(g.cout, bi)];
+        let dyb = block(&dyt, g.cout, total, bi);
         let ctx = WCtx {
             xp,
             base: &base,
@@ -279,12 +285,7 @@ pub(crate) fn backward_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
             }
         }
     };
-    let tasks = blocks * groups;
-    if crate::par::is_sequential() {
-        (0..tasks).for_each(job);
-    } else {
-        (0..tasks).into_par_iter().for_each(job);
-    }
+    crate::par::for_each_index(blocks * groups, job);
     dw
 }
 

@@ -13,12 +13,7 @@ pub(crate) fn threads() -> usize {
     rayon::current_num_threads()
 }
 
-/// Whether this thread is inside [`sequential`] (an outer loop already runs one task per thread).
-pub(crate) fn is_sequential() -> bool {
-    SEQUENTIAL.with(Cell::get)
-}
-
-/// Runs `f` with [`for_each_chunk`] sequential on this thread.
+/// Runs `f` with [`for_each_chunk`] and [`for_each_index`] sequential on this thread.
 pub(crate) fn sequential<R>(f: impl FnOnce() -> R) -> R {
     let old = SEQUENTIAL.with(|s| s.replace(true));
     let r = f();
@@ -42,6 +37,15 @@ pub(crate) fn for_each_chunk<T: Send>(
         data.par_chunks_mut(size)
             .enumerate()
             .for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// Calls `f(i)` for `i` in `0..n`, in parallel unless inside [`sequential`].
+pub(crate) fn for_each_index(n: usize, f: impl Fn(usize) + Send + Sync) {
+    if SEQUENTIAL.with(Cell::get) {
+        (0..n).for_each(f);
+    } else {
+        (0..n).into_par_iter().for_each(f);
     }
 }
 
