@@ -9,10 +9,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use retinanet_detector::{Depth, ResNetConfig, RetinaNetConfig, is_buffer};
+use retinanet_detector::{RetinaNetConfig, is_buffer};
 use retinanet_integration_tests::tiny_detector_toml;
 use retinanet_loss::{FocalLossConfig, focal_loss_detection};
-use retinanet_train::model::{build_retinanet, trainable_vars};
+use retinanet_train::model::{build_retinanet, retinanet_config, trainable_vars};
 use retinanet_train::{RunOptions, Sgd, load_checkpoint, parse_config, train_detector};
 
 fn gpu() -> Device {
@@ -52,15 +52,11 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     (d / n.max(1e-30)).sqrt()
 }
 
+/// The tiny test run's model (4 classes, as its synthetic shapes), so both tests check the same
+/// network.
 fn small_config() -> RetinaNetConfig {
-    let backbone = ResNetConfig {
-        base_width: 8,
-        ..ResNetConfig::new(Depth::R18, None)
-    };
-    let mut cfg = RetinaNetConfig::new(backbone, 4);
-    cfg.detector.fpn_channels = 16;
-    cfg.detector.head_channels = 16;
-    cfg
+    let run = run_config(Path::new("data-cache"), "model", "cpu");
+    retinanet_config(&run.model, 4, run.train.frozen_stages).unwrap()
 }
 
 /// Prints the largest difference found and fails above `tol`.
