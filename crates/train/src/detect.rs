@@ -304,11 +304,11 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
 
             let out_of_time = out_of_time();
             let at_max = opts.max_steps.is_some_and(|m| step >= m);
-            if step % cfg.train.checkpoint_every == 0
-                || opts.stop_requested()
-                || out_of_time
-                || at_max
-            {
+            // A periodic checkpoint on an epoch's last batch is left to the epoch-end save just
+            // below (it would write the same position twice); a stop saves here, as it leaves
+            // the loop before that.
+            let periodic = step % cfg.train.checkpoint_every == 0 && batch_in_epoch < per_epoch;
+            if periodic || opts.stop_requested() || out_of_time || at_max {
                 let at = resume_position(step, epoch, batch_in_epoch, per_epoch);
                 let extra = decays.to_extra(t0.elapsed().as_secs_f64());
                 writer.save(&varmap, &opt, at, extra)?;
