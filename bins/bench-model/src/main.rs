@@ -18,10 +18,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
 use retinanet_detector::{RetinaNet, RetinaNetConfig};
-use retinanet_extractor::{Depth, ResNetConfig, is_buffer};
+use retinanet_extractor::{Depth, ResNetConfig};
 use retinanet_kernels::{ConvParams, conv2d, conv2d_macs};
 use retinanet_loss::{FocalLossConfig, focal_loss_detection};
 use retinanet_train::device::parse_device;
+use retinanet_train::model::trainable_vars;
 use retinanet_train::optim::Sgd;
 use serde::Serialize;
 use std::time::Instant;
@@ -197,19 +198,9 @@ fn bench_model(a: &Args, threads: usize) -> Result<ModelReport> {
         })?);
     }
     if matches!(a.mode, Mode::Train | Mode::Both) {
-        let vars: Vec<(String, Var)> = {
-            let data = varmap
-                .data()
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
-            data.iter()
-                .filter(|(k, _)| !is_buffer(k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
         // The pipelines' optimizer: SGD with momentum 0.9 and weight decay 1e-4 (in place on
         // the CPU, tensor arithmetic elsewhere).
-        let mut sgd = Sgd::new(vars, 0.9, 1e-4)?;
+        let mut sgd = Sgd::new(trainable_vars(&varmap), 0.9, 1e-4)?;
         let (cls, _) = model.forward_t(&x, false)?;
         let anchors = cls.dim(1)?;
         // Random targets: about 1% positives, 1% ignored, the rest background.
