@@ -1,7 +1,10 @@
 //! 2-D batch normalisation with PyTorch's training semantics.
 
+use std::sync::Arc;
+
 use candle_core::{Result, Tensor, Var, bail};
 use candle_nn::{Init, VarBuilder};
+use retinanet_kernels::SumReducer;
 
 /// `BatchNorm2d` as in PyTorch (`eps` 1e-5, `momentum` 0.1).
 ///
@@ -18,6 +21,8 @@ pub struct BatchNorm2d {
     running_var: Var,
     eps: f64,
     momentum: f64,
+    /// With a reducer, training statistics are over every rank's batch (SyncBatchNorm).
+    sync: Option<Arc<dyn SumReducer>>,
 }
 
 impl BatchNorm2d {
@@ -39,6 +44,7 @@ impl BatchNorm2d {
             running_var,
             eps: 1e-5,
             momentum: 0.1,
+            sync: None,
         })
     }
 
@@ -50,6 +56,12 @@ impl BatchNorm2d {
             bias: self.bias.detach(),
             ..self.clone()
         }
+    }
+
+    /// Takes training statistics over the batches of every rank of a data-parallel run
+    /// (`Some`, PyTorch's SyncBatchNorm) or of this process only (`None`, the default).
+    pub fn set_sync(&mut self, reducer: Option<Arc<dyn SumReducer>>) {
+        self.sync = reducer;
     }
 
     /// The running mean (a detached view).
@@ -73,13 +85,21 @@ impl BatchNorm2d {
             )
         }
         if train {
-            let n = b * h * w;
-            if n < 2 {
+            if self.sync.is_none() && b * h * w < 2 {
                 bail!("batch-norm: training needs more than one value per channel, got {b}x{h}x{w}")
             }
             // retinanet-kernels: two passes forward and backward on the CPU (candle's broadcast
             // ops elsewhere); the batch statistics come back detached.
-            let out = retinanet_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+            let out = retinanet_kernels::batch_norm_train_synced(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps,
+                self.sync.clone(),
+            )?;
+            // Bessel's correction over the values the statistics are over (all ranks' when
+            // synchronised), as PyTorch's SyncBatchNorm.
+            let n = out.count;
             let m = self.momentum;
             let new_mean = ((self.running_mean.as_detached_tensor() * (1.0 - m))?
                 + (out.mean.flatten_all()? * m)?)?;

@@ -346,6 +346,23 @@ impl ResNet {
         self.freeze_bn = freeze;
     }
 
+    /// Takes every BatchNorm's training statistics over the batches of all ranks of a
+    /// data-parallel run (`Some`: SyncBatchNorm) or of this process (`None`, the default).
+    pub fn set_sync_bn(
+        &mut self,
+        reducer: Option<std::sync::Arc<dyn retinanet_kernels::SumReducer>>,
+    ) {
+        self.bn1.set_sync(reducer.clone());
+        for block in self.stages.iter_mut().flatten() {
+            for (_, bn) in &mut block.convs {
+                bn.set_sync(reducer.clone());
+            }
+            if let Some(d) = &mut block.downsample {
+                d.bn.set_sync(reducer.clone());
+            }
+        }
+    }
+
     /// Whether BatchNorm is frozen (see [`ResNet::set_freeze_bn`]).
     pub fn freeze_bn(&self) -> bool {
         self.freeze_bn

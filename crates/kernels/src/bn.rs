@@ -38,6 +38,55 @@ fn channel_stats<T: WithDType>(x: &[T], b: usize, c: usize, hw: usize) -> Vec<(f
         .collect()
 }
 
+/// Sums per-channel statistics over the processes of a data-parallel run (SyncBatchNorm). The
+/// training library implements it over its communicator; every rank calls it in the same order.
+pub trait SumReducer: Send + Sync + std::fmt::Debug {
+    /// Element-wise sum over the ranks, in place.
+    fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()>;
+}
+
+/// [`channel_stats`] over every rank's batch: the global mean first (sums and counts reduced),
+/// then the global biased variance around it (two passes, as on one process). Returns the
+/// statistics and the global number of values per channel.
+fn synced_stats<T: WithDType>(
+    x: &[T],
+    b: usize,
+    c: usize,
+    hw: usize,
+    reducer: &dyn SumReducer,
+) -> Result<(Vec<(f64, f64)>, usize)> {
+    let planes = |ci: usize| (0..b).map(move |bi| &x[(bi * c + ci) * hw..][..hw]);
+    let mut sums: Vec<f64> = (0..c)
+        .into_par_iter()
+        .map(|ci| planes(ci).map(|p| lane_sum(p, |v| v).to_f64()).sum())
+        .collect();
+    sums.push((b * hw) as f64);
+    reducer.all_reduce_sum(&mut sums)?;
+    let n = sums[c];
+    if n < 2.0 {
+        bail!("batch-norm: training needs more than one value per channel over all ranks, got {n}")
+    }
+    let means: Vec<f64> = sums[..c].iter().map(|s| s / n).collect();
+    let mut sq: Vec<f64> = (0..c)
+        .into_par_iter()
+        .map(|ci| {
+            let m = T::from_f64(means[ci]);
+            planes(ci)
+                .map(|p| {
+                    lane_sum(p, |v| {
+                        let d = v - m;
+                        d * d
+                    })
+                    .to_f64()
+                })
+                .sum()
+        })
+        .collect();
+    reducer.all_reduce_sum(&mut sq)?;
+    let mv = means.into_iter().zip(sq).map(|(m, q)| (m, q / n)).collect();
+    Ok((mv, n as usize))
+}
+
 /// `y = x * scale[c] + shift[c]` over `[B, C, HW]`.
 fn affine<T: WithDType>(x: &[T], c: usize, hw: usize, scale: &[T], shift: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
@@ -84,12 +133,15 @@ fn grad_sums<T: WithDType>(
 struct Stats {
     /// Per channel `(mean, biased variance)`.
     mean_var: Vec<(f64, f64)>,
+    /// Values per channel the statistics are over (all ranks' with a reducer).
+    count: usize,
 }
 
 /// `(x, weight, bias) -> batch-normalised x` with batch statistics.
 struct BatchNormTrain {
     eps: f64,
     stats: Arc<Mutex<Stats>>,
+    reducer: Option<Arc<dyn SumReducer>>,
 }
 
 impl BatchNormTrain {
@@ -102,7 +154,10 @@ impl BatchNormTrain {
     ) -> Result<(Vec<T>, Shape)> {
         let (b, c, h, wd) = l.shape().dims4()?;
         let hw = h * wd;
-        let mv = channel_stats(x, b, c, hw);
+        let (mv, count) = match &self.reducer {
+            Some(r) => synced_stats(x, b, c, hw, r.as_ref())?,
+            None => (channel_stats(x, b, c, hw), b * hw),
+        };
         let (mut scale, mut shift) = (Vec::with_capacity(c), Vec::with_capacity(c));
         for (ci, &(mean, var)) in mv.iter().enumerate() {
             let a = w[ci].to_f64() / (var + self.eps).sqrt();
@@ -110,10 +165,13 @@ impl BatchNormTrain {
             shift.push(T::from_f64(bias[ci].to_f64() - mean * a));
         }
         let y = affine(x, c, hw, &scale, &shift);
-        self.stats
+        *self
+            .stats
             .lock()
-            .map_err(|_| candle_core::Error::Msg("batch-norm: poisoned lock".into()))?
-            .mean_var = mv;
+            .map_err(|_| candle_core::Error::Msg("batch-norm: poisoned lock".into()))? = Stats {
+            mean_var: mv,
+            count,
+        };
         Ok((y, l.shape().clone()))
     }
 }
@@ -153,12 +211,13 @@ impl CustomOp3 for BatchNormTrain {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mv = self
-            .stats
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("batch-norm: poisoned lock".into()))?
-            .mean_var
-            .clone();
+        let (mv, count) = {
+            let st = self
+                .stats
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("batch-norm: poisoned lock".into()))?;
+            (st.mean_var.clone(), st.count)
+        };
         let grad = grad.contiguous()?;
         let wv: Vec<f64> = w.to_dtype(DType::F64)?.to_vec1()?;
         let sums = x.apply_op2_no_bwd(
@@ -168,20 +227,31 @@ impl CustomOp3 for BatchNormTrain {
             },
         )?;
         let sums: Vec<Vec<f64>> = sums.to_dtype(DType::F64)?.to_vec2()?;
-        let (b, _, h, wd) = x.dims4()?;
-        let n = (b * h * wd) as f64;
+        // The input gradient needs the sums over every rank's batch (the statistics were
+        // global); the weight and bias gradients stay this rank's own, as the gradient
+        // all-reduce sums them over the ranks afterwards.
+        let global = match &self.reducer {
+            Some(r) => {
+                let mut v: Vec<f64> = sums[0].iter().chain(&sums[1]).copied().collect();
+                r.all_reduce_sum(&mut v)?;
+                let c = sums[0].len();
+                vec![v[..c].to_vec(), v[c..].to_vec()]
+            }
+            None => sums.clone(),
+        };
+        let n = count as f64;
         // dx = a * g + k * (x - mean) + d per channel, with a = w / σ,
         // k = -w Σg(x-mean) / (n σ³), d = -a Σg / n.
         let (mut a, mut k, mut d, mut gw) = (vec![], vec![], vec![], vec![]);
         for (ci, &(mean, var)) in mv.iter().enumerate() {
             let inv = 1.0 / (var + self.eps).sqrt();
-            let (sg, sgx) = (sums[0][ci], sums[1][ci]);
+            let (sg, sgx) = (global[0][ci], global[1][ci]);
             let ai = wv[ci] * inv;
             let ki = -wv[ci] * sgx * inv * inv * inv / n;
             a.push(ai);
             k.push(ki);
             d.push(-ai * sg / n - ki * mean);
-            gw.push(sgx * inv);
+            gw.push(sums[1][ci] * inv);
         }
         let dev = x.device();
         let gx = x.apply_op3_no_bwd(
@@ -346,6 +416,9 @@ pub struct BatchNormOutput {
     pub mean: Tensor,
     /// Per-channel biased batch variance.
     pub var: Tensor,
+    /// Values per channel the statistics are over (`B * H * W`, summed over the ranks when
+    /// synchronised): the running variance's Bessel correction needs it.
+    pub count: usize,
 }
 
 /// Training-mode batch norm of `x` (`[B, C, H, W]`) with the batch mean and biased variance,
@@ -359,8 +432,30 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<BatchNormOutput> {
-    let (_, c, _, _) = x.dims4()?;
+    batch_norm_train_synced(x, weight, bias, eps, None)
+}
+
+/// [`batch_norm_train`] with the statistics taken over the batches of every rank of a
+/// data-parallel run (SyncBatchNorm) when `reducer` is given: forward, the global mean and
+/// variance; backward, the input gradient from the global gradient sums, the weight and bias
+/// gradients from this rank's (the gradient all-reduce adds the ranks' up). With the whole batch
+/// on one rank this is exactly [`batch_norm_train`].
+pub fn batch_norm_train_synced(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    reducer: Option<Arc<dyn SumReducer>>,
+) -> Result<BatchNormOutput> {
+    let (b, c, h, w) = x.dims4()?;
     if !fast_path(x) {
+        if reducer.is_some() {
+            bail!(
+                "SyncBatchNorm runs on the CPU in f32 or f64 only; this input is {:?} on {:?}",
+                x.dtype(),
+                x.device().location()
+            )
+        }
         let mean = x.mean_keepdim((0, 2, 3))?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
@@ -372,6 +467,7 @@ pub fn batch_norm_train(
             y,
             mean: mean.flatten_all()?.detach(),
             var: var.flatten_all()?.detach(),
+            count: b * h * w,
         });
     }
     let stats = Arc::new(Mutex::new(Stats::default()));
@@ -381,17 +477,24 @@ pub fn batch_norm_train(
         BatchNormTrain {
             eps,
             stats: stats.clone(),
+            reducer,
         },
     )?;
-    let mv = stats
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("batch-norm: poisoned lock".into()))?
-        .mean_var
-        .clone();
+    let (mv, count) = {
+        let st = stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch-norm: poisoned lock".into()))?;
+        (st.mean_var.clone(), st.count)
+    };
     let dev = x.device();
     let mean = Tensor::new(mv.iter().map(|m| m.0).collect::<Vec<_>>(), dev)?.to_dtype(x.dtype())?;
     let var = Tensor::new(mv.iter().map(|m| m.1).collect::<Vec<_>>(), dev)?.to_dtype(x.dtype())?;
-    Ok(BatchNormOutput { y, mean, var })
+    Ok(BatchNormOutput {
+        y,
+        mean,
+        var,
+        count,
+    })
 }
 
 /// `x * scale[c] + shift[c]` over `[B, C, H, W]` in one pass (batch norm in evaluation mode with

@@ -44,7 +44,10 @@ mod reduce;
 mod sgd;
 mod winograd;
 
-pub use bn::{BatchNormOutput, add_relu, batch_norm_train, channel_affine, relu};
+pub use bn::{
+    BatchNormOutput, SumReducer, add_relu, batch_norm_train, batch_norm_train_synced,
+    channel_affine, relu,
+};
 pub use conv::{ConvParams, conv2d, conv2d_macs, conv2d_out_dims, conv2d_relu};
 pub use sgd::{SgdStep, sgd_step, sgd_supported};
 
