@@ -35,6 +35,14 @@ pub struct LoaderConfig {
     /// Skip items whose image cannot be read (counted, see [`Loader::skipped`]) instead of
     /// failing.
     pub skip_bad: bool,
+    /// Data parallelism: this loader yields share `shard_rank` of `shard_count` of every batch
+    /// (`batch_size` is the global batch, which the shards divide evenly when `drop_last`). Every
+    /// rank draws the same epoch order and per-item randomness, so the shards of a batch are
+    /// disjoint, cover it, and hold exactly what one loader with the whole batch would. A batch
+    /// whose share is all skipped is yielded empty, not dropped, so the ranks stay in step.
+    pub shard_rank: usize,
+    /// Number of shards (ranks); 1 for one process.
+    pub shard_count: usize,
 }
 
 impl Default for LoaderConfig {
@@ -46,6 +54,8 @@ impl Default for LoaderConfig {
             drop_last: false,
             prefetch: 2,
             skip_bad: false,
+            shard_rank: 0,
+            shard_count: 1,
         }
     }
 }
@@ -176,6 +186,18 @@ impl<S: ItemSource> Loader<S> {
                 "the loader's dataset has no item".into(),
             ));
         }
+        if config.shard_count == 0 || config.shard_rank >= config.shard_count {
+            return Err(DatasetError::Invalid(format!(
+                "shard {} of {} does not exist",
+                config.shard_rank, config.shard_count
+            )));
+        }
+        if config.drop_last && !config.batch_size.is_multiple_of(config.shard_count) {
+            return Err(DatasetError::Invalid(format!(
+                "batch size {} cannot be split evenly over {} shards",
+                config.batch_size, config.shard_count
+            )));
+        }
         if config.drop_last && source.len() < config.batch_size {
             return Err(DatasetError::Invalid(format!(
                 "drop_last with batch size {} leaves no batch of {} items",
@@ -210,7 +232,8 @@ impl<S: ItemSource> Loader<S> {
         }
     }
 
-    /// The dataset indices of batch `batch` of `epoch` (before any skipping).
+    /// The dataset indices of batch `batch` of `epoch` (before any skipping): this loader's
+    /// shard of it.
     pub fn batch_indices(&self, epoch: usize, batch: usize) -> Vec<usize> {
         let order = epoch_order(
             self.source.len(),
@@ -218,8 +241,7 @@ impl<S: ItemSource> Loader<S> {
             self.config.seed,
             epoch,
         );
-        let b = self.config.batch_size;
-        order.iter().skip(batch * b).take(b).copied().collect()
+        shard_of(&order, &self.config, batch).to_vec()
     }
 
     /// Builds one batch synchronously (no background thread): batch `batch` of `epoch`.
@@ -307,6 +329,16 @@ impl<S: ItemSource> Loader<S> {
     }
 }
 
+/// This loader's shard of batch `batch` of an epoch in `order`: contiguous, the shards' sizes
+/// differing by at most one (only an incomplete last batch does not split evenly).
+fn shard_of<'a>(order: &'a [usize], config: &LoaderConfig, batch: usize) -> &'a [usize] {
+    let b = config.batch_size;
+    let start = (batch * b).min(order.len());
+    let whole = &order[start..(start + b).min(order.len())];
+    let (r, n) = (config.shard_rank, config.shard_count);
+    &whole[whole.len() * r / n..whole.len() * (r + 1) / n]
+}
+
 fn build_batch<S: ItemSource>(
     source: &S,
     config: &LoaderConfig,
@@ -345,7 +377,7 @@ fn build_batch<S: ItemSource>(
         }
     }
     data.truncate(items.len() * len);
-    if items.is_empty() {
+    if items.is_empty() && config.shard_count == 1 {
         return Ok(None);
     }
     source.collate(data, items, epoch, batch).map(Some)
@@ -363,7 +395,6 @@ fn producer<S: ItemSource>(
     tx: SyncSender<Result<S::Batch>>,
     stop: Arc<AtomicBool>,
 ) {
-    let b = config.batch_size;
     loop {
         if end_epoch.is_some_and(|e| epoch >= e) {
             return;
@@ -373,7 +404,7 @@ fn producer<S: ItemSource>(
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            let indices = &order[batch * b..((batch + 1) * b).min(order.len())];
+            let indices = shard_of(&order, &config, batch);
             let result = build_batch(&*source, &config, &skips, indices, epoch, batch);
             let failed = result.is_err();
             let msg = match result {
