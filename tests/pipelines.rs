@@ -250,3 +250,49 @@ fn a_diverging_run_stops_with_a_message_and_keeps_the_last_good_checkpoint() {
     let back = load_checkpoint(&ck, &Device::Cpu).unwrap();
     assert_eq!(back.meta.step, 4);
 }
+
+#[test]
+fn two_thread_ranks_train_the_weights_of_one_process() {
+    use retinanet_train::dist::threads::ThreadComm;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let (runs, cache) = (dir.path().join("runs"), dir.path().join("cache"));
+    let with_sync = |name: &str| {
+        let mut c = detector_config(&cache, name, "", 1);
+        c.train.sync_bn = true;
+        c
+    };
+    let one = train_detector(&with_sync("one"), &quiet(&runs)).unwrap();
+    let cfg = with_sync("two");
+    let reports: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadComm::world(2)
+            .into_iter()
+            .map(|comm| {
+                let opts = RunOptions {
+                    comm: Arc::new(comm),
+                    ..quiet(&runs)
+                };
+                let cfg = &cfg;
+                s.spawn(move || train_detector(cfg, &opts).unwrap())
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(reports[0].steps, 6);
+    assert!(reports[1].report.is_none(), "only rank 0 reports");
+    let a = load_checkpoint(&one.run.checkpoint(), &Device::Cpu).unwrap();
+    let b = load_checkpoint(&reports[0].run.checkpoint(), &Device::Cpu).unwrap();
+    for (k, ta) in &a.tensors {
+        let va: Vec<f32> = ta.flatten_all().unwrap().to_vec1().unwrap();
+        let vb: Vec<f32> = b.tensors[k].flatten_all().unwrap().to_vec1().unwrap();
+        let scale = va.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+        let d = va
+            .iter()
+            .zip(&vb)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(d / scale < 1e-5, "{k}: {d} of {scale}");
+    }
+    let (ra, rb) = (one.report.unwrap(), reports[0].report.clone().unwrap());
+    assert_eq!(ra.n_images, rb.n_images);
+    assert!((ra.map.unwrap_or(0.0) - rb.map.unwrap_or(0.0)).abs() < 1e-6);
+}

@@ -1,7 +1,9 @@
 //! Checkpoints: one safetensors file holding the model's tensors, the optimizer's momentum
 //! buffers and a JSON metadata record (step, epoch, position in the epoch, seed, the run's
-//! config and class names). Written atomically: a kill at any moment leaves either the previous
-//! file or the new one, never half of one.
+//! config and class names, a CRC-32 of the tensors). Written atomically: a kill at any moment
+//! leaves either the previous file or the new one, never half of one. Loading refuses a file
+//! whose tensors do not match their checksum (a flipped byte) or hold a NaN or infinity,
+//! naming the tensor.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -38,6 +40,46 @@ pub struct CheckpointMeta {
     /// Free-form extras (best metric, wall time so far, ...).
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// `crc32:<hex>` of the tensors (names and data, in name order); set by
+    /// [`save_checkpoint`], checked by [`load_checkpoint`]. Older checkpoints have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+}
+
+/// The CRC-32 of named tensor data, in name order: `(name, raw little-endian bytes)`.
+fn tensors_crc<'a>(
+    items: impl IntoIterator<Item = (&'a str, std::borrow::Cow<'a, [u8]>)>,
+) -> String {
+    let mut items: Vec<_> = items.into_iter().collect();
+    items.sort_by(|a, b| a.0.cmp(b.0));
+    let mut h = crc32fast::Hasher::new();
+    for (name, data) in &items {
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(&(data.len() as u64).to_le_bytes());
+        h.update(data);
+    }
+    format!("crc32:{:08x}", h.finalize())
+}
+
+/// The first tensor (in name order) holding a NaN or an infinity.
+pub fn first_non_finite_tensor(tensors: &HashMap<String, Tensor>) -> Result<Option<String>> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let v: Vec<f32> = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        if v.iter().any(|x| !x.is_finite()) {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
 }
 
 /// A loaded checkpoint.
@@ -60,14 +102,19 @@ pub fn save_checkpoint(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let info: HashMap<String, String> =
-        [(META_KEY.to_string(), serde_json::to_string(meta)?)].into();
     // safetensors wants host tensors; sort names so files are reproducible.
     let mut host: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
     host.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut meta = meta.clone();
+    meta.checksum =
+        Some(tensors_crc(host.iter().map(|(k, v)| {
+            (k.as_str(), safetensors::tensor::View::data(v))
+        })));
+    let info: HashMap<String, String> =
+        [(META_KEY.to_string(), serde_json::to_string(&meta)?)].into();
     let bytes = safetensors::serialize(host.iter().map(|(k, v)| (k.as_str(), v)), Some(info))
         .with_context(|| format!("cannot serialise checkpoint {}", path.display()))?;
     let file_name = path
@@ -96,7 +143,15 @@ pub fn save_checkpoint(
 pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+    load_checkpoint_bytes(&bytes, path, device)
+}
+
+/// [`load_checkpoint`] of a file's bytes read already (`path` names it in messages).
+pub fn load_checkpoint_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Checkpoint> {
+    if bytes.is_empty() {
+        bail!("checkpoint {} is empty", path.display());
+    }
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .with_context(|| format!("{} is not a safetensors file", path.display()))?;
     let meta = header
         .metadata()
@@ -114,8 +169,30 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
             meta.format
         );
     }
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{}: truncated or damaged tensor data", path.display()))?;
+    if let Some(want) = &meta.checksum {
+        let views = st.tensors();
+        let got = tensors_crc(
+            views
+                .iter()
+                .map(|(k, v)| (k.as_str(), std::borrow::Cow::Borrowed(v.data()))),
+        );
+        if &got != want {
+            bail!(
+                "{}: the tensor data does not match the checkpoint's checksum ({got}, expected {want}): the file is damaged",
+                path.display()
+            );
+        }
+    }
+    let tensors = candle_core::safetensors::load_buffer(bytes, device)
         .with_context(|| format!("cannot load tensors of {}", path.display()))?;
+    if let Some(name) = first_non_finite_tensor(&tensors)? {
+        bail!(
+            "{}: tensor `{name}` holds a NaN or an infinity: the checkpoint is of a diverged run",
+            path.display()
+        );
+    }
     Ok(Checkpoint { tensors, meta })
 }
 
@@ -150,24 +227,14 @@ pub struct CheckpointWriter {
 }
 
 impl CheckpointWriter {
-    /// Saves `varmap` and `opt` at `(step, epoch, batch_in_epoch)`, refusing (with the run's
-    /// message) when a weight is no longer finite, so a diverged update never replaces the last
-    /// good checkpoint.
-    pub fn save(
+    /// Saves `tensors` (weights, BatchNorm statistics, optimizer state) at
+    /// `(step, epoch, batch_in_epoch)`; the caller has checked they are finite.
+    pub fn save_tensors(
         &self,
-        varmap: &candle_nn::VarMap,
-        opt: &crate::optim::Sgd,
+        tensors: &HashMap<String, Tensor>,
         (step, epoch, batch_in_epoch): (usize, usize, usize),
         extra: serde_json::Value,
     ) -> Result<()> {
-        if let Some(name) = crate::model::first_non_finite(varmap)? {
-            bail!(
-                "the weights became non-finite by step {step} (`{name}`): stopping; the last good checkpoint is {} (try a lower learning rate or grad_clip)",
-                self.path.display()
-            );
-        }
-        let mut tensors = crate::model::varmap_tensors(varmap);
-        tensors.extend(opt.state());
         let meta = CheckpointMeta {
             format: FORMAT.into(),
             kind: self.kind.into(),
@@ -178,8 +245,9 @@ impl CheckpointWriter {
             config: self.config.clone(),
             class_names: self.class_names.clone(),
             extra,
+            checksum: None,
         };
-        save_checkpoint(&self.path, &tensors, &meta)
+        save_checkpoint(&self.path, tensors, &meta)
     }
 }
 
@@ -216,6 +284,7 @@ mod tests {
             config: "x = 1".into(),
             class_names: vec!["a".into(), "b".into()],
             extra: serde_json::json!({"best_map": 0.5}),
+            checksum: None,
         };
         save_checkpoint(&path, &t, &meta).unwrap();
         save_checkpoint(&path, &t, &meta).unwrap(); // overwrite in place
@@ -225,7 +294,14 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
         let ck = load_checkpoint(&path, &Device::Cpu).unwrap();
-        assert_eq!(ck.meta, meta);
+        assert!(ck.meta.checksum.as_deref().unwrap().starts_with("crc32:"));
+        assert_eq!(
+            CheckpointMeta {
+                checksum: None,
+                ..ck.meta.clone()
+            },
+            meta
+        );
         assert_eq!(
             ck.tensors["a.weight"].to_vec2::<f32>().unwrap(),
             vec![vec![0.0, 1.0, 2.0], vec![3.0, 4.0, 5.0]]

@@ -1,10 +1,13 @@
 //! Command-line arguments shared by the training binaries (`pretrain`, `train-detector`).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Result;
 use serde::de::DeserializeOwned;
 
+use crate::dist::{Communicator, is_agreed};
 use crate::run::RunOptions;
 use crate::{parse_config, read_config};
 
@@ -76,16 +79,53 @@ impl RunArgs {
         Ok(cfg)
     }
 
-    /// The run options, with a Ctrl-C handler installed.
-    pub fn options(&self) -> Result<RunOptions> {
+    /// The run options on the ranks of `comm`, with a Ctrl-C handler installed.
+    pub fn options(&self, comm: Arc<dyn Communicator>) -> Result<RunOptions> {
         let opts = RunOptions {
             runs_dir: self.runs_dir.clone(),
             resume: self.resume,
             quiet: self.quiet,
             max_steps: self.max_steps,
+            comm,
             ..Default::default()
         };
         opts.install_ctrlc()?;
         Ok(opts)
     }
+}
+
+/// Runs a training binary's `body` on this process's rank (see [`crate::dist::from_env`]) and
+/// ends the process the way its world needs: one process prints an error as usual; on several
+/// ranks an error all ranks raised together is printed once by rank 0 and every rank ends
+/// normally, while an error only this rank saw is printed with its rank and ends the whole job
+/// at once (the other ranks would otherwise wait for it in their next collective).
+pub fn main_on_ranks(body: impl FnOnce(Arc<dyn Communicator>) -> Result<()>) -> ExitCode {
+    let comm = match crate::dist::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let r = body(comm.clone());
+    let code = match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if comm.size() == 1 => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(e) if is_agreed(&e) => {
+            if comm.is_root() {
+                eprintln!("Error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("rank {} of {}: error: {e:#}", comm.rank(), comm.size());
+            comm.abort(1)
+        }
+    };
+    // The last reference: MPI is finalised here, before the process ends.
+    drop(comm);
+    code
 }

@@ -105,6 +105,11 @@ pub struct DetectorTrainConfig {
     pub time_limit_minutes: f64,
     /// Learning-rate schedule (boundaries in steps).
     pub lr: LrSchedule,
+    /// With several ranks, BatchNorm statistics over the whole global batch (SyncBatchNorm)
+    /// rather than each rank's share. Optional (default false), so configs and checkpoints of
+    /// earlier versions keep loading.
+    #[serde(default)]
+    pub sync_bn: bool,
 }
 
 /// Evaluation settings of a detector run.
@@ -205,6 +210,10 @@ pub struct PretrainTrainConfig {
     pub time_limit_minutes: f64,
     /// Learning-rate schedule.
     pub lr: LrSchedule,
+    /// With several ranks, BatchNorm statistics over the whole global batch (SyncBatchNorm).
+    /// Optional (default false).
+    #[serde(default)]
+    pub sync_bn: bool,
 }
 
 /// A `pretrain` run.

@@ -5,19 +5,25 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
-use retinanet_dataset::{DetectionDataset, DetectionLoader, DetectionTransform, LoaderConfig};
+use retinanet_dataset::{
+    DetectionBatch, DetectionDataset, DetectionLoader, DetectionTransform, LoaderConfig,
+};
 use retinanet_detector::RetinaNet;
 use retinanet_encoder::{DecodeOptions, Encoder, EncoderConfig};
 use retinanet_eval::{Evaluator, Report};
 use retinanet_loss::{FocalLossConfig, focal_loss_detection};
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
 
-use crate::checkpoint::{CheckpointWriter, load_checkpoint, resume_position};
+use crate::checkpoint::load_checkpoint;
 use crate::config::{DetectorEvalConfig, DetectorRunConfig, parse_config, to_toml};
 use crate::data::open_detection;
-use crate::device::parse_device;
+use crate::dist::{Communicator, Local, agree, check_divisible, open_on_ranks, shard_range};
+use crate::engine::{
+    Budget, Ending, Forward, Plan, StepContext, Task, Trainer, rank_device, sync_bn_reducer,
+};
 use crate::model::{
     assign_from, build_retinanet, load_pretrained_extractor, retinanet_config, trainable_vars,
 };
@@ -25,7 +31,6 @@ use crate::optim::Sgd;
 use crate::plot::{Series, plot_lines, smooth};
 use crate::progress::Progress;
 use crate::run::{JsonLog, RunDir, RunOptions, read_series};
-use crate::schedule::{ProgressDecays, resume_clock, run_progress};
 
 /// What a training run ended with.
 #[derive(Clone, Debug)]
@@ -102,6 +107,33 @@ pub fn evaluate_model(
     device: &Device,
     quiet: bool,
 ) -> Result<Report> {
+    let r = evaluate_sharded(model, encoder, &dataset, cfg, device, quiet, &Local)?;
+    r.context("the evaluation made no report")
+}
+
+/// One evaluation image's ground truth and detections, as a rank sends them to rank 0.
+#[derive(Serialize, Deserialize)]
+struct ImageResult {
+    index: usize,
+    gt_boxes: Vec<[f32; 4]>,
+    gt_labels: Vec<u32>,
+    boxes: Vec<[f32; 4]>,
+    labels: Vec<u32>,
+    scores: Vec<f32>,
+}
+
+/// [`evaluate_model`] with the images shared out over the ranks: each rank runs inference on
+/// a contiguous part of the split, rank 0 gathers the detections and scores every image in the
+/// split's order — the report equals one process's. `Some(report)` on rank 0, `None` elsewhere.
+pub fn evaluate_sharded(
+    model: &RetinaNet,
+    encoder: &Encoder,
+    dataset: &DetectionDataset,
+    cfg: &DetectorRunConfig,
+    device: &Device,
+    quiet: bool,
+    comm: &dyn Communicator,
+) -> Result<Option<Report>> {
     let names = dataset.class_names().to_vec();
     let size = cfg.data.eval_size as usize;
     let n = if cfg.eval.max_images > 0 {
@@ -109,268 +141,339 @@ pub fn evaluate_model(
     } else {
         dataset.len()
     };
-    let lc = LoaderConfig {
-        shuffle: false,
-        skip_bad: cfg.data.skip_bad_images,
-        ..LoaderConfig::new(cfg.train.batch_size.min(32), cfg.seed)
-    };
-    let loader = DetectionLoader::new(
-        dataset,
-        DetectionTransform::eval(cfg.data.eval_size, cfg.data.boxarea_th),
-        lc,
-    )?;
-    let opts = decode_options(&cfg.eval);
-    let mut ev = Evaluator::new(names);
-    let mut progress = Progress::new("eval", n as u64, quiet);
-    let mut seen = 0;
-    for batch in loader.epoch(0) {
-        let batch = batch?;
-        let (cls, reg) = model.infer(&batch.images.to_device(device)?)?;
-        let dets = encoder.decode_tensors(&cls, &reg, (size, size), &opts)?;
-        for ((d, gb), gl) in dets.iter().zip(&batch.boxes).zip(&batch.labels) {
-            if seen == n {
-                break;
+    let share = shard_range(n, comm.rank(), comm.size());
+    let mut results = Vec::with_capacity(share.len());
+    let mut progress = Progress::new("eval", share.len() as u64, quiet || !comm.is_root());
+    let mut skipped = 0;
+    if !share.is_empty() {
+        let part = DetectionDataset::from_records(
+            dataset.records()[share.clone()].to_vec(),
+            names.clone(),
+            dataset.image_root(),
+        )?;
+        let lc = LoaderConfig {
+            shuffle: false,
+            skip_bad: cfg.data.skip_bad_images,
+            ..LoaderConfig::new(cfg.train.batch_size.min(32), cfg.seed)
+        };
+        let loader = DetectionLoader::new(
+            part,
+            DetectionTransform::eval(cfg.data.eval_size, cfg.data.boxarea_th),
+            lc,
+        )?;
+        let opts = decode_options(&cfg.eval);
+        for batch in loader.epoch(0) {
+            let batch = batch?;
+            let (cls, reg) = model.infer(&batch.images.to_device(device)?)?;
+            let dets = encoder.decode_tensors(&cls, &reg, (size, size), &opts)?;
+            for (i, d) in dets.into_iter().enumerate() {
+                results.push(ImageResult {
+                    index: share.start + batch.indices[i],
+                    gt_boxes: batch.boxes[i].clone(),
+                    gt_labels: batch.labels[i].clone(),
+                    boxes: d.boxes,
+                    labels: d.labels,
+                    scores: d.scores,
+                });
             }
-            ev.add_image(gb, gl, None, &d.boxes, &d.labels, &d.scores)?;
-            seen += 1;
+            progress.inc(batch.boxes.len() as u64, "");
         }
-        progress.inc(batch.boxes.len() as u64, "");
-        if seen == n {
-            break;
-        }
+        skipped = loader.skipped_count();
     }
     progress.finish();
-    if loader.skipped_count() > 0 {
-        eprintln!(
-            "evaluation skipped {} unreadable images",
-            loader.skipped_count()
-        );
+    let mut counts = [skipped as f64];
+    comm.all_reduce_sum_f64(&mut counts)?;
+    if comm.is_root() && counts[0] > 0.0 && !quiet {
+        eprintln!("evaluation skipped {} unreadable images", counts[0]);
     }
-    Ok(ev.finish())
+    if comm.size() > 1 {
+        let gathered = comm.gather_bytes(&serde_json::to_vec(&results)?)?;
+        results = Vec::new();
+        for (rank, bytes) in gathered.iter().enumerate() {
+            let part: Vec<ImageResult> = serde_json::from_slice(bytes)
+                .with_context(|| format!("evaluation results of rank {rank}"))?;
+            results.extend(part);
+        }
+    }
+    if !comm.is_root() {
+        return Ok(None);
+    }
+    results.sort_by_key(|r| r.index);
+    let mut ev = Evaluator::new(names);
+    for r in &results {
+        ev.add_image(
+            &r.gt_boxes,
+            &r.gt_labels,
+            None,
+            &r.boxes,
+            &r.labels,
+            &r.scores,
+        )?;
+    }
+    Ok(Some(ev.finish()))
 }
 
 /// Trains a detector as `cfg` says; see the crate docs for the run folder's contents.
 pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<TrainSummary> {
-    validate(cfg)?;
-    let mut t0 = Instant::now();
-    let device = parse_device(&cfg.device)?;
-    let run = RunDir::create(&opts.runs_dir, &cfg.name)?;
-    let (train_ds, eval_ds) = open_detection(&cfg.data.source)?;
-    if train_ds.is_empty() {
-        bail!("the training split is empty");
-    }
-    let names = train_ds.class_names().to_vec();
-    let num_classes = names.len();
-    let rcfg = retinanet_config(&cfg.model, num_classes, cfg.train.frozen_stages)?;
-    let (varmap, mut model) = build_retinanet(&rcfg, cfg.seed, &device)?;
-    model.extractor.set_freeze_bn(cfg.train.freeze_bn);
-    let encoder = encoder_for(cfg, num_classes)?;
-    let mut opt = Sgd::new(
-        trainable_vars(&varmap),
-        cfg.train.momentum,
-        cfg.train.weight_decay,
+    let t_start = Instant::now();
+    let comm = opts.comm.clone();
+    // Every rank checks the same config: a refusal is everyone's, printed once.
+    let device = agree(
+        &*comm,
+        (|| {
+            validate(cfg)?;
+            check_divisible("train.batch_size", cfg.train.batch_size, &*comm)?;
+            rank_device(&cfg.device, &*comm)
+        })(),
     )?;
-    let config_toml = to_toml(cfg)?;
-
-    // Where to start: a fresh run, or the checkpoint of this run folder.
-    let (mut step, mut epoch, mut batch_in_epoch) = (0usize, 0usize, 0usize);
-    let mut decays = ProgressDecays::default();
-    let ck_path = run.checkpoint();
-    if opts.resume {
-        let ck = load_checkpoint(&ck_path, &device)
-            .with_context(|| format!("cannot resume run {}", run.root.display()))?;
-        let old: DetectorRunConfig =
-            parse_config(&ck.meta.config).context("the checkpoint's config")?;
-        check_compatible(&old, cfg, &ck.meta.class_names, &names)?;
-        assign_from(&varmap, &ck.tensors, &ck_path)?;
-        opt.load_state(&ck.tensors)?;
-        (step, epoch, batch_in_epoch) = (ck.meta.step, ck.meta.epoch, ck.meta.batch_in_epoch);
-        (decays, t0) = resume_clock(&ck.meta.extra, cfg.train.time_limit_minutes)
-            .with_context(|| format!("cannot resume run {}", run.root.display()))?;
-        if !opts.quiet {
-            eprintln!(
-                "resuming {} at step {step} (epoch {epoch}, batch {batch_in_epoch})",
-                run.root.display()
-            );
-        }
-    } else {
-        if ck_path.exists() {
-            bail!(
-                "{} already holds a checkpoint: pass --resume to continue it, or choose another run name",
-                run.root.display()
-            );
-        }
-        if !cfg.train.pretrained.is_empty() {
-            load_pretrained_extractor(&varmap, Path::new(&cfg.train.pretrained), &device)?;
-        }
-    }
-    std::fs::write(run.config(), &config_toml)?;
-    run.mark_latest(&opts.runs_dir, "detector")?;
-    let mut train_log = JsonLog::open(&run.train_log(), opts.resume.then_some(step))?;
-    let mut eval_log = JsonLog::open(&run.eval_log(), opts.resume.then_some(step))?;
-
-    let lc = LoaderConfig {
-        drop_last: true,
-        skip_bad: cfg.data.skip_bad_images,
-        ..LoaderConfig::new(cfg.train.batch_size, cfg.seed)
-    };
-    let loader = DetectionLoader::new(
-        train_ds,
-        DetectionTransform::train(cfg.data.size, cfg.data.boxarea_th),
-        lc,
-    )?;
-    let per_epoch = loader.batches_per_epoch();
-    if per_epoch == 0 {
-        bail!(
-            "{} training images make no batch of {}",
-            loader.dataset().len(),
-            cfg.train.batch_size
-        );
-    }
-    let total_steps = per_epoch * cfg.train.epochs;
-    let writer = CheckpointWriter {
-        path: ck_path.clone(),
-        kind: "detector",
-        seed: cfg.seed,
-        config: config_toml.clone(),
-        class_names: names.clone(),
-    };
-
-    let fl = FocalLossConfig::default();
-    let mut progress = Progress::new("train", total_steps as u64, opts.quiet);
-    progress.start_at(step as u64);
-    let mut report = None;
-    // The step `report` was evaluated at.
-    let mut eval_step = None;
-    let mut stopped_early = false;
-    let time_limit =
-        (cfg.train.time_limit_minutes > 0.0).then_some(cfg.train.time_limit_minutes * 60.0);
-    if let Some(limit) = time_limit {
-        progress.set_deadline(t0 + std::time::Duration::from_secs_f64(limit));
-    }
-    let out_of_time = || time_limit.is_some_and(|t| t0.elapsed().as_secs_f64() >= t);
-    let time_up = |step: usize| {
-        format!(
-            "time limit of {} min reached at step {step}",
-            cfg.train.time_limit_minutes
-        )
-    };
-    'epochs: while epoch < cfg.train.epochs {
-        let mut last = Instant::now();
-        // `from_position` runs on into the next epochs: take what is left of this one.
-        for batch in loader
-            .from_position(epoch, batch_in_epoch)
-            .take(per_epoch - batch_in_epoch)
-        {
-            let batch = batch?;
-            let elapsed = t0.elapsed().as_secs_f64();
-            let done = run_progress(step, total_steps, elapsed, time_limit);
-            cfg.train.lr.advance(&mut decays, step, done);
-            let lr = cfg.train.lr.at_progress(step, &decays);
-            let images = batch.images.to_device(&device)?;
-            let (cls, reg) = model.forward_t(&images, true)?;
-            let targets = encoder
-                .encode(&batch.labels, &batch.boxes)
-                .with_context(|| format!("encoding batch {} of epoch {epoch}", batch.batch))?;
-            let (cls_t, reg_t) = targets.to_tensors(&device)?;
-            let loss = focal_loss_detection(&cls, &reg, &cls_t, &reg_t, &fl)?;
-            let total = loss.total.to_scalar::<f32>()?;
-            if !total.is_finite() {
+    let (train_ds, eval_ds) = open_on_ranks(&*comm, || open_detection(&cfg.data.source))?;
+    // Deterministic from the config and data, so the same on every rank; agreed all the same,
+    // so that a failure on one rank cannot leave the others waiting.
+    let (varmap, model, encoder, opt, loader, plan, names) = agree(
+        &*comm,
+        (|| {
+            if train_ds.is_empty() {
+                bail!("the training split is empty");
+            }
+            let names = train_ds.class_names().to_vec();
+            let num_classes = names.len();
+            let rcfg = retinanet_config(&cfg.model, num_classes, cfg.train.frozen_stages)?;
+            let (varmap, mut model) = build_retinanet(&rcfg, cfg.seed, &device)?;
+            model.extractor.set_freeze_bn(cfg.train.freeze_bn);
+            model
+                .extractor
+                .set_sync_bn(sync_bn_reducer(cfg.train.sync_bn, &comm, &device)?);
+            let encoder = encoder_for(cfg, num_classes)?;
+            let opt = Sgd::new(
+                trainable_vars(&varmap),
+                cfg.train.momentum,
+                cfg.train.weight_decay,
+            )?;
+            let lc = LoaderConfig {
+                drop_last: true,
+                skip_bad: cfg.data.skip_bad_images,
+                shard_rank: comm.rank(),
+                shard_count: comm.size(),
+                ..LoaderConfig::new(cfg.train.batch_size, cfg.seed)
+            };
+            let loader = DetectionLoader::new(
+                train_ds,
+                DetectionTransform::train(cfg.data.size, cfg.data.boxarea_th),
+                lc,
+            )?;
+            let per_epoch = loader.batches_per_epoch();
+            if per_epoch == 0 {
                 bail!(
-                    "the loss became {total} at step {step} (epoch {epoch}, batch {}): stopping; the last good checkpoint is {} (try a lower learning rate or grad_clip)",
-                    batch.batch,
-                    ck_path.display()
+                    "{} training images make no batch of {}",
+                    loader.dataset().len(),
+                    cfg.train.batch_size
                 );
             }
-            let grads = loss.total.backward()?;
-            let clip = (cfg.train.grad_clip > 0.0).then_some(cfg.train.grad_clip);
-            let grad_norm = opt.step(&grads, lr, clip)?;
-            step += 1;
-            batch_in_epoch = batch.batch + 1;
-            let dt = last.elapsed().as_secs_f64();
-            last = Instant::now();
-            let ips = batch.boxes.len() as f64 / dt.max(1e-9);
-            // The gradient norm is known (and logged) when clipping computes it.
-            train_log.write(&json!({
-                "step": step, "epoch": epoch, "loss": total,
-                "cls": loss.cls.to_scalar::<f32>()?, "reg": loss.reg.to_scalar::<f32>()?,
-                "positives": loss.num_positive, "lr": lr, "images_per_s": ips,
-                "grad_norm": grad_norm, "elapsed_s": t0.elapsed().as_secs_f64(),
-            }))?;
-            progress.inc(
-                1,
-                &format!("ep {epoch} loss {total:.4} lr {lr:.2e} {ips:.1} img/s"),
-            );
-
-            let out_of_time = out_of_time();
-            let at_max = opts.max_steps.is_some_and(|m| step >= m);
-            // A periodic checkpoint on an epoch's last batch is left to the epoch-end save just
-            // below (it would write the same position twice); a stop saves here, as it leaves
-            // the loop before that.
-            let periodic = step % cfg.train.checkpoint_every == 0 && batch_in_epoch < per_epoch;
-            if periodic || opts.stop_requested() || out_of_time || at_max {
-                let at = resume_position(step, epoch, batch_in_epoch, per_epoch);
-                let extra = decays.to_extra(t0.elapsed().as_secs_f64());
-                writer.save(&varmap, &opt, at, extra)?;
+            let plan = Plan {
+                kind: "detector",
+                label: "train",
+                budget: Budget::Epochs(cfg.train.epochs),
+                per_epoch,
+                checkpoint_every: cfg.train.checkpoint_every,
+                save_at_epoch_end: true,
+                time_limit_minutes: cfg.train.time_limit_minutes,
+                lr: cfg.train.lr.clone(),
+                grad_clip: (cfg.train.grad_clip > 0.0).then_some(cfg.train.grad_clip),
+                seed: cfg.seed,
+                name: cfg.name.clone(),
+                config_toml: to_toml(cfg)?,
+                class_names: names.clone(),
+            };
+            Ok((varmap, model, encoder, opt, loader, plan, names))
+        })(),
+    )?;
+    let load_device = device.clone();
+    let mut trainer = Trainer::start(
+        opts,
+        plan,
+        device,
+        varmap,
+        opt,
+        |meta| {
+            let old: DetectorRunConfig =
+                parse_config(&meta.config).context("the checkpoint's config")?;
+            check_compatible(&old, cfg, &meta.class_names, &names)
+        },
+        |varmap| {
+            if !cfg.train.pretrained.is_empty() {
+                load_pretrained_extractor(varmap, Path::new(&cfg.train.pretrained), &load_device)?;
             }
-            if opts.stop_requested() || at_max {
-                progress.println(&format!("stopped at step {step}; resume with --resume"));
-                stopped_early = true;
-                break 'epochs;
-            }
-            if out_of_time {
-                progress.println(&time_up(step));
-                stopped_early = true;
-                break 'epochs;
-            }
-        }
-        epoch += 1;
-        batch_in_epoch = 0;
-        writer.save(
-            &varmap,
-            &opt,
-            (step, epoch, 0),
-            decays.to_extra(t0.elapsed().as_secs_f64()),
-        )?;
-        let last_epoch = epoch == cfg.train.epochs;
-        if cfg.eval.every_epochs > 0 && epoch % cfg.eval.every_epochs == 0 && !last_epoch {
-            let r = evaluate_model(&model, &encoder, eval_ds.clone(), cfg, &device, opts.quiet)?;
-            log_eval(&mut eval_log, &progress, &r, step, epoch, t0)?;
-            report = Some(r);
-            eval_step = Some(step);
-            write_plots(&run)?;
-        }
-        // The limit may pass during that evaluation: stop here rather than after one more step
-        // and a second evaluation.
-        if out_of_time() {
-            progress.println(&time_up(step));
-            stopped_early = true;
-            break 'epochs;
-        }
-    }
-    progress.finish();
-    // A final evaluation unless the run was interrupted (or one was just made at this step).
-    if !opts.stop_requested() && opts.max_steps.is_none_or(|m| step < m) {
-        let r = match report.take().filter(|_| eval_step == Some(step)) {
-            Some(r) => r,
-            None => {
-                let r = evaluate_model(&model, &encoder, eval_ds, cfg, &device, opts.quiet)?;
-                log_eval(&mut eval_log, &progress, &r, step, epoch, t0)?;
-                r
-            }
-        };
-        std::fs::write(run.file("report.json"), r.to_json())?;
-        std::fs::write(run.file("report.txt"), r.to_table())?;
-        report = Some(r);
-    }
-    write_plots(&run)?;
+            Ok(())
+        },
+    )?;
+    let eval_log = if comm.is_root() {
+        Some(JsonLog::open(
+            &trainer.run.eval_log(),
+            opts.resume.then_some(trainer.pos.step),
+        )?)
+    } else {
+        None
+    };
+    let mut task = DetectorTask {
+        cfg,
+        model,
+        encoder,
+        loader,
+        eval_ds,
+        fl: FocalLossConfig::default(),
+        report: None,
+        eval_step: None,
+        eval_log,
+    };
+    let ending = trainer.run(&mut task)?;
     Ok(TrainSummary {
-        steps: step,
-        report,
-        seconds: t0.elapsed().as_secs_f64(),
-        stopped_early,
-        run,
+        steps: trainer.pos.step,
+        report: task.report,
+        seconds: t_start.elapsed().as_secs_f64(),
+        stopped_early: ending.stopped_early(),
+        run: trainer.run.clone(),
     })
+}
+
+/// The detector's part of the training loop: its step and its evaluations.
+struct DetectorTask<'a> {
+    cfg: &'a DetectorRunConfig,
+    model: RetinaNet,
+    encoder: Encoder,
+    loader: DetectionLoader,
+    eval_ds: DetectionDataset,
+    fl: FocalLossConfig,
+    /// The last evaluation (rank 0).
+    report: Option<Report>,
+    /// The step `report` was evaluated at.
+    eval_step: Option<usize>,
+    eval_log: Option<JsonLog>,
+}
+
+impl DetectorTask<'_> {
+    fn evaluate(&mut self, t: &mut Trainer) -> Result<()> {
+        let r = evaluate_sharded(
+            &self.model,
+            &self.encoder,
+            &self.eval_ds,
+            self.cfg,
+            &t.device,
+            t.opts.quiet,
+            &*t.comm,
+        )?;
+        let elapsed = t.sync_clock()?;
+        if let (Some(r), Some(log)) = (r, self.eval_log.as_mut()) {
+            log_eval(log, &t.progress, &r, t.pos.step, t.pos.epoch, elapsed)?;
+            self.report = Some(r);
+            write_plots(&t.run)?;
+        }
+        self.eval_step = Some(t.pos.step);
+        Ok(())
+    }
+}
+
+impl Task for DetectorTask<'_> {
+    type Batch = DetectionBatch;
+
+    fn batches(
+        &self,
+        epoch: usize,
+        batch: usize,
+    ) -> Box<dyn Iterator<Item = retinanet_dataset::Result<DetectionBatch>>> {
+        Box::new(self.loader.from_position(epoch, batch))
+    }
+
+    fn batch_index(b: &DetectionBatch) -> usize {
+        b.batch
+    }
+
+    fn batch_len(b: &DetectionBatch) -> usize {
+        b.indices.len()
+    }
+
+    fn forward(&mut self, ctx: &StepContext, batch: DetectionBatch) -> Result<Forward> {
+        let images = batch.images.to_device(ctx.device)?;
+        let (cls, reg) = self.model.forward_t(&images, true)?;
+        let targets = self
+            .encoder
+            .encode(&batch.labels, &batch.boxes)
+            .with_context(|| format!("encoding batch {} of epoch {}", batch.batch, ctx.epoch))?;
+        let (cls_t, reg_t) = targets.to_tensors(ctx.device)?;
+        let loss = focal_loss_detection(&cls, &reg, &cls_t, &reg_t, &self.fl)?;
+        // The loss is normalised by the positives of the whole global batch: rescale this
+        // rank's part from its own count to the global one.
+        let mut positives = [loss.num_positive as f64];
+        ctx.comm.all_reduce_sum_f64(&mut positives)?;
+        let f = (loss.num_positive as f64).max(1.0) / positives[0].max(1.0);
+        let scale = |t: Tensor| -> Result<Tensor> { Ok(if f == 1.0 { t } else { (t * f)? }) };
+        let (total, cls, reg) = (scale(loss.total)?, scale(loss.cls)?, scale(loss.reg)?);
+        Ok(Forward {
+            loss: total,
+            sums: vec![
+                ("cls", cls.to_scalar::<f32>()? as f64),
+                ("reg", reg.to_scalar::<f32>()? as f64),
+                ("positives", loss.num_positive as f64),
+            ],
+        })
+    }
+
+    fn record(&self, sums: &[(&'static str, f64)], rec: &mut Map<String, Value>) {
+        for &(k, v) in sums {
+            rec.insert(
+                k.into(),
+                if k == "positives" {
+                    json!(v)
+                } else {
+                    json!(v as f32)
+                },
+            );
+        }
+    }
+
+    fn progress_message(&self, rec: &Map<String, Value>) -> String {
+        let f = |k: &str| rec.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        format!(
+            "ep {} loss {:.4} lr {:.2e} {:.1} img/s",
+            f("epoch"),
+            f("loss"),
+            f("lr"),
+            f("images_per_s")
+        )
+    }
+
+    fn after_epoch(&mut self, t: &mut Trainer) -> Result<()> {
+        let e = &self.cfg.eval;
+        let last_epoch = t.pos.epoch == self.cfg.train.epochs;
+        if e.every_epochs > 0 && t.pos.epoch.is_multiple_of(e.every_epochs) && !last_epoch {
+            self.evaluate(t)?;
+        }
+        Ok(())
+    }
+
+    fn after_train(&mut self, t: &mut Trainer, ending: &Ending) -> Result<()> {
+        // A final evaluation unless the run was interrupted (or one was just made at this step).
+        if *ending != Ending::Interrupted {
+            if self.eval_step != Some(t.pos.step) {
+                self.evaluate(t)?;
+            }
+            if let Some(r) = &self.report {
+                let write = |name: &str, text: String| {
+                    let p = t.run.file(name);
+                    std::fs::write(&p, text)
+                        .with_context(|| format!("cannot write {}", p.display()))
+                };
+                write("report.json", r.to_json())?;
+                write("report.txt", r.to_table())?;
+            }
+        } else if self.eval_step != Some(t.pos.step) {
+            // An interrupted run reports nothing (its last evaluation is of an earlier step).
+            self.report = None;
+        }
+        if t.comm.is_root() {
+            write_plots(&t.run)?;
+        }
+        Ok(())
+    }
 }
 
 fn log_eval(
@@ -379,13 +482,13 @@ fn log_eval(
     r: &Report,
     step: usize,
     epoch: usize,
-    t0: Instant,
+    elapsed_s: f64,
 ) -> Result<()> {
     let coco = r.coco.as_ref();
     log.write(&json!({
         "step": step, "epoch": epoch, "map": r.map, "map_07": r.map_07,
         "coco_ap": coco.map(|c| c.ap), "coco_ap50": coco.map(|c| c.ap50),
-        "elapsed_s": t0.elapsed().as_secs_f64(),
+        "elapsed_s": elapsed_s,
     }))?;
     progress.println(&format!("epoch {epoch}, step {step}:\n{}", r.to_table()));
     Ok(())

@@ -14,6 +14,8 @@ pub mod config;
 pub mod data;
 pub mod detect;
 pub mod device;
+pub mod dist;
+pub mod engine;
 pub mod infer;
 pub mod model;
 pub mod optim;
@@ -26,8 +28,12 @@ pub mod schedule;
 
 pub use checkpoint::{Checkpoint, CheckpointMeta, load_checkpoint, save_checkpoint};
 pub use config::{DetectorRunConfig, PretrainRunConfig, parse_config, read_config};
-pub use detect::{LoadedDetector, TrainSummary, evaluate_model, load_detector, train_detector};
+pub use detect::{
+    LoadedDetector, TrainSummary, evaluate_model, evaluate_sharded, load_detector, train_detector,
+};
 pub use device::parse_device;
+pub use dist::Communicator;
+pub use engine::{Task, Trainer};
 pub use optim::Sgd;
 pub use pretrain::{PretrainSummary, pretrain};
 pub use run::{RunDir, RunOptions, latest_run};

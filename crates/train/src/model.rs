@@ -234,24 +234,3 @@ pub fn load_pretrained_extractor(varmap: &VarMap, path: &Path, device: &Device) 
     retinanet_extractor::weights::load_resnet(varmap, path, "extractor.", true)
         .with_context(|| format!("cannot load pretrained extractor {}", path.display()))
 }
-
-/// The name of the first variable (in name order) holding a NaN or infinity, if any: checked
-/// before a checkpoint is written so a diverged update never replaces a good checkpoint.
-pub fn first_non_finite(varmap: &VarMap) -> Result<Option<String>> {
-    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        // A sum is NaN or infinite exactly when some element is (or when finite values overflow,
-        // which is as much a divergence).
-        let s = data[name]
-            .as_tensor()
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        if !s.is_finite() {
-            return Ok(Some(name.clone()));
-        }
-    }
-    Ok(None)
-}

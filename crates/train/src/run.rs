@@ -22,6 +22,8 @@ pub struct RunOptions {
     pub max_steps: Option<usize>,
     /// Set (e.g. by Ctrl-C) to stop at the next step with a checkpoint.
     pub stop: Arc<AtomicBool>,
+    /// The ranks of a data-parallel run ([`crate::dist::Local`] for one process).
+    pub comm: Arc<dyn crate::dist::Communicator>,
 }
 
 impl Default for RunOptions {
@@ -32,6 +34,7 @@ impl Default for RunOptions {
             quiet: false,
             max_steps: None,
             stop: Arc::new(AtomicBool::new(false)),
+            comm: Arc::new(crate::dist::Local),
         }
     }
 }
@@ -66,13 +69,40 @@ pub struct RunDir {
 impl RunDir {
     /// The folder of run `name` under `runs_dir` (created).
     pub fn create(runs_dir: &Path, name: &str) -> Result<Self> {
-        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        let run = Self::at(runs_dir, name)?;
+        std::fs::create_dir_all(&run.root)
+            .with_context(|| format!("cannot create run folder {}", run.root.display()))?;
+        Ok(run)
+    }
+
+    /// The folder of run `name` under `runs_dir`, not created.
+    pub fn at(runs_dir: &Path, name: &str) -> Result<Self> {
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') || name == ".." {
             anyhow::bail!("run name `{name}` must be a plain folder name");
         }
-        let root = runs_dir.join(name);
-        std::fs::create_dir_all(&root)
-            .with_context(|| format!("cannot create run folder {}", root.display()))?;
-        Ok(Self { root })
+        Ok(Self {
+            root: runs_dir.join(name),
+        })
+    }
+
+    /// Removes the temporary files that interrupted checkpoint writes left
+    /// (`.<file>.tmp-<pid>`), unless the process that wrote one is still alive.
+    pub fn remove_stale_temporaries(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((_, pid)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")) else {
+                continue;
+            };
+            let alive = pid.parse::<u32>().is_ok_and(|p| {
+                p == std::process::id() || Path::new(&format!("/proc/{p}")).exists()
+            });
+            if !alive {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
     /// The checkpoint.
     pub fn checkpoint(&self) -> PathBuf {
