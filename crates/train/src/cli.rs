@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 
 use crate::dist::{Communicator, is_agreed};
@@ -38,7 +38,7 @@ pub struct RunArgs {
 }
 
 /// A run config whose device and name the command line may override.
-pub trait RunConfig: DeserializeOwned {
+pub trait RunConfig: DeserializeOwned + crate::config::Validate {
     /// Sets the device.
     fn set_device(&mut self, device: String);
     /// Sets the run name.
@@ -76,6 +76,10 @@ impl RunArgs {
         if let Some(n) = &self.name {
             cfg.set_name(n.clone());
         }
+        cfg.validate().with_context(|| match &self.config {
+            Some(p) => format!("config {}", p.display()),
+            None => "the built-in config".to_string(),
+        })?;
         Ok(cfg)
     }
 

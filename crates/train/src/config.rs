@@ -236,6 +236,252 @@ pub struct PretrainRunConfig {
     pub train: PretrainTrainConfig,
 }
 
+/// A config checked for the meaning of its values, not only their types: each refusal names the
+/// key, its value and what is allowed.
+pub trait Validate {
+    /// Checks every value.
+    fn validate(&self) -> Result<()>;
+}
+
+fn at_least<T: PartialOrd + std::fmt::Display>(key: &str, v: T, min: T) -> Result<()> {
+    if v < min {
+        bail!("{key} = {v}: must be at least {min}");
+    }
+    Ok(())
+}
+
+/// `v` in `[lo, hi]` (and finite).
+fn within(key: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
+    if !(v.is_finite() && v >= lo && v <= hi) {
+        bail!("{key} = {v}: must lie in [{lo}, {hi}]");
+    }
+    Ok(())
+}
+
+fn non_negative(key: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && v >= 0.0) {
+        bail!("{key} = {v}: must be a finite number >= 0");
+    }
+    Ok(())
+}
+
+fn depth_ok(key: &str, depth: usize) -> Result<()> {
+    depth_of(depth)
+        .map(|_| ())
+        .map_err(|_| anyhow::anyhow!("{key} = {depth}: use 18, 34, 50 or 101"))
+}
+
+fn path_set(key: &str, p: &Path) -> Result<()> {
+    if p.as_os_str().is_empty() {
+        bail!("{key} is empty: name a file or folder");
+    }
+    Ok(())
+}
+
+/// Refuses a training batch whose activations cannot fit in this machine's memory (a typo such
+/// as `size = 12900` would otherwise make the process allocate for minutes and abort). The
+/// estimate is deliberately low (input plus roughly what the stem and first stage keep for the
+/// backward pass), so a run it lets through may still need more.
+fn fits_in_memory(what: &str, batch: usize, size: u32, base_width: usize) -> Result<()> {
+    let Some(avail) = available_memory() else {
+        return Ok(());
+    };
+    let px = batch as f64 * size as f64 * size as f64;
+    // Input (3 floats) plus ~4 stem-sized maps of base_width/4 channels per input pixel.
+    let need = px * 4.0 * (3.0 + base_width as f64);
+    if need > avail as f64 {
+        bail!(
+            "{what}: a batch needs at least {:.1} GB for its activations, this machine has {:.1} GB available: lower the size or the batch",
+            need / 1e9,
+            avail as f64 / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// Bytes of memory available to new allocations (Linux `MemAvailable`), if known.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+impl Validate for LrSchedule {
+    fn validate(&self) -> Result<()> {
+        LrSchedule::validate(self).map_err(|e| anyhow::anyhow!("train.lr.{e}"))
+    }
+}
+
+impl Validate for ModelConfig {
+    fn validate(&self) -> Result<()> {
+        depth_ok("model.depth", self.depth)?;
+        at_least("model.base_width", self.base_width, 1)?;
+        at_least("model.fpn_channels", self.fpn_channels, 1)?;
+        at_least("model.head_channels", self.head_channels, 1)
+    }
+}
+
+impl Validate for DetectionSourceConfig {
+    fn validate(&self) -> Result<()> {
+        match self {
+            DetectionSourceConfig::Synthetic {
+                cache_dir,
+                num_train,
+                num_eval,
+                image_size,
+                max_objects,
+                object_size,
+                ..
+            } => {
+                path_set("data.source.cache_dir", cache_dir)?;
+                at_least("data.source.num_train", *num_train, 1)?;
+                at_least("data.source.num_eval", *num_eval, 1)?;
+                at_least("data.source.image_size", *image_size, 16)?;
+                at_least("data.source.max_objects", *max_objects, 1)?;
+                let [lo, hi] = *object_size;
+                if !(lo.is_finite()
+                    && hi.is_finite()
+                    && lo >= 2.0
+                    && lo <= hi
+                    && hi <= *image_size as f32)
+                {
+                    bail!(
+                        "data.source.object_size = [{lo}, {hi}]: must be [min, max] with 2 <= min <= max <= image_size ({image_size})"
+                    );
+                }
+            }
+            DetectionSourceConfig::List {
+                train_list,
+                eval_list,
+                names,
+                image_root,
+            } => {
+                path_set("data.source.train_list", train_list)?;
+                path_set("data.source.eval_list", eval_list)?;
+                path_set("data.source.names", names)?;
+                path_set("data.source.image_root", image_root)?;
+            }
+            DetectionSourceConfig::Voc {
+                root,
+                train_split,
+                eval_split,
+            } => {
+                path_set("data.source.root", root)?;
+                if train_split.trim().is_empty() || eval_split.trim().is_empty() {
+                    bail!(
+                        "data.source.train_split and eval_split must name splits (e.g. \"trainval\", \"test\")"
+                    );
+                }
+            }
+            DetectionSourceConfig::Coco {
+                train_json,
+                train_images,
+                eval_json,
+                eval_images,
+            } => {
+                path_set("data.source.train_json", train_json)?;
+                path_set("data.source.train_images", train_images)?;
+                path_set("data.source.eval_json", eval_json)?;
+                path_set("data.source.eval_images", eval_images)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Validate for DetectorRunConfig {
+    fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let d = &self.data;
+        at_least("data.size", d.size, 33)?;
+        at_least("data.eval_size", d.eval_size, 33)?;
+        non_negative("data.boxarea_th", d.boxarea_th as f64)?;
+        d.source.validate()?;
+        let t = &self.train;
+        at_least("train.epochs", t.epochs, 1)?;
+        at_least("train.batch_size", t.batch_size, 1)?;
+        let [lo, hi] = t.iou_th;
+        if !(lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo <= hi && hi <= 1.0) {
+            bail!("train.iou_th = [{lo}, {hi}]: must be [low, high] with 0 <= low <= high <= 1");
+        }
+        if !(t.momentum.is_finite() && (0.0..1.0).contains(&t.momentum)) {
+            bail!("train.momentum = {}: must lie in [0, 1)", t.momentum);
+        }
+        non_negative("train.weight_decay", t.weight_decay)?;
+        non_negative("train.grad_clip", t.grad_clip)?;
+        if t.frozen_stages > 5 {
+            bail!(
+                "train.frozen_stages = {}: must lie in 0..=5",
+                t.frozen_stages
+            );
+        }
+        at_least("train.checkpoint_every", t.checkpoint_every, 1)?;
+        non_negative("train.time_limit_minutes", t.time_limit_minutes)?;
+        Validate::validate(&t.lr)?;
+        let e = &self.eval;
+        within("eval.score_th", e.score_th as f64, 0.0, 1.0)?;
+        within("eval.nms_th", e.nms_th as f64, 0.0, 1.0)?;
+        fits_in_memory(
+            &format!(
+                "data.size = {} with train.batch_size = {}",
+                d.size, t.batch_size
+            ),
+            t.batch_size,
+            d.size,
+            self.model.base_width,
+        )?;
+        fits_in_memory(
+            &format!("data.eval_size = {}", d.eval_size),
+            t.batch_size.min(32),
+            d.eval_size,
+            self.model.base_width,
+        )
+    }
+}
+
+impl Validate for PretrainRunConfig {
+    fn validate(&self) -> Result<()> {
+        depth_ok("depth", self.depth)?;
+        at_least("base_width", self.base_width, 1)?;
+        at_least("data.size", self.data.size, 32)?;
+        if let ClassificationSourceConfig::Synthetic {
+            cache_dir,
+            num_train,
+            num_eval,
+            image_size,
+            ..
+        } = &self.data.source
+        {
+            path_set("data.source.cache_dir", cache_dir)?;
+            at_least("data.source.num_train", *num_train, 1)?;
+            at_least("data.source.num_eval", *num_eval, 1)?;
+            at_least("data.source.image_size", *image_size, 16)?;
+        }
+        let t = &self.train;
+        at_least("train.steps", t.steps, 1)?;
+        at_least("train.batch_size", t.batch_size, 1)?;
+        at_least("train.eval_batch_size", t.eval_batch_size, 1)?;
+        at_least("train.eval_every", t.eval_every, 1)?;
+        at_least("train.checkpoint_every", t.checkpoint_every, 1)?;
+        if !(t.momentum.is_finite() && (0.0..1.0).contains(&t.momentum)) {
+            bail!("train.momentum = {}: must lie in [0, 1)", t.momentum);
+        }
+        non_negative("train.weight_decay", t.weight_decay)?;
+        non_negative("train.time_limit_minutes", t.time_limit_minutes)?;
+        Validate::validate(&t.lr)?;
+        fits_in_memory(
+            &format!(
+                "data.size = {} with train.batch_size = {}",
+                self.data.size, t.batch_size
+            ),
+            t.batch_size.max(t.eval_batch_size),
+            self.data.size,
+            self.base_width,
+        )
+    }
+}
+
 /// Reads a TOML config; errors name the file, the key and the line.
 pub fn read_config<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)

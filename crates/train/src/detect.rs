@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::checkpoint::load_checkpoint;
-use crate::config::{DetectorEvalConfig, DetectorRunConfig, parse_config, to_toml};
+use crate::config::{DetectorEvalConfig, DetectorRunConfig, Validate, parse_config, to_toml};
 use crate::data::open_detection;
 use crate::dist::{Communicator, Local, agree, check_divisible, open_on_ranks, shard_range};
 use crate::engine::{
@@ -84,20 +84,6 @@ fn encoder_for(cfg: &DetectorRunConfig, num_classes: usize) -> Result<Encoder> {
     })?)
 }
 
-fn validate(cfg: &DetectorRunConfig) -> Result<()> {
-    if cfg.train.batch_size == 0 {
-        bail!("train.batch_size must be at least 1");
-    }
-    if cfg.train.checkpoint_every == 0 {
-        bail!("train.checkpoint_every must be at least 1");
-    }
-    if cfg.data.size < 33 || cfg.data.eval_size < 33 {
-        bail!("data.size and data.eval_size must be at least 33 pixels");
-    }
-    cfg.train.lr.validate().context("train.lr")?;
-    Ok(())
-}
-
 /// Evaluates `model` on `dataset` (VOC and COCO-style), optionally on the first `max_images`.
 pub fn evaluate_model(
     model: &RetinaNet,
@@ -120,6 +106,13 @@ struct ImageResult {
     boxes: Vec<[f32; 4]>,
     labels: Vec<u32>,
     scores: Vec<f32>,
+}
+
+/// The decoder clamps as the tutorial does (top-left corner at 0, bottom-right at H-1, W-1),
+/// which leaves a box lying wholly off one side of the image inverted. Such a detection is
+/// kept — it is a false positive — collapsed onto the border, where it overlaps nothing.
+fn collapse_inverted([y0, x0, y1, x1]: [f32; 4]) -> [f32; 4] {
+    [y0.min(y1), x0.min(x1), y1, x1]
 }
 
 /// [`evaluate_model`] with the images shared out over the ranks: each rank runs inference on
@@ -171,7 +164,7 @@ pub fn evaluate_sharded(
                     index: share.start + batch.indices[i],
                     gt_boxes: batch.boxes[i].clone(),
                     gt_labels: batch.labels[i].clone(),
-                    boxes: d.boxes,
+                    boxes: d.boxes.into_iter().map(collapse_inverted).collect(),
                     labels: d.labels,
                     scores: d.scores,
                 });
@@ -221,7 +214,7 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
     let device = agree(
         &*comm,
         (|| {
-            validate(cfg)?;
+            cfg.validate()?;
             check_divisible("train.batch_size", cfg.train.batch_size, &*comm)?;
             rank_device(&cfg.device, &*comm)
         })(),

@@ -13,7 +13,7 @@ use retinanet_dataset::{
 use retinanet_extractor::ResNet;
 use serde_json::{Map, Value, json};
 
-use crate::config::{PretrainRunConfig, parse_config, to_toml};
+use crate::config::{PretrainRunConfig, Validate, parse_config, to_toml};
 use crate::data::open_classification;
 use crate::dist::{agree, check_divisible, open_on_ranks};
 use crate::engine::{
@@ -47,16 +47,7 @@ pub fn pretrain(cfg: &PretrainRunConfig, opts: &RunOptions) -> Result<PretrainSu
     let device = agree(
         &*comm,
         (|| {
-            if t.batch_size == 0
-                || t.eval_batch_size == 0
-                || t.eval_every == 0
-                || t.checkpoint_every == 0
-            {
-                bail!(
-                    "train.batch_size, eval_batch_size, eval_every and checkpoint_every must be at least 1"
-                );
-            }
-            t.lr.validate().context("train.lr")?;
+            cfg.validate()?;
             check_divisible("train.batch_size", t.batch_size, &*comm)?;
             rank_device(&cfg.device, &*comm)
         })(),

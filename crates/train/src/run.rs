@@ -154,6 +154,7 @@ pub fn latest_run(runs_dir: &Path, kind: &str) -> Result<RunDir> {
 /// Appends JSON records, one per line.
 pub struct JsonLog {
     file: File,
+    path: PathBuf,
 }
 
 impl JsonLog {
@@ -162,7 +163,9 @@ impl JsonLog {
     pub fn open(path: &Path, keep_until_step: Option<usize>) -> Result<Self> {
         if let Some(step) = keep_until_step {
             if path.exists() {
-                let kept: Vec<String> = BufReader::new(File::open(path)?)
+                let f = File::open(path)
+                    .with_context(|| format!("cannot read the run's log {}", path.display()))?;
+                let kept: Vec<String> = BufReader::new(f)
                     .lines()
                     .map_while(|l| l.ok())
                     .filter(|l| {
@@ -176,7 +179,12 @@ impl JsonLog {
                 if !text.is_empty() {
                     text.push('\n');
                 }
-                std::fs::write(path, text)?;
+                std::fs::write(path, text).with_context(|| {
+                    format!(
+                        "cannot rewrite the run's log {} for the resume",
+                        path.display()
+                    )
+                })?;
             }
         } else {
             std::fs::write(path, "").with_context(|| format!("cannot write {}", path.display()))?;
@@ -186,13 +194,16 @@ impl JsonLog {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(Self { file })
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Writes one record.
     pub fn write(&mut self, v: &Value) -> Result<()> {
-        writeln!(self.file, "{v}")?;
-        Ok(())
+        writeln!(self.file, "{v}")
+            .with_context(|| format!("cannot append to {}", self.path.display()))
     }
 }
 

@@ -39,7 +39,11 @@ fn shards_of_every_batch_are_disjoint_cover_it_and_keep_its_order() {
                     assert_eq!(share.len(), batch / ranks, "n {n} batch {batch} rank {r}");
                     joined.extend(share);
                 }
-                assert_eq!(joined, whole.batch_indices(epoch, b), "epoch {epoch} batch {b}");
+                assert_eq!(
+                    joined,
+                    whole.batch_indices(epoch, b),
+                    "epoch {epoch} batch {b}"
+                );
                 seen.extend(joined);
             }
             let mut sorted = seen.clone();
