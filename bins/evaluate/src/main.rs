@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use retinanet_train::config::DetectorRunConfig;
-use retinanet_train::data::open_detection;
+use retinanet_train::data::{OpenOptions, open_eval_detection};
 use retinanet_train::{evaluate_model, latest_run, load_detector, parse_device, read_config};
 
 /// Evaluate a detector checkpoint, or score a detections file.
@@ -70,13 +70,18 @@ fn main() -> Result<()> {
         if let Some(m) = a.max_images {
             cfg.eval.max_images = m;
         }
-        let (_, eval_ds) = open_detection(&cfg.data.source)?;
-        if eval_ds.class_names() != det.class_names {
-            bail!(
-                "the split's classes {:?} differ from the checkpoint's {:?}",
-                eval_ds.class_names(),
-                det.class_names
-            );
+        // The split is read against the model's classes: labels by name, and an object of a
+        // class the model does not know is refused naming it and its file.
+        let opts = OpenOptions {
+            classes: Some(det.class_names.clone()),
+            skip_missing: cfg.data.skip_bad_images,
+        };
+        let eval_ds = open_eval_detection(&cfg.data.source, &opts)?;
+        if !eval_ds.dropped().is_empty() {
+            eprintln!("{} missing image(s) skipped:", eval_ds.dropped().len());
+            for s in eval_ds.dropped() {
+                eprintln!("  {}", s.reason);
+            }
         }
         evaluate_model(&det.model, &det.encoder, eval_ds, &cfg, &device, a.quiet)?
     };
