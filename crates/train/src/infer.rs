@@ -10,7 +10,31 @@ use retinanet_dataset::imageops::image_to_chw;
 use retinanet_dataset::{draw_detections, load_rgb};
 use retinanet_encoder::{DecodeOptions, Detections};
 
-use crate::detect::LoadedDetector;
+use crate::config::DetectorEvalConfig;
+use crate::detect::{LoadedDetector, decode_options};
+
+/// Candidates kept per pyramid level before NMS when the run's config keeps all (`0`).
+pub const DEFAULT_PRE_NMS_TOP_K: usize = 1000;
+
+/// Decode options for inference on whole images (`inspect`): the run's evaluation settings
+/// with these overrides, and always a per-level pre-NMS top-k (the run's, or
+/// [`DEFAULT_PRE_NMS_TOP_K`]): at a photo's own size (4000x3000 has ~700,000 anchors) a low
+/// threshold would otherwise send nearly every anchor to NMS, minutes of work.
+pub fn inference_options(
+    eval: &DetectorEvalConfig,
+    score_th: f32,
+    nms_th: f32,
+    class_agnostic: bool,
+    max_detections: Option<usize>,
+) -> DecodeOptions {
+    let mut opts = decode_options(eval);
+    opts.score_th = score_th;
+    opts.nms_th = nms_th;
+    opts.class_agnostic = class_agnostic;
+    opts.pre_nms_top_k = Some(opts.pre_nms_top_k.unwrap_or(DEFAULT_PRE_NMS_TOP_K));
+    opts.max_detections = max_detections;
+    opts
+}
 
 /// Detections of one image, in the image's own pixel coordinates.
 #[derive(Clone, Debug)]
