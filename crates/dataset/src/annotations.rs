@@ -200,6 +200,7 @@ pub fn read_list_lines(path: &Path, num_classes: usize) -> Result<Vec<(usize, De
                     line: lineno,
                     class,
                     num_classes,
+                    names_file: None,
                 });
             }
             rec.boxes.push(b);

@@ -237,7 +237,23 @@ impl DetectionDataset {
         opts: &OpenOptions,
     ) -> Result<Self> {
         let names = annotations::read_names(names_file)?;
-        let lines = annotations::read_list_lines(list_file, names.len())?;
+        let lines = annotations::read_list_lines(list_file, names.len()).map_err(|e| match e {
+            // The fault may be the names file's: name it too.
+            DatasetError::ClassOutOfRange {
+                path,
+                line,
+                class,
+                num_classes,
+                ..
+            } => DatasetError::ClassOutOfRange {
+                path,
+                line,
+                class,
+                num_classes,
+                names_file: Some(names_file.to_path_buf()),
+            },
+            e => e,
+        })?;
         if lines.is_empty() {
             return Err(DatasetError::Empty(format!(
                 "list file {} has no image",

@@ -35,7 +35,8 @@ pub enum DatasetError {
     },
     /// A class index beyond the names file.
     #[error(
-        "{path}:{line}: class {class} is outside 1..={num_classes} (the names file has {num_classes} names)"
+        "{path}:{line}: class {class} is outside 1..={num_classes} (the names file{} has {num_classes} names)",
+        names_file.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default()
     )]
     ClassOutOfRange {
         /// The list file.
@@ -46,6 +47,8 @@ pub enum DatasetError {
         class: i64,
         /// Number of names in the names file.
         num_classes: usize,
+        /// The names file, where known.
+        names_file: Option<PathBuf>,
     },
     /// A malformed VOC annotation or COCO JSON file.
     #[error("{path}: {message}")]
