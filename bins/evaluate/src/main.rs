@@ -7,7 +7,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use retinanet_train::config::DetectorRunConfig;
 use retinanet_train::data::{OpenOptions, open_eval_detection};
-use retinanet_train::{evaluate_model, latest_run, load_detector, parse_device, read_config};
+use retinanet_train::infer::{eval_loader, evaluate_loader};
+use retinanet_train::{latest_run, load_detector, parse_device, read_config};
 
 /// Evaluate a detector checkpoint, or score a detections file.
 #[derive(Parser)]
@@ -77,13 +78,14 @@ fn main() -> Result<()> {
             skip_missing: cfg.data.skip_bad_images,
         };
         let eval_ds = open_eval_detection(&cfg.data.source, &opts)?;
-        if !eval_ds.dropped().is_empty() {
-            eprintln!("{} missing image(s) skipped:", eval_ds.dropped().len());
-            for s in eval_ds.dropped() {
-                eprintln!("  {}", s.reason);
-            }
+        let loader = eval_loader(eval_ds, &cfg)?;
+        let report = evaluate_loader(&det.model, &det.encoder, &loader, &cfg, &device, a.quiet)?;
+        // Every skipped file (missing when the split was opened, or unreadable) once, and the
+        // total: the scores leave them out.
+        if let Some(summary) = loader.skip_summary() {
+            eprintln!("{summary}");
         }
-        evaluate_model(&det.model, &det.encoder, eval_ds, &cfg, &device, a.quiet)?
+        report
     };
     println!("{}", report.to_table());
     if let Some(p) = &a.json {

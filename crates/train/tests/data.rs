@@ -220,3 +220,87 @@ fn inference_keeps_a_pre_nms_top_k_even_when_the_run_has_none() {
     assert!(!d.is_empty() && d.len() <= 4 * 77, "{} detections", d.len());
     assert!(secs < 20.0, "decoding took {secs:.1} s");
 }
+
+/// A tiny model and run config for scoring `classes` classes at 65 px.
+fn tiny(classes: usize) -> (retinanet_detector::RetinaNet, Encoder, DetectorRunConfig) {
+    let mut cfg: DetectorRunConfig = parse_config(DEFAULT_DETECTOR_TOML).unwrap();
+    cfg.model.depth = 18;
+    cfg.model.base_width = 8;
+    cfg.model.fpn_channels = 16;
+    cfg.model.head_channels = 16;
+    cfg.data.eval_size = 65;
+    cfg.data.skip_bad_images = true;
+    cfg.train.batch_size = 2;
+    let rcfg = retinanet_train::model::retinanet_config(&cfg.model, classes, 0).unwrap();
+    let (_vm, model) =
+        retinanet_train::model::build_retinanet(&rcfg, 1, &candle_core::Device::Cpu).unwrap();
+    let enc = Encoder::new(EncoderConfig {
+        num_classes: Some(classes),
+        train_size: (65, 65),
+        ..EncoderConfig::default()
+    })
+    .unwrap();
+    (model, enc, cfg)
+}
+
+#[test]
+fn evaluation_names_each_skipped_image_once_and_the_total() {
+    use retinanet_train::infer::{eval_loader, evaluate_loader};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = image::RgbImage::from_fn(70, 60, |x, y| image::Rgb([x as u8 * 3, y as u8 * 4, 90]));
+    let mut jpeg = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut jpeg, image::ImageFormat::Jpeg).unwrap();
+    let jpeg = jpeg.into_inner();
+    for i in 0..5 {
+        // 1 is cut short, 3 does not exist.
+        match i {
+            1 => std::fs::write(d.join("1.jpg"), &jpeg[..jpeg.len() * 2 / 3]).unwrap(),
+            3 => {}
+            _ => std::fs::write(d.join(format!("{i}.jpg")), &jpeg).unwrap(),
+        }
+    }
+    std::fs::write(d.join("names.txt"), "thing\n").unwrap();
+    let list: String = (0..5).map(|i| format!("{i}.jpg 5 5 40 40 1\n")).collect();
+    std::fs::write(d.join("val.txt"), list).unwrap();
+    let src = DetectionSourceConfig::List {
+        train_list: d.join("val.txt"),
+        eval_list: d.join("val.txt"),
+        names: d.join("names.txt"),
+        image_root: d.to_path_buf(),
+    };
+    let (model, enc, cfg) = tiny(1);
+    let opts = OpenOptions {
+        classes: Some(names(&["thing"])),
+        skip_missing: true,
+    };
+    let ds = open_eval_detection(&src, &opts).unwrap();
+    let loader = eval_loader(ds, &cfg).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let report = evaluate_loader(&model, &enc, &loader, &cfg, &dev, true).unwrap();
+    assert_eq!(report.n_images, 3);
+    let summary = loader.skip_summary().unwrap();
+    assert!(
+        summary.starts_with("2 unreadable file(s) skipped (2 skips in all):"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("val.txt:4: image") && summary.contains("does not exist"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("1.jpg") && summary.contains("truncated JPEG"),
+        "{summary}"
+    );
+
+    // Nothing readable: an error, not a report of nothing.
+    for i in [0, 2, 4] {
+        std::fs::write(d.join(format!("{i}.jpg")), b"garbage").unwrap();
+    }
+    let ds = open_eval_detection(&src, &opts).unwrap();
+    let loader = eval_loader(ds, &cfg).unwrap();
+    let e = evaluate_loader(&model, &enc, &loader, &cfg, &dev, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no item of epoch 0 could be read"), "{e}");
+}
