@@ -957,3 +957,44 @@ fn each_skipped_file_is_named_once_and_counted() {
         );
     }
 }
+
+#[test]
+fn pretraining_data_with_nothing_readable_is_an_error_too() {
+    let dir = tempfile::tempdir().unwrap();
+    for c in ["a", "b"] {
+        std::fs::create_dir_all(dir.path().join(c)).unwrap();
+        for i in 0..3 {
+            std::fs::write(
+                dir.path().join(c).join(format!("{i}.png")),
+                b"\x89PNG broken",
+            )
+            .unwrap();
+        }
+    }
+    let ds = ClassificationDataset::from_image_folder(dir.path()).unwrap();
+    let loader = ClassificationLoader::new(
+        ds,
+        ClassificationTransform::eval(16),
+        LoaderConfig {
+            skip_bad: true,
+            ..LoaderConfig::new(4, 0)
+        },
+    )
+    .unwrap();
+    let e = within(60, move || {
+        let e = loader
+            .from_position(0, 0)
+            .next()
+            .unwrap()
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        (e, loader.skipped_files())
+    });
+    assert!(
+        e.0.contains("no item of epoch 0 could be read: all 6 items"),
+        "{}",
+        e.0
+    );
+    assert_eq!(e.1, 6);
+}
