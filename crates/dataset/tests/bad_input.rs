@@ -907,6 +907,17 @@ fn a_resumed_epoch_without_a_readable_item_is_not_an_error_but_the_next_full_one
     });
     assert_eq!(got, vec![(1, 0), (2, 0), (3, 0)]);
 
+    // The rest of one epoch only: a training loop that resumes mid-epoch cannot run into the
+    // next epoch's batches when some of this one's are skipped entirely.
+    let dir2 = tempfile::tempdir().unwrap();
+    let ds = unreadable_dataset(dir2.path(), 6, &[0, 4]);
+    let loader = DetectionLoader::new(ds, DetectionTransform::train(33, 25.0), cfg).unwrap();
+    let rest: Vec<(usize, usize)> = loader
+        .epoch_from(0, 1)
+        .map(|b| b.map(|b| (b.epoch, b.batch)).unwrap())
+        .collect();
+    assert_eq!(rest, vec![(0, 2)], "batch 1 (items 2, 3) is skipped whole");
+
     let dir = tempfile::tempdir().unwrap();
     let ds = unreadable_dataset(dir.path(), 6, &[]);
     let loader = DetectionLoader::new(ds, DetectionTransform::train(33, 25.0), cfg).unwrap();
