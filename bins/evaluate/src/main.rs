@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use retinanet_train::config::DetectorRunConfig;
-use retinanet_train::data::open_detection;
-use retinanet_train::{evaluate_model, latest_run, load_detector, parse_device, read_config};
+use retinanet_train::data::{OpenOptions, open_eval_detection};
+use retinanet_train::infer::{eval_loader, evaluate_loader};
+use retinanet_train::{latest_run, load_detector, parse_device, read_config};
 
 /// Evaluate a detector checkpoint, or score a detections file.
 #[derive(Parser)]
@@ -70,15 +71,21 @@ fn main() -> Result<()> {
         if let Some(m) = a.max_images {
             cfg.eval.max_images = m;
         }
-        let (_, eval_ds) = open_detection(&cfg.data.source)?;
-        if eval_ds.class_names() != det.class_names {
-            bail!(
-                "the split's classes {:?} differ from the checkpoint's {:?}",
-                eval_ds.class_names(),
-                det.class_names
-            );
+        // The split is read against the model's classes: labels by name, and an object of a
+        // class the model does not know is refused naming it and its file.
+        let opts = OpenOptions {
+            classes: Some(det.class_names.clone()),
+            skip_missing: cfg.data.skip_bad_images,
+        };
+        let eval_ds = open_eval_detection(&cfg.data.source, &opts)?;
+        let loader = eval_loader(eval_ds, &cfg)?;
+        let report = evaluate_loader(&det.model, &det.encoder, &loader, &cfg, &device, a.quiet)?;
+        // Every skipped file (missing when the split was opened, or unreadable) once, and the
+        // total: the scores leave them out.
+        if let Some(summary) = loader.skip_summary() {
+            eprintln!("{summary}");
         }
-        evaluate_model(&det.model, &det.encoder, eval_ds, &cfg, &device, a.quiet)?
+        report
     };
     println!("{}", report.to_table());
     if let Some(p) = &a.json {

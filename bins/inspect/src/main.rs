@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use retinanet_train::detect::decode_options;
-use retinanet_train::infer::{detect_file, draw, expand_inputs, output_path};
+use retinanet_train::infer::{detect_file, draw, expand_inputs, inference_options, output_path};
 use retinanet_train::{latest_run, load_detector, parse_device};
 
 /// Detect objects in images with a trained RetinaNet.
@@ -22,8 +21,9 @@ struct Args {
     /// Folder of run folders (to find the latest run).
     #[arg(long, default_value = "runs")]
     runs_dir: PathBuf,
-    /// Resize the shorter side to this many pixels first (default: the image's own size).
-    #[arg(long)]
+    /// Resize the shorter side to this many pixels first (default: the image's own size; at
+    /// least 33, the smallest input the detector's levels cover).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(33..))]
     size: Option<u32>,
     /// Output PNG (one input) or folder (several); default `<name>.pred.png` beside each input.
     #[arg(long)]
@@ -31,11 +31,11 @@ struct Args {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
-    /// Score threshold.
-    #[arg(long, default_value_t = 0.5)]
+    /// Score threshold, in [0, 1].
+    #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
     score_th: f32,
-    /// NMS IoU threshold.
-    #[arg(long, default_value_t = 0.5)]
+    /// NMS IoU threshold, in [0, 1].
+    #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
     nms_th: f32,
     /// NMS within each class instead of across classes.
     #[arg(long)]
@@ -48,6 +48,16 @@ struct Args {
     device: String,
 }
 
+/// A flag value in [0, 1] (a score or an IoU).
+fn unit_interval(s: &str) -> std::result::Result<f32, String> {
+    let v: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside [0, 1]"))
+    }
+}
+
 fn main() -> Result<()> {
     retinanet_train::init_runtime();
     let a = Args::parse();
@@ -57,12 +67,15 @@ fn main() -> Result<()> {
         None => latest_run(&a.runs_dir, "detector")?.checkpoint(),
     };
     let det = load_detector(&ck, &device)?;
-    let mut opts = decode_options(&det.config.eval);
-    opts.score_th = a.score_th;
-    opts.nms_th = a.nms_th;
-    opts.class_agnostic = !a.per_class;
-    opts.pre_nms_top_k = None;
-    opts.max_detections = a.max_detections;
+    // The per-level pre-NMS top-k stays on, as in evaluation: without it a large photo and a
+    // low threshold send hundreds of thousands of boxes to NMS.
+    let opts = inference_options(
+        &det.config.eval,
+        a.score_th,
+        a.nms_th,
+        !a.per_class,
+        a.max_detections,
+    );
     let inputs = expand_inputs(&a.inputs)?;
     let out_dir = match &a.out {
         Some(o) if inputs.len() > 1 || o.is_dir() => {

@@ -292,6 +292,10 @@ impl ItemSource for ClassificationSource {
         3 * s * s
     }
 
+    fn item_path(&self, index: usize) -> Option<PathBuf> {
+        self.dataset.path(index).map(Path::to_path_buf)
+    }
+
     fn load_into(&self, index: usize, rng: &mut StdRng, out: &mut [f32]) -> Result<()> {
         let img = self.dataset.load_image(index)?;
         self.transform.apply_into(&img, rng, out);

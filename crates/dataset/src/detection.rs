@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 use rand::rngs::StdRng;
+use rayon::prelude::*;
 
 use crate::annotations::{self, DetectionRecord};
 use crate::error::{DatasetError, Result};
 use crate::imageops::load_rgb;
-use crate::loader::{ItemSource, Loader, LoaderConfig};
+use crate::loader::{ItemSource, Loader, LoaderConfig, Skip};
 use crate::transform::{DetectionTransform, TransformedItem};
 
 /// An annotated detection dataset: records, class names (label `i` is `class_names[i-1]`) and
@@ -19,16 +20,86 @@ pub struct DetectionDataset {
     records: Vec<DetectionRecord>,
     class_names: Vec<String>,
     image_root: PathBuf,
+    /// Per record: where it was read (`list.txt:12`, a VOC XML and id, ...), for messages.
+    origins: Vec<String>,
+    /// Records dropped when the dataset was opened (missing images, with `skip_missing`).
+    dropped: Vec<Skip>,
+}
+
+/// How a detection dataset is opened from its annotation files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// The run's class list (a checkpoint's, or one fixed for all splits): labels are numbered
+    /// by name in this list, and an object of another class is an error naming the class and
+    /// where it appears. `None`: the source's own list (names file; VOC `classes.txt` or the
+    /// names found; COCO categories by id).
+    pub classes: Option<Vec<String>>,
+    /// Drop the records whose image file is missing, each reported once in
+    /// [`DetectionDataset::dropped`] (a loader over the dataset reports them as skipped),
+    /// instead of refusing the dataset. An error all the same when no image is left.
+    pub skip_missing: bool,
+}
+
+/// Relabels `records` (labels into `from`) by class name into `to`; `origins[i]` says where
+/// record `i` comes from.
+fn relabel(
+    records: &mut [DetectionRecord],
+    origins: &[String],
+    from: &[String],
+    to: &[String],
+) -> Result<()> {
+    if from == to {
+        return Ok(());
+    }
+    let map: Vec<Option<u32>> = from
+        .iter()
+        .map(|n| to.iter().position(|m| m == n).map(|i| i as u32 + 1))
+        .collect();
+    for (r, origin) in records.iter_mut().zip(origins) {
+        for l in &mut r.labels {
+            *l = map[*l as usize - 1].ok_or_else(|| DatasetError::UnknownClass {
+                location: origin.clone(),
+                class: from[*l as usize - 1].clone(),
+                classes: to.to_vec(),
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// What is wrong with an image path, if anything (missing, a folder, unreadable metadata).
+fn image_problem(path: &Path) -> Option<String> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => None,
+        Ok(_) => Some("is not a file".into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("does not exist".into()),
+        Err(e) => Some(format!("cannot be read: {e}")),
+    }
 }
 
 impl DetectionDataset {
-    /// Records with class names; every label must lie in `1..=class_names.len()`.
+    /// Records with class names; every label must lie in `1..=class_names.len()` and every box
+    /// be finite and not inverted. Image files are not looked at (see
+    /// [`DetectionDataset::check_images`]).
     pub fn from_records(
         records: Vec<DetectionRecord>,
         class_names: Vec<String>,
         image_root: impl Into<PathBuf>,
     ) -> Result<Self> {
-        let image_root = image_root.into();
+        let origins = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("record {} ({:?})", i + 1, r.name))
+            .collect();
+        Self::with_origins(records, class_names, image_root.into(), origins)
+    }
+
+    fn with_origins(
+        records: Vec<DetectionRecord>,
+        class_names: Vec<String>,
+        image_root: PathBuf,
+        origins: Vec<String>,
+    ) -> Result<Self> {
         if class_names.is_empty() {
             return Err(DatasetError::Empty("no class name".into()));
         }
@@ -38,11 +109,10 @@ impl DetectionDataset {
                 image_root.display()
             )));
         }
-        for r in &records {
+        for (r, origin) in records.iter().zip(&origins) {
             if r.boxes.len() != r.labels.len() {
                 return Err(DatasetError::Invalid(format!(
-                    "{}: {} boxes but {} labels",
-                    r.name,
+                    "{origin}: {} boxes but {} labels",
                     r.boxes.len(),
                     r.labels.len()
                 )));
@@ -53,9 +123,20 @@ impl DetectionDataset {
                 .find(|&&l| l == 0 || l as usize > class_names.len())
             {
                 return Err(DatasetError::Invalid(format!(
-                    "{}: label {l} is outside 1..={}",
-                    r.name,
+                    "{origin}: label {l} is outside 1..={}",
                     class_names.len()
+                )));
+            }
+            if let Some((k, p)) = r
+                .boxes
+                .iter()
+                .enumerate()
+                .find_map(|(k, b)| annotations::box_problem(b).map(|p| (k, p)))
+            {
+                return Err(DatasetError::Invalid(format!(
+                    "{origin}: box {} {:?} (ymin xmin ymax xmax): {p}",
+                    k + 1,
+                    r.boxes[k]
                 )));
             }
         }
@@ -63,29 +144,138 @@ impl DetectionDataset {
             records,
             class_names,
             image_root,
+            origins,
+            dropped: Vec::new(),
         })
     }
 
+    /// Checks that every record's image file exists. Without `skip_missing`, a missing image is
+    /// an error naming where it is listed (and how many are missing); with it, those records
+    /// are dropped and listed in [`DetectionDataset::dropped`].
+    pub fn check_images(mut self, skip_missing: bool) -> Result<Self> {
+        let problems: Vec<(usize, String)> = (0..self.records.len())
+            .into_par_iter()
+            .filter_map(|i| image_problem(&self.image_path(i)).map(|p| (i, p)))
+            .collect();
+        let Some((first, problem)) = problems.first().cloned() else {
+            return Ok(self);
+        };
+        let total = self.records.len();
+        if !skip_missing || problems.len() == total {
+            let mut e = DatasetError::MissingImage {
+                location: self.origins[first].clone(),
+                path: self.image_path(first),
+                problem,
+                missing: problems.len(),
+                total,
+            };
+            if skip_missing {
+                e = DatasetError::Empty(format!("no image is left after skipping: {e}"));
+            }
+            return Err(e);
+        }
+        let mut bad = vec![false; total];
+        for (i, p) in &problems {
+            bad[*i] = true;
+            self.dropped.push(Skip {
+                path: self.image_path(*i),
+                reason: format!("{}: image {p}", self.origins[*i]),
+            });
+        }
+        let mut k = 0;
+        self.records.retain(|_| {
+            k += 1;
+            !bad[k - 1]
+        });
+        let mut k = 0;
+        self.origins.retain(|_| {
+            k += 1;
+            !bad[k - 1]
+        });
+        Ok(self)
+    }
+
+    /// Records dropped when the dataset was opened (with [`OpenOptions::skip_missing`]), each
+    /// with its file and reason.
+    pub fn dropped(&self) -> &[Skip] {
+        &self.dropped
+    }
+
+    /// Where record `index` was read: `list.txt:12`, a VOC XML and id, a COCO file and image id.
+    pub fn origin(&self, index: usize) -> &str {
+        &self.origins[index]
+    }
+
+    /// Renumbers the labels by class name into `classes` (e.g. a checkpoint's); an object of a
+    /// class outside `classes` is an error naming it and where it appears.
+    pub fn with_classes(mut self, classes: &[String]) -> Result<Self> {
+        if classes.is_empty() {
+            return Err(DatasetError::Empty("no class name".into()));
+        }
+        relabel(&mut self.records, &self.origins, &self.class_names, classes)?;
+        self.class_names = classes.to_vec();
+        Ok(self)
+    }
+
     /// The tutorial's list file (`name ymin xmin ymax xmax class ...`) with its names file;
-    /// image names are relative to `image_root`.
+    /// image names are relative to `image_root`. Every image must exist (see
+    /// [`DetectionDataset::open_list`] for the options).
     pub fn from_list(
         list_file: &Path,
         names_file: &Path,
         image_root: impl Into<PathBuf>,
     ) -> Result<Self> {
+        Self::open_list(list_file, names_file, image_root, &OpenOptions::default())
+    }
+
+    /// [`DetectionDataset::from_list`] with [`OpenOptions`]: with `classes`, the names file's
+    /// classes are matched by name to that list.
+    pub fn open_list(
+        list_file: &Path,
+        names_file: &Path,
+        image_root: impl Into<PathBuf>,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
         let names = annotations::read_names(names_file)?;
-        let records = annotations::read_list(list_file, names.len())?;
-        if records.is_empty() {
+        let lines = annotations::read_list_lines(list_file, names.len()).map_err(|e| match e {
+            // The fault may be the names file's: name it too.
+            DatasetError::ClassOutOfRange {
+                path,
+                line,
+                class,
+                num_classes,
+                ..
+            } => DatasetError::ClassOutOfRange {
+                path,
+                line,
+                class,
+                num_classes,
+                names_file: Some(names_file.to_path_buf()),
+            },
+            e => e,
+        })?;
+        if lines.is_empty() {
             return Err(DatasetError::Empty(format!(
                 "list file {} has no image",
                 list_file.display()
             )));
         }
-        Self::from_records(records, names, image_root)
+        let origins = lines
+            .iter()
+            .map(|(l, _)| format!("{}:{l}", list_file.display()))
+            .collect();
+        let records = lines.into_iter().map(|(_, r)| r).collect();
+        let ds = Self::with_origins(records, names, image_root.into(), origins)?;
+        let ds = match &opts.classes {
+            Some(c) => ds.with_classes(c)?,
+            None => ds,
+        };
+        ds.check_images(opts.skip_missing)
     }
 
     /// A VOC root read directly (`Annotations/`, `ImageSets/Main/<split>.txt`, `JPEGImages/`),
-    /// with the 20 VOC class names (or the names found, see [`annotations::read_voc`]).
+    /// with the class list of [`annotations::read_voc`] (`classes.txt`, the 20 VOC names, or the
+    /// names found). Every image must exist.
     pub fn from_voc(voc_root: &Path, split: &str) -> Result<Self> {
         Self::from_voc_with_classes(voc_root, split, None)
     }
@@ -96,14 +286,50 @@ impl DetectionDataset {
         split: &str,
         class_names: Option<&[String]>,
     ) -> Result<Self> {
-        let voc = annotations::read_voc(voc_root, split, class_names)?;
-        Self::from_records(voc.records, voc.class_names, voc_root.join("JPEGImages"))
+        let opts = OpenOptions {
+            classes: class_names.map(<[String]>::to_vec),
+            ..OpenOptions::default()
+        };
+        Ok(Self::open_voc(voc_root, &[split], &opts)?.remove(0))
     }
 
-    /// A COCO instances JSON read directly; `file_name`s are relative to `image_root`.
+    /// Several splits of a VOC root with one class list (`opts.classes`, else `classes.txt`,
+    /// else found from the objects of all `splits`), one dataset per split.
+    pub fn open_voc(voc_root: &Path, splits: &[&str], opts: &OpenOptions) -> Result<Vec<Self>> {
+        annotations::read_voc_splits(voc_root, splits, opts.classes.as_deref())?
+            .into_iter()
+            .map(|v| {
+                Self::with_origins(
+                    v.records,
+                    v.class_names,
+                    voc_root.join("JPEGImages"),
+                    v.origins,
+                )?
+                .check_images(opts.skip_missing)
+            })
+            .collect()
+    }
+
+    /// A COCO instances JSON read directly; `file_name`s are relative to `image_root`. Every
+    /// image must exist.
     pub fn from_coco(instances_json: &Path, image_root: impl Into<PathBuf>) -> Result<Self> {
-        let coco = annotations::read_coco(instances_json)?;
-        Self::from_records(coco.records, coco.class_names, image_root)
+        let root: PathBuf = image_root.into();
+        Ok(Self::open_coco(&[(instances_json, &root)], &OpenOptions::default())?.remove(0))
+    }
+
+    /// Several COCO files `(instances JSON, image root)` with one class list (`opts.classes`
+    /// matched by category name, else the union of the files' categories mapped by id), one
+    /// dataset per file.
+    pub fn open_coco(files: &[(&Path, &Path)], opts: &OpenOptions) -> Result<Vec<Self>> {
+        let jsons: Vec<&Path> = files.iter().map(|(j, _)| *j).collect();
+        annotations::read_coco_files(&jsons, opts.classes.as_deref())?
+            .into_iter()
+            .zip(files)
+            .map(|(c, (_, root))| {
+                Self::with_origins(c.records, c.class_names, root.to_path_buf(), c.origins)?
+                    .check_images(opts.skip_missing)
+            })
+            .collect()
     }
 
     /// Number of images.
@@ -209,6 +435,14 @@ impl ItemSource for DetectionSource {
     fn item_len(&self) -> usize {
         let s = self.transform.size as usize;
         3 * s * s
+    }
+
+    fn item_path(&self, index: usize) -> Option<PathBuf> {
+        Some(self.dataset.image_path(index))
+    }
+
+    fn initial_skips(&self) -> Vec<Skip> {
+        self.dataset.dropped().to_vec()
     }
 
     fn load_into(&self, index: usize, rng: &mut StdRng, out: &mut [f32]) -> Result<Self::Meta> {

@@ -35,7 +35,8 @@ pub enum DatasetError {
     },
     /// A class index beyond the names file.
     #[error(
-        "{path}:{line}: class {class} is outside 1..={num_classes} (the names file has {num_classes} names)"
+        "{path}:{line}: class {class} is outside 1..={num_classes} (the names file{} has {num_classes} names)",
+        names_file.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default()
     )]
     ClassOutOfRange {
         /// The list file.
@@ -46,6 +47,8 @@ pub enum DatasetError {
         class: i64,
         /// Number of names in the names file.
         num_classes: usize,
+        /// The names file, where known.
+        names_file: Option<PathBuf>,
     },
     /// A malformed VOC annotation or COCO JSON file.
     #[error("{path}: {message}")]
@@ -54,6 +57,30 @@ pub enum DatasetError {
         path: PathBuf,
         /// What is wrong with it.
         message: String,
+    },
+    /// An annotation uses a class that is not in the run's class list (e.g. a checkpoint's).
+    #[error("{location}: class {class:?} is not one of the {} classes {}", classes.len(), list_names(classes))]
+    UnknownClass {
+        /// Where the class appears: `file:line`, or a VOC XML and id, or a COCO file and image.
+        location: String,
+        /// The class name.
+        class: String,
+        /// The run's class list.
+        classes: Vec<String>,
+    },
+    /// Images named by the annotations are missing (found when the dataset is opened).
+    #[error("{location}: image {} {problem}{}", path.display(), more_missing(*missing, *total))]
+    MissingImage {
+        /// Where the first missing image is named: `file:line`, a VOC XML and id, ...
+        location: String,
+        /// The first missing image file.
+        path: PathBuf,
+        /// What is wrong with it ("does not exist", ...).
+        problem: String,
+        /// How many of the dataset's images are missing.
+        missing: usize,
+        /// How many images the dataset names.
+        total: usize,
     },
     /// A dataset without any item (or a names file without any name).
     #[error("empty dataset: {0}")]
@@ -66,8 +93,46 @@ pub enum DatasetError {
     Tensor(#[from] candle_core::Error),
 }
 
+fn list_names(names: &[String]) -> String {
+    // Long lists (COCO's 80) are cut: the message must stay readable.
+    const SHOWN: usize = 25;
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(", ... ({} more)", names.len() - SHOWN));
+    }
+    format!("[{s}]")
+}
+
+fn more_missing(missing: usize, total: usize) -> String {
+    if missing > 1 {
+        format!(" ({missing} of the {total} images are missing)")
+    } else {
+        String::new()
+    }
+}
+
 /// The crate's result type.
 pub type Result<T, E = DatasetError> = std::result::Result<T, E>;
+
+impl DatasetError {
+    /// The file the error is about, where there is one.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            DatasetError::Io { path, .. }
+            | DatasetError::Image { path, .. }
+            | DatasetError::Parse { path, .. }
+            | DatasetError::ClassOutOfRange { path, .. }
+            | DatasetError::Annotation { path, .. }
+            | DatasetError::MissingImage { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+}
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DatasetError {
     let path = path.into();

@@ -19,20 +19,105 @@ pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// Decodes an image file to RGB (grey, grey+alpha, RGBA and 16-bit images are converted).
 ///
-/// The format is guessed from the content, not the extension. Errors name the file.
+/// The format is guessed from the content, not the extension. A file cut short is an error,
+/// never a partly grey image (see [`decode_rgb`]). Errors name the file.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let reader = image::ImageReader::open(path)
-        .map_err(crate::error::io_err(path))?
-        .with_guessed_format()
-        .map_err(crate::error::io_err(path))?;
-    let img = reader.decode().map_err(|e| DatasetError::Image {
+    let bytes = std::fs::read(path).map_err(crate::error::io_err(path))?;
+    decode_rgb(&bytes).map_err(|message| DatasetError::Image {
         path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+        message,
+    })
+}
+
+/// Decodes image file contents to RGB; the error is the decoder's message.
+///
+/// The JPEG decoder fills whatever a truncated file lacks with grey and reports success, so a
+/// JPEG is first checked to reach its end-of-image marker ([`jpeg_truncation`]). The PNG, GIF
+/// and BMP decoders already fail on missing image data.
+pub fn decode_rgb(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    if bytes.is_empty() {
+        return Err("the file is empty".into());
+    }
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF])
+        && let Some(problem) = jpeg_truncation(bytes)
+    {
+        return Err(problem);
+    }
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    let img = reader.decode().map_err(|e| e.to_string())?;
     Ok(match img {
         image::DynamicImage::ImageRgb8(rgb) => rgb,
         other => other.to_rgb8(),
     })
+}
+
+/// Why a JPEG stream (starting with its SOI marker) is incomplete, if it is: walks the marker
+/// segments, each skipped by its length (so the end marker of an embedded EXIF thumbnail does
+/// not count), and the entropy-coded data after every start-of-scan, and reports a file that
+/// ends before its end-of-image marker.
+pub fn jpeg_truncation(b: &[u8]) -> Option<String> {
+    let n = b.len();
+    let cut = |where_: &str| {
+        Some(format!(
+            "truncated JPEG: the file ({n} bytes) ends {where_}, before its end-of-image marker"
+        ))
+    };
+    let mut i = 2;
+    loop {
+        // Garbage between segments is the decoder's business; look for the next marker.
+        match b[i.min(n)..].iter().position(|&x| x == 0xFF) {
+            Some(k) => i += k,
+            None => return cut("between segments"),
+        }
+        while i < n && b[i] == 0xFF {
+            i += 1; // fill bytes
+        }
+        if i >= n {
+            return cut("inside a marker");
+        }
+        let marker = b[i];
+        i += 1;
+        match marker {
+            0xD9 => return None,
+            // Markers without a length field.
+            0x00 | 0x01 | 0xD0..=0xD8 => continue,
+            _ => {}
+        }
+        if i + 2 > n {
+            return cut("inside a segment header");
+        }
+        let len = u16::from_be_bytes([b[i], b[i + 1]]) as usize;
+        if len < 2 {
+            return Some(format!(
+                "corrupt JPEG: segment 0xFF{marker:02X} at byte {} has length {len}",
+                i - 2
+            ));
+        }
+        if i + len > n {
+            return cut("inside a segment");
+        }
+        i += len;
+        if marker == 0xDA {
+            // Entropy-coded data: 0xFF is followed by 0x00 (a stuffed byte), a restart marker
+            // or more fill bytes inside it; any other marker ends the scan.
+            loop {
+                match b[i..].iter().position(|&x| x == 0xFF) {
+                    Some(k) => i += k,
+                    None => return cut("inside the image data"),
+                }
+                if i + 1 >= n {
+                    return cut("inside the image data");
+                }
+                match b[i + 1] {
+                    0x00 | 0xD0..=0xD7 => i += 2,
+                    0xFF => i += 1,
+                    _ => break,
+                }
+            }
+        }
+    }
 }
 
 /// A rectangle of the source image in continuous pixel coordinates (pixel `i` spans `[i, i+1)`).

@@ -46,14 +46,15 @@ pub mod synthetic;
 pub mod transform;
 
 pub use annotations::{
-    DetectionRecord, VOC_CLASSES, coco_to_list, read_coco, read_list, read_names, read_voc,
+    DetectionRecord, VOC_CLASSES, box_problem, coco_to_list, read_coco, read_coco_files, read_list,
+    read_list_lines, read_names, read_voc, read_voc_splits, strip_bom, voc_classes_file,
     voc_to_list,
 };
 pub use classification::{ClassificationBatch, ClassificationDataset, ClassificationLoader};
-pub use detection::{DetectionBatch, DetectionDataset, DetectionLoader};
+pub use detection::{DetectionBatch, DetectionDataset, DetectionLoader, OpenOptions};
 pub use draw::{draw_detections, save_png};
 pub use error::{DatasetError, Result};
-pub use imageops::{MEAN, STD, load_image_for_inference, load_rgb};
-pub use loader::{Batches, Loader, LoaderConfig, tune_allocator};
+pub use imageops::{MEAN, STD, decode_rgb, load_image_for_inference, load_rgb};
+pub use loader::{Batches, Loader, LoaderConfig, Skip, tune_allocator};
 pub use synthetic::SyntheticConfig;
 pub use transform::{ClassificationTransform, DetectionTransform, TransformedItem};

@@ -6,7 +6,8 @@
 //! seeded with `(seed, epoch, dataset index)` and the shuffle from `(seed, epoch)`, so results do
 //! not depend on thread scheduling, and a run resumed at `(epoch, batch)` sees the same batches.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -32,8 +33,9 @@ pub struct LoaderConfig {
     pub drop_last: bool,
     /// How many finished batches may wait ahead of the consumer.
     pub prefetch: usize,
-    /// Skip items whose image cannot be read (counted, see [`Loader::skipped`]) instead of
-    /// failing.
+    /// Skip items whose image cannot be read instead of failing: each file is reported once
+    /// ([`Loader::take_new_skips`], [`Loader::skip_summary`]) and counted. A full epoch in which
+    /// no item at all can be read is an error all the same.
     pub skip_bad: bool,
     /// Data parallelism: this loader yields share `shard_rank` of `shard_count` of every batch
     /// (`batch_size` is the global batch, which the shards divide evenly when `drop_last`). Every
@@ -90,6 +92,15 @@ pub trait ItemSource: Send + Sync + 'static {
     fn item_len(&self) -> usize;
     /// Loads and transforms item `index` with its own RNG into `out` (`item_len()` values).
     fn load_into(&self, index: usize, rng: &mut StdRng, out: &mut [f32]) -> Result<Self::Meta>;
+    /// The file item `index` is read from, for naming it when it is skipped.
+    fn item_path(&self, _index: usize) -> Option<PathBuf> {
+        None
+    }
+    /// Items already known to be unusable before loading starts (e.g. images found missing
+    /// when the dataset was opened): the loader reports them like its own skips.
+    fn initial_skips(&self) -> Vec<Skip> {
+        Vec::new()
+    }
     /// Builds a batch from the image data of `metas.len()` items (in order) and their metadata
     /// with their dataset indices.
     fn collate(
@@ -157,13 +168,49 @@ pub fn epoch_order(len: usize, shuffle: bool, seed: u64, epoch: usize) -> Vec<us
     order
 }
 
+/// A file skipped as unreadable (with `skip_bad`), and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skip {
+    /// The file.
+    pub path: PathBuf,
+    /// What was wrong with it (the error message).
+    pub reason: String,
+}
+
 /// Items that could not be loaded and were skipped (with `skip_bad`).
 #[derive(Debug, Default)]
 struct SkipLog {
-    /// Dataset index -> error message (first occurrence).
-    items: Mutex<BTreeMap<usize, String>>,
+    state: Mutex<SkipState>,
     /// Every skip, counting repeats across epochs.
     count: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct SkipState {
+    /// Each skipped file once, in the order first met.
+    files: Vec<Skip>,
+    seen: HashSet<PathBuf>,
+    /// How many of `files` [`Loader::take_new_skips`] has handed out.
+    taken: usize,
+    /// Dataset index -> error message (first occurrence).
+    items: BTreeMap<usize, String>,
+}
+
+impl SkipLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SkipState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, index: Option<usize>, skip: Skip, message: String) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        if let Some(i) = index {
+            st.items.entry(i).or_insert(message);
+        }
+        if st.seen.insert(skip.path.clone()) {
+            st.files.push(skip);
+        }
+    }
 }
 
 /// A batch loader over an [`ItemSource`]. See the module documentation.
@@ -205,10 +252,15 @@ impl<S: ItemSource> Loader<S> {
                 source.len()
             )));
         }
+        let skips = SkipLog::default();
+        for skip in source.initial_skips() {
+            let message = skip.reason.clone();
+            skips.record(None, skip, message);
+        }
         Ok(Loader {
             source: Arc::new(source),
             config,
-            skips: Arc::new(SkipLog::default()),
+            skips: Arc::new(skips),
         })
     }
 
@@ -274,35 +326,62 @@ impl<S: ItemSource> Loader<S> {
         self.spawn(epoch, batch, None)
     }
 
-    /// Items skipped so far as unreadable (with `skip_bad`): `(dataset index, error)`, each
-    /// item once.
-    pub fn skipped(&self) -> Vec<(usize, String)> {
-        let items = self.skips.items.lock().unwrap_or_else(|e| e.into_inner());
-        items.iter().map(|(&i, m)| (i, m.clone())).collect()
+    /// The rest of epoch `epoch` from batch `batch` on (for resuming within an epoch): the
+    /// same batches as in an uninterrupted run, ending with the epoch.
+    pub fn epoch_from(&self, epoch: usize, batch: usize) -> Batches<S::Batch> {
+        self.spawn(epoch, batch, Some(epoch + 1))
     }
 
-    /// A report of the skipped items for the end of a run (`None` when nothing was skipped):
+    /// Items skipped so far as unreadable (with `skip_bad`): `(dataset index, error)`, each
+    /// item once. Files dropped before loading (see [`ItemSource::initial_skips`]) are in
+    /// [`Loader::skips`] only.
+    pub fn skipped(&self) -> Vec<(usize, String)> {
+        let st = self.skips.lock();
+        st.items.iter().map(|(&i, m)| (i, m.clone())).collect()
+    }
+
+    /// Every file skipped so far, each once, in the order first met.
+    pub fn skips(&self) -> Vec<Skip> {
+        self.skips.lock().files.clone()
+    }
+
+    /// The files skipped since the last call (each file once over the loader's life, however
+    /// many epochs skip it): for logging them as they happen.
+    pub fn take_new_skips(&self) -> Vec<Skip> {
+        let mut st = self.skips.lock();
+        let new = st.files[st.taken..].to_vec();
+        st.taken = st.files.len();
+        new
+    }
+
+    /// A report of the skipped files for the end of a run (`None` when nothing was skipped):
     /// how many, and each file with its error.
     pub fn skip_summary(&self) -> Option<String> {
-        let items = self.skipped();
-        if items.is_empty() {
+        let files = self.skips();
+        if files.is_empty() {
             return None;
         }
         let mut s = format!(
-            "{} unreadable item(s) skipped ({} skips in all):",
-            items.len(),
+            "{} unreadable file(s) skipped ({} skips in all):",
+            files.len(),
             self.skipped_count()
         );
-        for (_, e) in items {
+        for f in files {
             s.push_str("\n  ");
-            s.push_str(&e);
+            s.push_str(&f.reason);
         }
         Some(s)
     }
 
-    /// Number of skips so far, counting an item again in every epoch it was skipped.
+    /// Number of skips so far, counting an item again in every epoch it was skipped (and each
+    /// file dropped before loading once).
     pub fn skipped_count(&self) -> usize {
         self.skips.count.load(Ordering::Relaxed)
+    }
+
+    /// Number of distinct files skipped so far.
+    pub fn skipped_files(&self) -> usize {
+        self.skips.lock().files.len()
     }
 
     fn spawn(&self, epoch: usize, batch: usize, end_epoch: Option<usize>) -> Batches<S::Batch> {
@@ -369,9 +448,17 @@ fn build_batch<S: ItemSource>(
                 if config.skip_bad
                     && matches!(e, DatasetError::Image { .. } | DatasetError::Io { .. }) =>
             {
-                skips.count.fetch_add(1, Ordering::Relaxed);
-                let mut m = skips.items.lock().unwrap_or_else(|e| e.into_inner());
-                m.entry(i).or_insert_with(|| e.to_string());
+                let path = e
+                    .path()
+                    .map(PathBuf::from)
+                    .or_else(|| source.item_path(i))
+                    .unwrap_or_else(|| PathBuf::from(format!("item #{i}")));
+                let message = e.to_string();
+                let skip = Skip {
+                    path,
+                    reason: message.clone(),
+                };
+                skips.record(Some(i), skip, message);
             }
             Err(e) => return Err(e),
         }
@@ -400,6 +487,10 @@ fn producer<S: ItemSource>(
             return;
         }
         let order = epoch_order(source.len(), config.shuffle, config.seed, epoch);
+        // An epoch read from its start that yields no batch means nothing is readable: with
+        // `skip_bad` that would otherwise loop over empty epochs forever.
+        let whole_epoch = batch == 0;
+        let mut built = 0usize;
         while batch < batches_per_epoch {
             if stop.load(Ordering::Relaxed) {
                 return;
@@ -412,31 +503,54 @@ fn producer<S: ItemSource>(
                     batch += 1;
                     continue;
                 }
-                Ok(Some(x)) => Ok(x),
+                Ok(Some(x)) => {
+                    built += 1;
+                    Ok(x)
+                }
                 Err(e) => Err(e),
             };
-            // Poll so that a dropped consumer (stop flag) ends the thread promptly.
-            let mut msg = Some(msg);
-            loop {
-                match tx.try_send(msg.take().expect("message")) {
-                    Ok(()) => break,
-                    Err(TrySendError::Full(m)) => {
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        msg = Some(m);
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
-                    Err(TrySendError::Disconnected(_)) => return,
-                }
-            }
-            if failed {
+            if !send(&tx, &stop, msg) || failed {
                 return;
             }
             batch += 1;
         }
+        if whole_epoch && built == 0 {
+            let st = skips.lock();
+            let first = st
+                .files
+                .first()
+                .map(|f| format!("; the first: {}", f.reason))
+                .unwrap_or_default();
+            let e = DatasetError::Empty(format!(
+                "no item of epoch {epoch} could be read: all {} items were skipped as unreadable ({} files{first})",
+                (batches_per_epoch * b).min(order.len()),
+                st.files.len()
+            ));
+            drop(st);
+            send(&tx, &stop, Err(e));
+            return;
+        }
         batch = 0;
         epoch += 1;
+    }
+}
+
+/// Hands `msg` to the consumer; false when the consumer is gone. Polls so that a dropped
+/// consumer (stop flag) ends the thread promptly.
+fn send<B>(tx: &SyncSender<Result<B>>, stop: &AtomicBool, msg: Result<B>) -> bool {
+    let mut msg = Some(msg);
+    loop {
+        match tx.try_send(msg.take().expect("message")) {
+            Ok(()) => return true,
+            Err(TrySendError::Full(m)) => {
+                if stop.load(Ordering::Relaxed) {
+                    return false;
+                }
+                msg = Some(m);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(TrySendError::Disconnected(_)) => return false,
+        }
     }
 }
 

@@ -13,6 +13,10 @@ fn list_and_names_round_trip() {
         "a.jpg 1 2 30 40 2 5.5 6 7 8 3\n\nb.jpg\nc.jpg 0 0 9 9 1\n",
     )
     .unwrap();
+    // Opening checks that the images exist (not that they decode).
+    for n in ["a.jpg", "b.jpg", "c.jpg"] {
+        std::fs::write(dir.path().join(n), b"").unwrap();
+    }
     let ds = DetectionDataset::from_list(&list, &names, dir.path()).unwrap();
     assert_eq!(ds.len(), 3);
     assert_eq!(ds.class_names(), ["cat", "dog", "bird"]);

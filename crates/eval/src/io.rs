@@ -21,6 +21,9 @@
 //! or the tutorial's list file: one image per line, `name ymin xmin ymax xmax class ...` (five
 //! numbers a box, class `1..=C`). A file whose first non-blank character is `{` is read as JSON
 //! lines. Class names: one per line ([`read_names`]).
+//!
+//! Every file may start with a UTF-8 byte-order mark and use CRLF line ends. Errors name the
+//! file and the line.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -89,6 +92,16 @@ fn io_err(path: &Path, source: std::io::Error) -> EvalError {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// A text file's contents, a leading UTF-8 byte-order mark dropped (editors on Windows write
+/// one; it would otherwise become part of the first name, or break the first JSON line).
+fn read_text(path: &Path) -> Result<String, EvalError> {
+    let mut text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
 }
 
 fn parse_err(path: &Path, line: usize, message: impl Into<String>) -> EvalError {
@@ -185,6 +198,10 @@ impl Iterator for DetectionsReader {
                 Err(e) => return Some(Err(io_err(&self.path, e))),
             };
             self.line += 1;
+            let text = match (self.line, text.strip_prefix('\u{feff}')) {
+                (1, Some(rest)) => rest.to_string(),
+                _ => text,
+            };
             if text.trim().is_empty() {
                 continue;
             }
@@ -206,16 +223,34 @@ pub fn read_detections(path: impl AsRef<Path>) -> Result<Vec<DetectionRecord>, E
         .collect()
 }
 
-/// Reads class names, one per line (blank lines skipped, surrounding spaces trimmed).
+/// Reads class names, one per line (blank lines skipped, surrounding spaces trimmed). An empty
+/// file, or a name given twice, is an error naming the file (and the line).
 pub fn read_names(path: impl AsRef<Path>) -> Result<Vec<String>, EvalError> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect())
+    let text = read_text(path)?;
+    let mut names: Vec<String> = Vec::new();
+    let mut lines: HashMap<&str, usize> = HashMap::new();
+    for (i, l) in text.lines().enumerate() {
+        let name = l.trim();
+        if name.is_empty() {
+            continue;
+        }
+        if let Some(prev) = lines.insert(name, i + 1) {
+            return Err(parse_err(
+                path,
+                i + 1,
+                format!("class name {name:?} is already on line {prev}"),
+            ));
+        }
+        names.push(name.to_string());
+    }
+    if names.is_empty() {
+        return Err(EvalError::File {
+            path: path.to_path_buf(),
+            message: "no class name (one name per line)".into(),
+        });
+    }
+    Ok(names)
 }
 
 /// Reads ground truth from a JSON-lines file or a tutorial list file (see the module docs).
@@ -224,7 +259,7 @@ pub fn read_ground_truth(
     path: impl AsRef<Path>,
 ) -> Result<Vec<(usize, GroundTruthRecord)>, EvalError> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    let text = read_text(path)?;
     let json = text.trim_start().starts_with('{');
     let mut out = Vec::new();
     for (i, l) in text.lines().enumerate() {

@@ -114,6 +114,9 @@ pub enum EvalError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// An input file is unusable as a whole (e.g. a names file without any name).
+    #[error("{}: {message}", path.display())]
+    File { path: PathBuf, message: String },
     /// A line of an input file is malformed.
     #[error("{}:{line}: {message}", path.display())]
     Parse {

@@ -122,12 +122,14 @@ pub fn focal_loss_detection(
     let ce = ((x.relu()? - (x * &one_hot)?)? + x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?;
     let loss_cls = (w * ce)?.broadcast_mul(&keep)?.sum_all()?;
 
-    // Smooth-L1 (beta 1) as 0.5 m^2 + |d| - m with m = min(|d|, 1): one expression, exact
-    // gradients on both sides of 1.
+    // Smooth-L1 (beta 1): 0.5 d^2 where |d| < 1, |d| - 0.5 elsewhere, chosen by a mask that
+    // carries no gradient. The derivative is then d inside and sign(d) outside: 0 at d = 0
+    // and +-1 on both sides of |d| = 1. (A clamp is `maximum` then `minimum`, whose ties split
+    // the gradient: 0.5 where the output equals its target.)
     let d = (reg_out - reg_t)?;
     let ad = d.abs()?;
-    let m = ad.clamp(0.0, 1.0)?;
-    let sl1 = ((m.sqr()? * 0.5)? + (ad - m)?)?;
+    let inside = ad.lt(1f64)?;
+    let sl1 = inside.where_cond(&(d.sqr()? * 0.5)?, &(ad - 0.5)?)?;
     let loss_reg = sl1.broadcast_mul(&pos)?.sum_all()?;
 
     let cls_part = (loss_cls / norm)?;

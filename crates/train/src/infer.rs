@@ -7,10 +7,96 @@ use candle_core::{Device, Tensor};
 use image::RgbImage;
 use image::imageops::FilterType;
 use retinanet_dataset::imageops::image_to_chw;
-use retinanet_dataset::{draw_detections, load_rgb};
-use retinanet_encoder::{DecodeOptions, Detections};
+use retinanet_dataset::{
+    DetectionDataset, DetectionLoader, DetectionTransform, LoaderConfig, draw_detections, load_rgb,
+};
+use retinanet_detector::RetinaNet;
+use retinanet_encoder::{DecodeOptions, Detections, Encoder};
+use retinanet_eval::{Evaluator, Report};
 
-use crate::detect::LoadedDetector;
+use crate::config::{DetectorEvalConfig, DetectorRunConfig};
+use crate::detect::{LoadedDetector, decode_options};
+use crate::progress::Progress;
+
+/// The loader evaluation reads a split with: in order, at `data.eval_size`, unreadable images
+/// skipped (and reported by the loader) with `data.skip_bad_images`.
+pub fn eval_loader(dataset: DetectionDataset, cfg: &DetectorRunConfig) -> Result<DetectionLoader> {
+    let lc = LoaderConfig {
+        shuffle: false,
+        skip_bad: cfg.data.skip_bad_images,
+        ..LoaderConfig::new(cfg.train.batch_size.clamp(1, 32), cfg.seed)
+    };
+    Ok(DetectionLoader::new(
+        dataset,
+        DetectionTransform::eval(cfg.data.eval_size, cfg.data.boxarea_th),
+        lc,
+    )?)
+}
+
+/// Scores `model` on the batches of `loader` (VOC and COCO-style), on its first
+/// `eval.max_images` images (all with 0). The loader's skips ([`DetectionLoader::skips`],
+/// [`DetectionLoader::skip_summary`]) say what was left out; a split with nothing readable is
+/// an error.
+pub fn evaluate_loader(
+    model: &RetinaNet,
+    encoder: &Encoder,
+    loader: &DetectionLoader,
+    cfg: &DetectorRunConfig,
+    device: &Device,
+    quiet: bool,
+) -> Result<Report> {
+    let dataset = loader.dataset();
+    let size = cfg.data.eval_size as usize;
+    let n = match cfg.eval.max_images {
+        0 => dataset.len(),
+        m => m.min(dataset.len()),
+    };
+    let opts = decode_options(&cfg.eval);
+    let mut ev = Evaluator::new(dataset.class_names().to_vec());
+    let mut progress = Progress::new("eval", n as u64, quiet);
+    let mut seen = 0;
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        let (cls, reg) = model.infer(&batch.images.to_device(device)?)?;
+        let dets = encoder.decode_tensors(&cls, &reg, (size, size), &opts)?;
+        for ((d, gb), gl) in dets.iter().zip(&batch.boxes).zip(&batch.labels) {
+            if seen == n {
+                break;
+            }
+            ev.add_image(gb, gl, None, &d.boxes, &d.labels, &d.scores)?;
+            seen += 1;
+        }
+        progress.inc(batch.boxes.len() as u64, "");
+        if seen == n {
+            break;
+        }
+    }
+    progress.finish();
+    Ok(ev.finish())
+}
+
+/// Candidates kept per pyramid level before NMS when the run's config keeps all (`0`).
+pub const DEFAULT_PRE_NMS_TOP_K: usize = 1000;
+
+/// Decode options for inference on whole images (`inspect`): the run's evaluation settings
+/// with these overrides, and always a per-level pre-NMS top-k (the run's, or
+/// [`DEFAULT_PRE_NMS_TOP_K`]): at a photo's own size (4000x3000 has ~700,000 anchors) a low
+/// threshold would otherwise send nearly every anchor to NMS, minutes of work.
+pub fn inference_options(
+    eval: &DetectorEvalConfig,
+    score_th: f32,
+    nms_th: f32,
+    class_agnostic: bool,
+    max_detections: Option<usize>,
+) -> DecodeOptions {
+    let mut opts = decode_options(eval);
+    opts.score_th = score_th;
+    opts.nms_th = nms_th;
+    opts.class_agnostic = class_agnostic;
+    opts.pre_nms_top_k = Some(opts.pre_nms_top_k.unwrap_or(DEFAULT_PRE_NMS_TOP_K));
+    opts.max_detections = max_detections;
+    opts
+}
 
 /// Detections of one image, in the image's own pixel coordinates.
 #[derive(Clone, Debug)]
