@@ -523,7 +523,7 @@ fn producer<S: ItemSource>(
                 .unwrap_or_default();
             let e = DatasetError::Empty(format!(
                 "no item of epoch {epoch} could be read: all {} items were skipped as unreadable ({} files{first})",
-                (batches_per_epoch * b).min(order.len()),
+                (batches_per_epoch * config.batch_size).min(order.len()),
                 st.files.len()
             ));
             drop(st);

@@ -69,10 +69,36 @@ pub struct DetectionDataConfig {
     pub eval_size: u32,
     /// Boxes of area `<=` this (pixels) after augmentation are dropped.
     pub boxarea_th: f32,
-    /// Skip unreadable images (counted and reported) instead of stopping.
+    /// Skip unreadable or missing images (each named once, and counted) instead of stopping.
     pub skip_bad_images: bool,
+    /// The run's class list, fixed before any split is read: a list of names, or a names file
+    /// (one per line). Optional: by default the source's own (its names file, the VOC root's
+    /// `classes.txt` or the sorted union of its splits' names, COCO's categories by id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<ClassList>,
     /// The source.
     pub source: DetectionSourceConfig,
+}
+
+/// A class list given in a config: the names, or a file of them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClassList {
+    /// `classes = ["cat", "dog"]`.
+    Names(Vec<String>),
+    /// `classes = "names.txt"`.
+    File(PathBuf),
+}
+
+impl ClassList {
+    /// The names, read from the file when it is one.
+    pub fn names(&self) -> Result<Vec<String>> {
+        Ok(match self {
+            ClassList::Names(n) => n.clone(),
+            ClassList::File(p) => retinanet_dataset::annotations::read_names(p)
+                .with_context(|| format!("data.classes = {}", p.display()))?,
+        })
+    }
 }
 
 /// Detector training settings.
@@ -396,6 +422,16 @@ impl Validate for DetectorRunConfig {
         let d = &self.data;
         at_least("data.size", d.size, 33)?;
         at_least("data.eval_size", d.eval_size, 33)?;
+        if let Some(ClassList::Names(n)) = &d.classes {
+            if n.is_empty() || n.iter().any(|c| c.trim().is_empty()) {
+                bail!("data.classes = {n:?}: must name at least one class, none empty");
+            }
+            let mut sorted = n.clone();
+            sorted.sort();
+            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                bail!("data.classes names `{}` twice", w[0]);
+            }
+        }
         non_negative("data.boxarea_th", d.boxarea_th as f64)?;
         d.source.validate()?;
         let t = &self.train;

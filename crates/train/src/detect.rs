@@ -12,18 +12,18 @@ use retinanet_dataset::{
 };
 use retinanet_detector::RetinaNet;
 use retinanet_encoder::{DecodeOptions, Encoder, EncoderConfig};
-use retinanet_eval::{Evaluator, Report};
+use retinanet_eval::Report;
 use retinanet_loss::{FocalLossConfig, focal_loss_detection};
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::checkpoint::load_checkpoint;
 use crate::config::{DetectorEvalConfig, DetectorRunConfig, Validate, parse_config, to_toml};
-use crate::data::open_detection;
+use crate::data::{OpenOptions, open_detection_with};
 use crate::dist::{Communicator, Local, agree, check_divisible, open_on_ranks, shard_range};
 use crate::engine::{
     Budget, Ending, Forward, Plan, StepContext, Task, Trainer, rank_device, sync_bn_reducer,
 };
+use crate::infer::{ImageResult, detect_loader, eval_loader, score};
 use crate::model::{
     assign_from, build_retinanet, load_pretrained_extractor, retinanet_config, trainable_vars,
 };
@@ -97,27 +97,10 @@ pub fn evaluate_model(
     r.context("the evaluation made no report")
 }
 
-/// One evaluation image's ground truth and detections, as a rank sends them to rank 0.
-#[derive(Serialize, Deserialize)]
-struct ImageResult {
-    index: usize,
-    gt_boxes: Vec<[f32; 4]>,
-    gt_labels: Vec<u32>,
-    boxes: Vec<[f32; 4]>,
-    labels: Vec<u32>,
-    scores: Vec<f32>,
-}
-
-/// The decoder clamps as the tutorial does (top-left corner at 0, bottom-right at H-1, W-1),
-/// which leaves a box lying wholly off one side of the image inverted. Such a detection is
-/// kept — it is a false positive — collapsed onto the border, where it overlaps nothing.
-fn collapse_inverted([y0, x0, y1, x1]: [f32; 4]) -> [f32; 4] {
-    [y0.min(y1), x0.min(x1), y1, x1]
-}
-
 /// [`evaluate_model`] with the images shared out over the ranks: each rank runs inference on
 /// a contiguous part of the split, rank 0 gathers the detections and scores every image in the
 /// split's order — the report equals one process's. `Some(report)` on rank 0, `None` elsewhere.
+/// Rank 0 prints each skipped file once, with the total, unless `quiet`.
 pub fn evaluate_sharded(
     model: &RetinaNet,
     encoder: &Encoder,
@@ -127,83 +110,100 @@ pub fn evaluate_sharded(
     quiet: bool,
     comm: &dyn Communicator,
 ) -> Result<Option<Report>> {
+    let out = evaluate_with_skips(model, encoder, dataset, cfg, device, quiet, comm)?;
+    if let Some((_, skips)) = &out
+        && !quiet
+        && !skips.is_empty()
+    {
+        eprintln!("{}", skip_lines("evaluation", skips));
+    }
+    Ok(out.map(|(r, _)| r))
+}
+
+/// Skipped files as `(path, reason)`.
+pub(crate) fn skip_pairs(skips: Vec<retinanet_dataset::Skip>) -> Vec<(String, String)> {
+    skips
+        .into_iter()
+        .map(|s| (s.path.display().to_string(), s.reason))
+        .collect()
+}
+
+/// "`what` skipped N file(s)" and one line per file.
+fn skip_lines(what: &str, skips: &[(String, String)]) -> String {
+    let mut s = format!("{what} skipped {} unreadable file(s):", skips.len());
+    for (path, reason) in skips {
+        s.push_str(&format!("\n  {path}: {reason}"));
+    }
+    s
+}
+
+/// Files skipped as unreadable: `(path, reason)`.
+type Skipped = Vec<(String, String)>;
+
+/// A rank's evaluation results and skipped files.
+type Shard = (Vec<ImageResult>, Skipped);
+
+/// [`evaluate_sharded`], returning on rank 0 the files skipped as unreadable as well
+/// (`(path, reason)`, each once, in rank order).
+fn evaluate_with_skips(
+    model: &RetinaNet,
+    encoder: &Encoder,
+    dataset: &DetectionDataset,
+    cfg: &DetectorRunConfig,
+    device: &Device,
+    quiet: bool,
+    comm: &dyn Communicator,
+) -> Result<Option<(Report, Skipped)>> {
     let names = dataset.class_names().to_vec();
-    let size = cfg.data.eval_size as usize;
     let n = if cfg.eval.max_images > 0 {
         cfg.eval.max_images.min(dataset.len())
     } else {
         dataset.len()
     };
     let share = shard_range(n, comm.rank(), comm.size());
-    let mut results = Vec::with_capacity(share.len());
     let mut progress = Progress::new("eval", share.len() as u64, quiet || !comm.is_root());
-    let mut skipped = 0;
+    let as_pair = |s: &retinanet_dataset::Skip| (s.path.display().to_string(), s.reason.clone());
+    // Files missing when the split was opened: the shards below do not carry that list.
+    let mut skips: Vec<(String, String)> = if comm.is_root() {
+        dataset.dropped().iter().map(as_pair).collect()
+    } else {
+        Vec::new()
+    };
+    let mut results = Vec::new();
     if !share.is_empty() {
         let part = DetectionDataset::from_records(
             dataset.records()[share.clone()].to_vec(),
             names.clone(),
             dataset.image_root(),
         )?;
-        let lc = LoaderConfig {
-            shuffle: false,
-            skip_bad: cfg.data.skip_bad_images,
-            ..LoaderConfig::new(cfg.train.batch_size.min(32), cfg.seed)
-        };
-        let loader = DetectionLoader::new(
-            part,
-            DetectionTransform::eval(cfg.data.eval_size, cfg.data.boxarea_th),
-            lc,
+        let loader = eval_loader(part, cfg)?;
+        results = detect_loader(
+            model,
+            encoder,
+            &loader,
+            cfg,
+            device,
+            share.len(),
+            share.start,
+            &mut progress,
         )?;
-        let opts = decode_options(&cfg.eval);
-        for batch in loader.epoch(0) {
-            let batch = batch?;
-            let (cls, reg) = model.infer(&batch.images.to_device(device)?)?;
-            let dets = encoder.decode_tensors(&cls, &reg, (size, size), &opts)?;
-            for (i, d) in dets.into_iter().enumerate() {
-                results.push(ImageResult {
-                    index: share.start + batch.indices[i],
-                    gt_boxes: batch.boxes[i].clone(),
-                    gt_labels: batch.labels[i].clone(),
-                    boxes: d.boxes.into_iter().map(collapse_inverted).collect(),
-                    labels: d.labels,
-                    scores: d.scores,
-                });
-            }
-            progress.inc(batch.boxes.len() as u64, "");
-        }
-        skipped = loader.skipped_count();
+        skips.extend(loader.skips().iter().map(as_pair));
     }
     progress.finish();
-    let mut counts = [skipped as f64];
-    comm.all_reduce_sum_f64(&mut counts)?;
-    if comm.is_root() && counts[0] > 0.0 && !quiet {
-        eprintln!("evaluation skipped {} unreadable images", counts[0]);
-    }
     if comm.size() > 1 {
-        let gathered = comm.gather_bytes(&serde_json::to_vec(&results)?)?;
-        results = Vec::new();
+        let gathered = comm.gather_bytes(&serde_json::to_vec(&(&results, &skips))?)?;
+        (results, skips) = (Vec::new(), Vec::new());
         for (rank, bytes) in gathered.iter().enumerate() {
-            let part: Vec<ImageResult> = serde_json::from_slice(bytes)
+            let (r, s): Shard = serde_json::from_slice(bytes)
                 .with_context(|| format!("evaluation results of rank {rank}"))?;
-            results.extend(part);
+            results.extend(r);
+            skips.extend(s);
         }
     }
     if !comm.is_root() {
         return Ok(None);
     }
-    results.sort_by_key(|r| r.index);
-    let mut ev = Evaluator::new(names);
-    for r in &results {
-        ev.add_image(
-            &r.gt_boxes,
-            &r.gt_labels,
-            None,
-            &r.boxes,
-            &r.labels,
-            &r.scores,
-        )?;
-    }
-    Ok(Some(ev.finish()))
+    Ok(Some((score(&mut results, &names)?, skips)))
 }
 
 /// Trains a detector as `cfg` says; see the crate docs for the run folder's contents.
@@ -219,7 +219,13 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
             rank_device(&cfg.device, &*comm)
         })(),
     )?;
-    let (train_ds, eval_ds) = open_on_ranks(&*comm, || open_detection(&cfg.data.source))?;
+    let (train_ds, eval_ds) = open_on_ranks(&*comm, || {
+        let opts = OpenOptions {
+            classes: cfg.data.classes.as_ref().map(|c| c.names()).transpose()?,
+            skip_missing: cfg.data.skip_bad_images,
+        };
+        open_detection_with(&cfg.data.source, &opts)
+    })?;
     // Deterministic from the config and data, so the same on every rank; agreed all the same,
     // so that a failure on one rank cannot leave the others waiting.
     let (varmap, model, encoder, opt, loader, plan, names) = agree(
@@ -317,6 +323,7 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
         report: None,
         eval_step: None,
         eval_log,
+        eval_skipped: Default::default(),
     };
     let ending = trainer.run(&mut task)?;
     Ok(TrainSummary {
@@ -341,11 +348,13 @@ struct DetectorTask<'a> {
     /// The step `report` was evaluated at.
     eval_step: Option<usize>,
     eval_log: Option<JsonLog>,
+    /// Evaluation files already named as skipped.
+    eval_skipped: std::collections::BTreeSet<String>,
 }
 
 impl DetectorTask<'_> {
     fn evaluate(&mut self, t: &mut Trainer) -> Result<()> {
-        let r = evaluate_sharded(
+        let r = evaluate_with_skips(
             &self.model,
             &self.encoder,
             &self.eval_ds,
@@ -355,6 +364,17 @@ impl DetectorTask<'_> {
             &*t.comm,
         )?;
         let elapsed = t.sync_clock()?;
+        let r = r.map(|(r, skips)| {
+            // Each file once per run, however many evaluations skip it.
+            let new: Vec<_> = skips
+                .into_iter()
+                .filter(|s| self.eval_skipped.insert(s.0.clone()))
+                .collect();
+            if !new.is_empty() {
+                t.println(&skip_lines("evaluation", &new));
+            }
+            r
+        });
         if let (Some(r), Some(log)) = (r, self.eval_log.as_mut()) {
             log_eval(log, &t.progress, &r, t.pos.step, t.pos.epoch, elapsed)?;
             self.report = Some(r);
@@ -373,7 +393,11 @@ impl Task for DetectorTask<'_> {
         epoch: usize,
         batch: usize,
     ) -> Box<dyn Iterator<Item = retinanet_dataset::Result<DetectionBatch>>> {
-        Box::new(self.loader.from_position(epoch, batch))
+        Box::new(self.loader.epoch_from(epoch, batch))
+    }
+
+    fn new_skips(&mut self) -> Vec<(String, String)> {
+        skip_pairs(self.loader.take_new_skips())
     }
 
     fn batch_index(b: &DetectionBatch) -> usize {

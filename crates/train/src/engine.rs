@@ -130,8 +130,7 @@ pub struct StepContext<'a> {
 pub trait Task {
     /// A batch of the loader.
     type Batch;
-    /// This rank's shares of the global batches from batch `batch` of `epoch` on, epoch after
-    /// epoch.
+    /// This rank's shares of the rest of epoch `epoch`, from its batch `batch`.
     fn batches(
         &self,
         epoch: usize,
@@ -139,6 +138,11 @@ pub trait Task {
     ) -> Box<dyn Iterator<Item = retinanet_dataset::Result<Self::Batch>>>;
     /// The batch's index within its epoch.
     fn batch_index(batch: &Self::Batch) -> usize;
+    /// Files this rank's loader skipped as unreadable since the last call (`(path, reason)`),
+    /// each once: the engine names them in the log.
+    fn new_skips(&mut self) -> Vec<(String, String)> {
+        Vec::new()
+    }
     /// Images in this rank's share of the batch.
     fn batch_len(batch: &Self::Batch) -> usize;
     /// The forward pass and the loss of this rank's share (the step function; the engine does
@@ -220,6 +224,8 @@ pub struct Trainer {
     last_good: Option<(PathBuf, usize)>,
     /// The checkpoint this process resumed from, until its first loss is known.
     resumed_from: Option<usize>,
+    /// Files skipped as unreadable in this process, on rank 0: `(path, reason)`.
+    skipped: Vec<(String, String)>,
 }
 
 impl Trainer {
@@ -357,6 +363,7 @@ impl Trainer {
             pending: None,
             last_good: None,
             resumed_from: opts.resume.then_some(pos.step),
+            skipped: Vec::new(),
             plan,
         })
     }
@@ -497,11 +504,7 @@ impl Trainer {
             let steps_at_epoch_start = self.pos.step;
             let mut batches_seen = 0;
             let mut last = Instant::now();
-            // `batches` runs on into the next epochs: take what is left of this one.
-            let left = per_epoch.saturating_sub(self.pos.batch_in_epoch);
-            let mut iter = task
-                .batches(self.pos.epoch, self.pos.batch_in_epoch)
-                .take(left);
+            let mut iter = task.batches(self.pos.epoch, self.pos.batch_in_epoch);
             for batch in iter.by_ref() {
                 let batch = batch?;
                 batches_seen += 1;
@@ -545,16 +548,27 @@ impl Trainer {
                 // The step's one small all-reduce: the losses and logged sums, the stop request
                 // and rank 0's clock, so that every rank decides alike.
                 let root = self.comm.is_root();
-                let mut v: Vec<f64> = Vec::with_capacity(fwd.sums.len() + 3);
+                let skipped = task.new_skips();
+                let mut v: Vec<f64> = Vec::with_capacity(fwd.sums.len() + 4);
                 v.push(loss as f64);
                 v.extend(fwd.sums.iter().map(|s| s.1));
+                v.push(skipped.len() as f64);
                 v.push(self.opts.stop_requested() as u8 as f64);
                 v.push(if root { self.local_elapsed_s() } else { 0.0 });
                 if world > 1 {
                     self.comm.all_reduce_sum_f64(&mut v)?;
-                } else {
-                    // The elapsed time of a plain run is measured as before: after the step.
                 }
+                // Every rank's newly skipped files, named by rank 0 (a gather only when any).
+                let skipped = if world > 1 && v[v.len() - 3] > 0.0 {
+                    let all = self.comm.gather_bytes(&serde_json::to_vec(&skipped)?)?;
+                    let mut out = Vec::new();
+                    for bytes in all {
+                        out.extend(serde_json::from_slice::<Vec<(String, String)>>(&bytes)?);
+                    }
+                    out
+                } else {
+                    skipped
+                };
                 let total = if world > 1 { v[0] } else { loss as f64 };
                 if !total.is_finite() {
                     return Err(Agreed(format!(
@@ -603,6 +617,19 @@ impl Trainer {
                 );
                 if let Some(g) = grad_norm {
                     rec.insert("grad_norm".into(), json!(g));
+                }
+                if root && !skipped.is_empty() {
+                    for (path, reason) in &skipped {
+                        self.println(&format!("skipped {path}: {reason}"));
+                    }
+                    rec.insert(
+                        "skipped".into(),
+                        skipped
+                            .iter()
+                            .map(|(p, r)| json!({"path": p, "reason": r}))
+                            .collect(),
+                    );
+                    self.skipped.extend(skipped);
                 }
                 rec.insert("elapsed_s".into(), json!(self.elapsed_s));
                 if world > 1 {
@@ -673,6 +700,20 @@ impl Trainer {
         }
         self.write_pending(false)?;
         self.progress.finish();
+        if !self.skipped.is_empty() {
+            let p = self.run.file("skipped.txt");
+            let text: String = self
+                .skipped
+                .iter()
+                .map(|(path, reason)| format!("{path}\t{reason}\n"))
+                .collect();
+            std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
+            self.println(&format!(
+                "training skipped {} unreadable file(s) in all: listed in {}",
+                self.skipped.len(),
+                p.display()
+            ));
+        }
         task.after_train(self, &ending)?;
         Ok(ending)
     }

@@ -13,6 +13,7 @@ use retinanet_dataset::{
 use retinanet_detector::RetinaNet;
 use retinanet_encoder::{DecodeOptions, Detections, Encoder};
 use retinanet_eval::{Evaluator, Report};
+use serde::{Deserialize, Serialize};
 
 use crate::config::{DetectorEvalConfig, DetectorRunConfig};
 use crate::detect::{LoadedDetector, decode_options};
@@ -46,33 +47,98 @@ pub fn evaluate_loader(
     quiet: bool,
 ) -> Result<Report> {
     let dataset = loader.dataset();
-    let size = cfg.data.eval_size as usize;
     let n = match cfg.eval.max_images {
         0 => dataset.len(),
         m => m.min(dataset.len()),
     };
-    let opts = decode_options(&cfg.eval);
-    let mut ev = Evaluator::new(dataset.class_names().to_vec());
     let mut progress = Progress::new("eval", n as u64, quiet);
-    let mut seen = 0;
+    let mut results = detect_loader(model, encoder, loader, cfg, device, n, 0, &mut progress)?;
+    progress.finish();
+    score(&mut results, dataset.class_names())
+}
+
+/// One evaluation image: its ground truth and detections, as evaluation scores them (and as a
+/// rank of a data-parallel run sends them to rank 0).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageResult {
+    /// The image's index in its split.
+    pub index: usize,
+    /// Ground-truth boxes.
+    pub gt_boxes: Vec<[f32; 4]>,
+    /// Their labels.
+    pub gt_labels: Vec<u32>,
+    /// Detected boxes.
+    pub boxes: Vec<[f32; 4]>,
+    /// Their labels.
+    pub labels: Vec<u32>,
+    /// Their scores.
+    pub scores: Vec<f32>,
+}
+
+/// Runs `model` on the batches of `loader` up to `limit` images: each image's ground truth and
+/// detections, its index being its dataset index plus `offset`.
+#[allow(clippy::too_many_arguments)]
+pub fn detect_loader(
+    model: &RetinaNet,
+    encoder: &Encoder,
+    loader: &DetectionLoader,
+    cfg: &DetectorRunConfig,
+    device: &Device,
+    limit: usize,
+    offset: usize,
+    progress: &mut Progress,
+) -> Result<Vec<ImageResult>> {
+    let size = cfg.data.eval_size as usize;
+    let opts = decode_options(&cfg.eval);
+    let mut results = Vec::with_capacity(limit);
     for batch in loader.epoch(0) {
         let batch = batch?;
         let (cls, reg) = model.infer(&batch.images.to_device(device)?)?;
         let dets = encoder.decode_tensors(&cls, &reg, (size, size), &opts)?;
-        for ((d, gb), gl) in dets.iter().zip(&batch.boxes).zip(&batch.labels) {
-            if seen == n {
+        for (i, d) in dets.into_iter().enumerate() {
+            if results.len() == limit {
                 break;
             }
-            ev.add_image(gb, gl, None, &d.boxes, &d.labels, &d.scores)?;
-            seen += 1;
+            results.push(ImageResult {
+                index: offset + batch.indices[i],
+                gt_boxes: batch.boxes[i].clone(),
+                gt_labels: batch.labels[i].clone(),
+                boxes: d.boxes.into_iter().map(collapse_inverted).collect(),
+                labels: d.labels,
+                scores: d.scores,
+            });
         }
         progress.inc(batch.boxes.len() as u64, "");
-        if seen == n {
+        if results.len() == limit {
             break;
         }
     }
-    progress.finish();
+    Ok(results)
+}
+
+/// The VOC and COCO-style report of `results`, scored in index order (the order of the split,
+/// whichever ranks produced them).
+pub fn score(results: &mut [ImageResult], class_names: &[String]) -> Result<Report> {
+    results.sort_by_key(|r| r.index);
+    let mut ev = Evaluator::new(class_names.to_vec());
+    for r in results.iter() {
+        ev.add_image(
+            &r.gt_boxes,
+            &r.gt_labels,
+            None,
+            &r.boxes,
+            &r.labels,
+            &r.scores,
+        )?;
+    }
     Ok(ev.finish())
+}
+
+/// The decoder clamps as the tutorial does (top-left corner at 0, bottom-right at H-1, W-1),
+/// which leaves a box lying wholly off one side of the image inverted. Such a detection is
+/// kept — it is a false positive — collapsed onto the border, where it overlaps nothing.
+fn collapse_inverted([y0, x0, y1, x1]: [f32; 4]) -> [f32; 4] {
+    [y0.min(y1), x0.min(x1), y1, x1]
 }
 
 /// Candidates kept per pyramid level before NMS when the run's config keeps all (`0`).

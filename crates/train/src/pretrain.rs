@@ -180,7 +180,11 @@ impl Task for PretrainTask<'_> {
         epoch: usize,
         batch: usize,
     ) -> Box<dyn Iterator<Item = retinanet_dataset::Result<ClassificationBatch>>> {
-        Box::new(self.loader.from_position(epoch, batch))
+        Box::new(self.loader.epoch_from(epoch, batch))
+    }
+
+    fn new_skips(&mut self) -> Vec<(String, String)> {
+        crate::detect::skip_pairs(self.loader.take_new_skips())
     }
 
     fn batch_index(b: &ClassificationBatch) -> usize {
