@@ -8,7 +8,9 @@
 #
 # Arguments: [DIR] (default ~/.cache/retinanet-cuda). Environment: CUDA_WHEELS (default 13.0:
 # must not be newer than the driver's CUDA version), CUDA_COMPUTE_CAP (default 90: H100/H200;
-# 80 for A100, 89 for L4/RTX 40xx). Messages go to stderr, the exports to stdout.
+# 80 for A100, 89 for L4/RTX 40xx), CUDA_NCCL=1 to add NCCL (for `--features nccl`, the
+# multi-GPU build; the binary then needs libnccl.so.2 where it runs: the same wheel's, or the
+# machine's). Messages go to stderr, the exports to stdout.
 set -euo pipefail
 DIR=${1:-$HOME/.cache/retinanet-cuda}
 VER=${CUDA_WHEELS:-13.0}
@@ -23,6 +25,10 @@ log "installing the CUDA $VER wheels (nvcc, runtime, cuBLAS, cuRAND, NVRTC)"
 "$DIR/venv/bin/pip" install -q "nvidia-cuda-nvcc==$VER.*" "nvidia-cuda-runtime==$VER.*" \
     "nvidia-cuda-crt==$VER.*" "nvidia-nvvm==$VER.*" "nvidia-cuda-cccl==$VER.*" \
     "nvidia-cublas==$VER.*" "nvidia-cuda-nvrtc==$VER.*" nvidia-curand >&2
+if [ "${CUDA_NCCL:-0}" = 1 ]; then
+    log "installing NCCL for CUDA ${VER%%.*}"
+    "$DIR/venv/bin/pip" install -q "nvidia-nccl-cu${VER%%.*}" >&2
+fi
 
 # The wheels of CUDA 13 share one folder, nvidia/cu13, with bin/, include/, lib/ and nvvm/.
 MAJOR=${VER%%.*}
@@ -37,6 +43,12 @@ for l in cublas cublasLt curand nvrtc cudart; do
     f=$(ls "$W"/lib/lib$l.so.* | grep -v '\.alt\.' | head -1)
     ln -s "$f" "$R/lib/lib$l.so"
 done
+if [ "${CUDA_NCCL:-0}" = 1 ]; then
+    f=$(ls "$W"/lib/libnccl.so.* 2>/dev/null | head -1 || true)
+    [ -n "$f" ] || f=$(find "$("$DIR/venv/bin/python" -c 'import nvidia, os; print(list(nvidia.__path__)[0])')" -name 'libnccl.so*' | head -1)
+    [ -n "$f" ] || { log "the NCCL wheel holds no libnccl.so"; exit 1; }
+    ln -s "$f" "$R/lib/libnccl.so"
+fi
 
 # cudarc (candle's CUDA bindings) links libcuda: a stub defining every driver function cudarc
 # declares is enough to link; its soname makes the binary load the driver's libcuda.so.1.
