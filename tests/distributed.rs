@@ -477,3 +477,48 @@ fn a_killed_rank_ends_the_job_without_a_hang_and_the_checkpoint_survives() {
     let back = load_checkpoint(&ckp, &Device::Cpu).unwrap();
     assert!(back.meta.step >= 2);
 }
+
+#[test]
+fn sigusr1_to_mpirun_stops_every_rank_at_one_step_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = config(d, "usr1", true, false, 4);
+    let long = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("epochs = 2", "epochs = 1000");
+    std::fs::write(&cfg, long).unwrap();
+    let runs = d.join("runs");
+    let args = [
+        "train-detector",
+        "-q",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--runs-dir",
+        runs.to_str().unwrap(),
+    ];
+    let child = launch(2, &args, &[]).spawn().unwrap();
+    let log = runs.join("usr1/train.jsonl");
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&log).map_or(0, |l| l.lines().count()) < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the run did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // mpirun forwards SIGUSR1 to every rank; the ranks agree on the step to stop at.
+    assert!(
+        Command::new("kill")
+            .args(["-USR1", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = wait_limited(child, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "a graceful stop: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps = std::fs::read_to_string(&log).unwrap().lines().count();
+    let ck = load_checkpoint(&ck(d, "usr1"), &Device::Cpu).unwrap();
+    assert_eq!(ck.meta.step, steps, "the checkpoint is of the step the run stopped at");
+    assert!(steps < 6000);
+}

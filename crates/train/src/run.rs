@@ -45,7 +45,10 @@ impl RunOptions {
         self.stop.load(Ordering::SeqCst)
     }
 
-    /// Installs a Ctrl-C handler that sets the stop flag (a second Ctrl-C exits at once).
+    /// Installs the handlers that set the stop flag: Ctrl-C (a second one exits at once), and on
+    /// Unix `SIGTERM` and `SIGUSR1` — what `kill`, batch schedulers (`scancel --signal=USR1`,
+    /// SLURM's `--signal`) and `mpirun` (which forwards `SIGUSR1` to every rank) send. The run
+    /// then stops at the next step with a checkpoint; with several ranks, all at the same step.
     pub fn install_ctrlc(&self) -> Result<()> {
         let flag = self.stop.clone();
         ctrlc::set_handler(move || {
@@ -55,7 +58,13 @@ impl RunOptions {
             }
             eprintln!("\ninterrupt: writing a checkpoint and stopping (Ctrl-C again to abort)");
         })
-        .context("cannot install the Ctrl-C handler")
+        .context("cannot install the Ctrl-C handler")?;
+        #[cfg(unix)]
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
+            signal_hook::flag::register(sig, self.stop.clone())
+                .with_context(|| format!("cannot install the handler of signal {sig}"))?;
+        }
+        Ok(())
     }
 }
 
