@@ -500,7 +500,10 @@ fn sigusr1_to_mpirun_stops_every_rank_at_one_step_with_a_checkpoint() {
     let log = runs.join("usr1/train.jsonl");
     let t0 = Instant::now();
     while std::fs::read_to_string(&log).map_or(0, |l| l.lines().count()) < 3 {
-        assert!(t0.elapsed() < Duration::from_secs(120), "the run did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the run did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // mpirun forwards SIGUSR1 to every rank; the ranks agree on the step to stop at.
@@ -519,6 +522,9 @@ fn sigusr1_to_mpirun_stops_every_rank_at_one_step_with_a_checkpoint() {
     );
     let steps = std::fs::read_to_string(&log).unwrap().lines().count();
     let ck = load_checkpoint(&ck(d, "usr1"), &Device::Cpu).unwrap();
-    assert_eq!(ck.meta.step, steps, "the checkpoint is of the step the run stopped at");
+    assert_eq!(
+        ck.meta.step, steps,
+        "the checkpoint is of the step the run stopped at"
+    );
     assert!(steps < 6000);
 }

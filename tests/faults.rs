@@ -251,3 +251,20 @@ fn leftovers_of_interrupted_checkpoint_writes_are_removed_at_the_next_start() {
     names.sort();
     assert_eq!(names, vec!["notes.txt"]);
 }
+
+#[test]
+fn a_drawing_that_cannot_be_written_is_named_as_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    // A folder where the picture should go (root may write anywhere, so no permission test).
+    let target = dir.path().join("taken.pred.png");
+    std::fs::create_dir_all(&target).unwrap();
+    let img = image::RgbImage::new(4, 4);
+    let e = retinanet_train::infer::save(&img, &target)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot write image") && e.contains("taken.pred.png"),
+        "{e}"
+    );
+    assert!(!e.contains("decode"), "{e}");
+}

@@ -216,7 +216,7 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
     img.save_with_format(path, image::ImageFormat::Png)
-        .map_err(|e| DatasetError::Image {
+        .map_err(|e| DatasetError::Write {
             path: path.to_path_buf(),
             message: e.to_string(),
         })

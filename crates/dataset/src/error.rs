@@ -23,6 +23,14 @@ pub enum DatasetError {
         /// What the decoder said.
         message: String,
     },
+    /// An image could not be written (e.g. a drawing of detections).
+    #[error("cannot write image {path}: {message}")]
+    Write {
+        /// The image file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// A malformed line in a text file (list file, names file, VOC split file).
     #[error("{path}:{line}: {message}")]
     Parse {
