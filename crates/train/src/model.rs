@@ -206,7 +206,7 @@ pub fn assign_from(
 /// `.safetensors`). The classification head of the file is ignored.
 pub fn load_pretrained_extractor(varmap: &VarMap, path: &Path, device: &Device) -> Result<()> {
     if !path.exists() {
-        bail!("pretrained weights {} do not exist", path.display());
+        bail!("train.pretrained = {}: the file does not exist", path.display());
     }
     if let Ok(ck) = load_checkpoint(path, device) {
         if ck.meta.kind != "extractor" {
@@ -232,5 +232,5 @@ pub fn load_pretrained_extractor(varmap: &VarMap, path: &Path, device: &Device) 
         return assign_from(&sub, &wanted, path);
     }
     retinanet_extractor::weights::load_resnet(varmap, path, "extractor.", true)
-        .with_context(|| format!("cannot load pretrained extractor {}", path.display()))
+        .context("train.pretrained")
 }
