@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use retinanet_integration_tests::tiny_detector_toml;
+use retinanet_integration_tests::{tiny_detector_toml, tiny_pretrain_toml};
 use retinanet_train::load_checkpoint;
 
 const RUNNER: &str = env!("CARGO_BIN_EXE_rank-runner");
@@ -282,45 +282,7 @@ fn sharded_evaluation_reports_exactly_what_one_process_does() {
 fn pretraining_on_two_ranks_follows_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let text = |name: &str| {
-        format!(
-            r#"
-name = "{name}"
-seed = 5
-device = "cpu"
-depth = 18
-base_width = 8
-[data]
-size = 32
-skip_bad_images = false
-[data.source]
-kind = "synthetic"
-cache_dir = "{}"
-num_train = 32
-num_eval = 16
-image_size = 32
-seed = 2
-[train]
-steps = 2
-batch_size = 8
-eval_batch_size = 16
-eval_every = 1
-checkpoint_every = 1
-momentum = 0.9
-weight_decay = 1e-4
-time_limit_minutes = 0.0
-sync_bn = true
-[train.lr]
-lr = 0.05
-boundaries = [4]
-progress_boundaries = []
-decay = 0.1
-warmup_steps = 0
-warmup_factor = 1.0
-"#,
-            d.join("cache").display()
-        )
-    };
+    let text = |name: &str| tiny_pretrain_toml(&d.join("cache"), name, 2, 1, "[]", true);
     let runs = d.join("runs");
     for (n, name) in [(0, "p1"), (2, "p2")] {
         let p = d.join(format!("{name}.toml"));

@@ -6,23 +6,13 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use retinanet_integration_tests::tiny_detector_toml;
+use retinanet_integration_tests::{quiet, tiny_detector_toml};
 use retinanet_train::checkpoint::{CheckpointMeta, FORMAT, save_checkpoint};
 use retinanet_train::config::DetectorRunConfig;
 use retinanet_train::{RunOptions, load_checkpoint, parse_config, train_detector};
 
 fn config(cache: &Path, name: &str, epochs: usize) -> DetectorRunConfig {
     parse_config(&tiny_detector_toml(cache, name, "cpu", "", epochs, "[]")).unwrap()
-}
-
-fn quiet(runs: &Path) -> RunOptions {
-    static INIT: std::sync::Once = std::sync::Once::new();
-    INIT.call_once(retinanet_train::init_runtime);
-    RunOptions {
-        runs_dir: runs.to_path_buf(),
-        quiet: true,
-        ..Default::default()
-    }
 }
 
 /// The synthetic data of `cache` (made on first use) and its training images, in list order.

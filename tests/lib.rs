@@ -1,5 +1,6 @@
-//! What the workspace-level tests share (the tests themselves are `pipelines.rs` and, with the
-//! `cuda` feature, `cuda.rs`).
+//! What the workspace-level tests share (the tests themselves are `pipelines.rs`, `faults.rs`,
+//! with the `distributed` feature `distributed.rs` (and its `rank_runner.rs`), with the `cuda`
+//! feature `cuda.rs`).
 
 use std::path::Path;
 
@@ -67,4 +68,66 @@ max_images = 0
 "#,
         cache = cache.display()
     )
+}
+
+/// A pretraining config small enough for a test (ResNet-18 at width 8, 32 px, 32 synthetic
+/// images in `cache`, batch 8): `steps` steps, an evaluation batch and a checkpoint every
+/// `every` steps.
+pub fn tiny_pretrain_toml(
+    cache: &Path,
+    name: &str,
+    steps: usize,
+    every: usize,
+    progress_boundaries: &str,
+    sync_bn: bool,
+) -> String {
+    format!(
+        r#"
+name = "{name}"
+seed = 5
+device = "cpu"
+depth = 18
+base_width = 8
+[data]
+size = 32
+skip_bad_images = false
+[data.source]
+kind = "synthetic"
+cache_dir = "{cache}"
+num_train = 32
+num_eval = 16
+image_size = 32
+seed = 2
+[train]
+steps = {steps}
+batch_size = 8
+eval_batch_size = 16
+eval_every = {every}
+checkpoint_every = {every}
+momentum = 0.9
+weight_decay = 1e-4
+time_limit_minutes = 0.0
+sync_bn = {sync_bn}
+[train.lr]
+lr = 0.05
+boundaries = [4]
+progress_boundaries = {progress_boundaries}
+decay = 0.1
+warmup_steps = 0
+warmup_factor = 1.0
+"#,
+        cache = cache.display()
+    )
+}
+
+/// Run options for a test: runs under `runs`, no progress output; the process-wide runtime
+/// settings made once, as the binaries do before their first candle operation.
+pub fn quiet(runs: &Path) -> retinanet_train::RunOptions {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(retinanet_train::init_runtime);
+    retinanet_train::RunOptions {
+        runs_dir: runs.to_path_buf(),
+        quiet: true,
+        ..Default::default()
+    }
 }

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use candle_core::Device;
-use retinanet_integration_tests::tiny_detector_toml;
+use retinanet_integration_tests::{quiet, tiny_detector_toml, tiny_pretrain_toml};
 use retinanet_train::config::{DetectorRunConfig, PretrainRunConfig};
 use retinanet_train::infer::{detect_file, draw, output_path, save};
 use retinanet_train::{
@@ -21,54 +21,7 @@ fn detector_config(cache: &Path, name: &str, pretrained: &str, epochs: usize) ->
 }
 
 fn pretrain_config(cache: &Path) -> PretrainRunConfig {
-    let text = format!(
-        r#"
-name = "pre"
-seed = 5
-device = "cpu"
-depth = 18
-base_width = 8
-[data]
-size = 32
-skip_bad_images = false
-[data.source]
-kind = "synthetic"
-cache_dir = "{}"
-num_train = 32
-num_eval = 16
-image_size = 32
-seed = 2
-[train]
-steps = 6
-batch_size = 8
-eval_batch_size = 16
-eval_every = 3
-checkpoint_every = 3
-momentum = 0.9
-weight_decay = 1e-4
-time_limit_minutes = 0.0
-[train.lr]
-lr = 0.05
-boundaries = [4]
-progress_boundaries = [0.5]
-decay = 0.1
-warmup_steps = 0
-warmup_factor = 1.0
-"#,
-        cache.display()
-    );
-    parse_config(&text).unwrap()
-}
-
-fn quiet(runs: &Path) -> RunOptions {
-    // As the binaries do (before the first candle op; tests in this file only set it).
-    static INIT: std::sync::Once = std::sync::Once::new();
-    INIT.call_once(retinanet_train::init_runtime);
-    RunOptions {
-        runs_dir: runs.to_path_buf(),
-        quiet: true,
-        ..Default::default()
-    }
+    parse_config(&tiny_pretrain_toml(cache, "pre", 6, 3, "[0.5]", false)).unwrap()
 }
 
 #[test]

@@ -4,15 +4,13 @@
 //! mutations of a valid file); the total is printed.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::TestCaseError;
 use retinanet_eval::io::{DetectionsReader, evaluate_files, read_ground_truth, read_names};
 use retinanet_eval::{EvalError, Evaluator};
 
 const CASES: u32 = 500;
-static TRIED: AtomicUsize = AtomicUsize::new(0);
 
 /// Fragments that these parsers treat specially.
 const TOKENS: &[&str] = &[
@@ -59,95 +57,9 @@ const TOKENS: &[&str] = &[
     "b.jpg",
 ];
 
-#[derive(Debug, Clone)]
-enum Mutation {
-    Insert(usize, Vec<u8>),
-    Token(usize, usize),
-    Delete(usize, usize),
-    Replace(usize, u8),
-    Truncate(usize),
-    DuplicateLine(usize),
-}
-
-fn mutation() -> impl Strategy<Value = Mutation> {
-    prop_oneof![
-        (any::<usize>(), prop::collection::vec(any::<u8>(), 1..4))
-            .prop_map(|(p, b)| Mutation::Insert(p, b)),
-        (any::<usize>(), 0..TOKENS.len()).prop_map(|(p, t)| Mutation::Token(p, t)),
-        (any::<usize>(), 1..12usize).prop_map(|(p, n)| Mutation::Delete(p, n)),
-        (any::<usize>(), any::<u8>()).prop_map(|(p, b)| Mutation::Replace(p, b)),
-        any::<usize>().prop_map(Mutation::Truncate),
-        any::<usize>().prop_map(Mutation::DuplicateLine),
-    ]
-}
-
-fn apply(seed: &[u8], muts: &[Mutation]) -> Vec<u8> {
-    let mut v = seed.to_vec();
-    for m in muts {
-        let at = |p: usize, v: &Vec<u8>| p % (v.len() + 1);
-        match m {
-            Mutation::Insert(p, b) => {
-                let i = at(*p, &v);
-                v.splice(i..i, b.iter().copied());
-            }
-            Mutation::Token(p, t) => {
-                let i = at(*p, &v);
-                v.splice(i..i, TOKENS[*t].bytes());
-            }
-            Mutation::Delete(p, n) => {
-                let i = at(*p, &v);
-                let j = (i + n).min(v.len());
-                v.drain(i..j);
-            }
-            Mutation::Replace(p, b) => {
-                if !v.is_empty() {
-                    let i = p % v.len();
-                    v[i] = *b;
-                }
-            }
-            Mutation::Truncate(p) => {
-                let i = at(*p, &v);
-                v.truncate(i);
-            }
-            Mutation::DuplicateLine(p) => {
-                let lines: Vec<&[u8]> = v.split(|&b| b == b'\n').collect();
-                let k = p % lines.len();
-                let mut out = Vec::new();
-                for (i, l) in lines.iter().enumerate() {
-                    out.extend_from_slice(l);
-                    out.push(b'\n');
-                    if i == k {
-                        out.extend_from_slice(l);
-                        out.push(b'\n');
-                    }
-                }
-                v = out;
-            }
-        }
-    }
-    v
-}
-
+/// Runs `check` on `CASES` inputs derived from `seed` (shared engine: retinanet-testkit).
 fn fuzz(seed: &'static [u8], check: impl Fn(&[u8]) -> Result<(), TestCaseError>) {
-    let strategy = prop_oneof![
-        1 => prop::collection::vec(any::<u8>(), 0..300),
-        2 => prop::collection::vec(mutation(), 1..6).prop_map(move |m| apply(seed, &m)),
-    ];
-    let mut runner = TestRunner::new(Config {
-        cases: CASES,
-        failure_persistence: None,
-        ..Config::default()
-    });
-    runner
-        .run(&strategy, |bytes| {
-            TRIED.fetch_add(1, Ordering::Relaxed);
-            check(&bytes)
-        })
-        .unwrap();
-    eprintln!(
-        "fuzz: {} inputs tried so far in this binary",
-        TRIED.load(Ordering::Relaxed)
-    );
+    retinanet_testkit::fuzz::run(seed, TOKENS, CASES, check);
 }
 
 fn names_a_file<T>(r: Result<T, EvalError>, files: &[&Path]) -> Result<(), TestCaseError> {

@@ -28,9 +28,9 @@ use crate::model::{
     assign_from, build_retinanet, load_pretrained_extractor, retinanet_config, trainable_vars,
 };
 use crate::optim::Sgd;
-use crate::plot::{Series, plot_lines, smooth};
+use crate::plot::{Series, plot_lines};
 use crate::progress::Progress;
-use crate::run::{JsonLog, RunDir, RunOptions, read_series};
+use crate::run::{JsonLog, RunDir, RunOptions, plot_loss, read_series};
 
 /// What a training run ended with.
 #[derive(Clone, Debug)]
@@ -513,26 +513,7 @@ fn log_eval(
 
 /// Redraws `loss.png` and `map.png` of a run from its logs.
 pub fn write_plots(run: &RunDir) -> Result<()> {
-    let loss = read_series(&run.train_log(), "step", "loss");
-    if !loss.is_empty() {
-        let sm = smooth(&loss, 0.05);
-        plot_lines(
-            &run.file("loss.png"),
-            "training loss",
-            "step",
-            &[
-                Series {
-                    name: "loss",
-                    points: &loss,
-                },
-                Series {
-                    name: "smoothed",
-                    points: &sm,
-                },
-            ],
-            None,
-        )?;
-    }
+    plot_loss(run, "training loss")?;
     let map = read_series(&run.eval_log(), "step", "map");
     if !map.is_empty() {
         let ap = read_series(&run.eval_log(), "step", "coco_ap");

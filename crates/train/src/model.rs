@@ -206,7 +206,10 @@ pub fn assign_from(
 /// `.safetensors`). The classification head of the file is ignored.
 pub fn load_pretrained_extractor(varmap: &VarMap, path: &Path, device: &Device) -> Result<()> {
     if !path.exists() {
-        bail!("train.pretrained = {}: the file does not exist", path.display());
+        bail!(
+            "train.pretrained = {}: the file does not exist",
+            path.display()
+        );
     }
     if let Ok(ck) = load_checkpoint(path, device) {
         if ck.meta.kind != "extractor" {

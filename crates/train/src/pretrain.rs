@@ -22,7 +22,7 @@ use crate::engine::{
 use crate::model::{build_classifier, trainable_vars};
 use crate::optim::Sgd;
 use crate::plot::{Series, plot_lines, smooth};
-use crate::run::{RunDir, RunOptions, read_series};
+use crate::run::{RunDir, RunOptions, plot_loss, read_series};
 
 /// What a pretraining run ended with.
 #[derive(Clone, Debug)]
@@ -266,24 +266,7 @@ impl Task for PretrainTask<'_> {
             return Ok(());
         }
         let run = &t.run;
-        let loss = read_series(&run.train_log(), "step", "loss");
-        let sm = smooth(&loss, 0.05);
-        plot_lines(
-            &run.file("loss.png"),
-            "pretraining loss",
-            "step",
-            &[
-                Series {
-                    name: "loss",
-                    points: &loss,
-                },
-                Series {
-                    name: "smoothed",
-                    points: &sm,
-                },
-            ],
-            None,
-        )?;
+        plot_loss(run, "pretraining loss")?;
         let ea = read_series(&run.train_log(), "step", "eval_acc");
         let ta = smooth(&read_series(&run.train_log(), "step", "train_acc"), 0.05);
         plot_lines(

@@ -230,3 +230,30 @@ pub fn read_series(path: &Path, x: &str, y: &str) -> Vec<(f64, f64)> {
         })
         .collect()
 }
+
+/// Draws `loss.png` of a run from its `train.jsonl`: the loss of every step and its
+/// exponential smoothing (nothing when the log is empty).
+pub fn plot_loss(run: &RunDir, title: &str) -> Result<()> {
+    use crate::plot::{Series, plot_lines, smooth};
+    let loss = read_series(&run.train_log(), "step", "loss");
+    if loss.is_empty() {
+        return Ok(());
+    }
+    let sm = smooth(&loss, 0.05);
+    plot_lines(
+        &run.file("loss.png"),
+        title,
+        "step",
+        &[
+            Series {
+                name: "loss",
+                points: &loss,
+            },
+            Series {
+                name: "smoothed",
+                points: &sm,
+            },
+        ],
+        None,
+    )
+}
