@@ -5,24 +5,22 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use retinanet_train::cli::ModelArgs;
 use retinanet_train::config::DetectorRunConfig;
 use retinanet_train::data::{OpenOptions, open_eval_detection};
 use retinanet_train::infer::{eval_loader, evaluate_loader};
-use retinanet_train::{latest_run, load_detector, parse_device, read_config};
+use retinanet_train::{parse_device, read_config};
 
 /// Evaluate a detector checkpoint, or score a detections file.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
-    /// Detector checkpoint; default: the latest `train-detector` run.
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
-    /// Take the data (and evaluation settings) from this run config instead of the checkpoint's.
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Take the data (and evaluation settings) from this run config instead of the checkpoint's
+    /// (needed with --extractor / --detector).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Folder of run folders (to find the latest run).
-    #[arg(long, default_value = "runs")]
-    runs_dir: PathBuf,
     /// Evaluate on at most this many images (0: all).
     #[arg(long)]
     max_images: Option<usize>,
@@ -32,7 +30,8 @@ struct Args {
     /// Ground-truth file (JSON lines) for --detections.
     #[arg(long)]
     ground_truth: Option<PathBuf>,
-    /// Class names file (one per line) for --detections.
+    /// Class names file (one per line) for --detections, or of --extractor / --detector
+    /// (default for 20 classes: VOC's).
     #[arg(long)]
     names: Option<PathBuf>,
     /// Also write the report as JSON here.
@@ -59,11 +58,10 @@ fn main() -> Result<()> {
         ev.finish()
     } else {
         let device = parse_device(&a.device)?;
-        let ck = match &a.checkpoint {
-            Some(p) => p.clone(),
-            None => latest_run(&a.runs_dir, "detector")?.checkpoint(),
-        };
-        let det = load_detector(&ck, &device)?;
+        if a.model.extractor.is_some() && a.config.is_none() {
+            bail!("--extractor / --detector: pass --config with the data to evaluate on");
+        }
+        let det = a.model.load(a.names.as_deref(), &device)?;
         let mut cfg: DetectorRunConfig = match &a.config {
             Some(p) => read_config(p)?,
             None => det.config.clone(),

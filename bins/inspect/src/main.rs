@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Parser;
+use retinanet_train::cli::ModelArgs;
 use retinanet_train::infer::{detect_file, draw, expand_inputs, inference_options, output_path};
-use retinanet_train::{latest_run, load_detector, parse_device};
+use retinanet_train::parse_device;
 
 /// Detect objects in images with a trained RetinaNet.
 #[derive(Parser)]
@@ -15,12 +16,11 @@ struct Args {
     /// Images or folders of images.
     #[arg(default_value = "img/0.jpg")]
     inputs: Vec<PathBuf>,
-    /// Detector checkpoint; default: the latest `train-detector` run.
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Class names (one per line) of --extractor / --detector; default for 20 classes: VOC's.
     #[arg(long)]
-    checkpoint: Option<PathBuf>,
-    /// Folder of run folders (to find the latest run).
-    #[arg(long, default_value = "runs")]
-    runs_dir: PathBuf,
+    names: Option<PathBuf>,
     /// Resize the shorter side to this many pixels first (default: the image's own size; at
     /// least 33, the smallest input the detector's levels cover).
     #[arg(long, value_parser = clap::value_parser!(u32).range(33..))]
@@ -62,11 +62,7 @@ fn main() -> Result<()> {
     retinanet_train::init_runtime();
     let a = Args::parse();
     let device = parse_device(&a.device)?;
-    let ck = match &a.checkpoint {
-        Some(p) => p.clone(),
-        None => latest_run(&a.runs_dir, "detector")?.checkpoint(),
-    };
-    let det = load_detector(&ck, &device)?;
+    let det = a.model.load(a.names.as_deref(), &device)?;
     // The per-level pre-NMS top-k stays on, as in evaluation: without it a large photo and a
     // low threshold send hundreds of thousands of boxes to NMS.
     let opts = inference_options(

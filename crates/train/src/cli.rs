@@ -133,3 +133,47 @@ pub fn main_on_ranks(body: impl FnOnce(Arc<dyn Communicator>) -> Result<()>) -> 
     drop(comm);
     code
 }
+
+/// Where `inspect` and `evaluate` take the model from: a checkpoint of this project (default:
+/// the latest `train-detector` run), or the tutorial's pair of PyTorch state dicts.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Detector checkpoint; default: the latest `train-detector` run.
+    #[arg(long, conflicts_with_all = ["extractor", "detector"])]
+    pub checkpoint: Option<PathBuf>,
+    /// The tutorial's extractor state dict (`net_e.pkl`, or a torchvision-named ResNet `.pth` /
+    /// `.safetensors`), with --detector.
+    #[arg(long, requires = "detector")]
+    pub extractor: Option<PathBuf>,
+    /// The tutorial's detector state dict (`net_d.pkl`), with --extractor.
+    #[arg(long, requires = "extractor")]
+    pub detector: Option<PathBuf>,
+    /// Folder of run folders (to find the latest run).
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+}
+
+impl ModelArgs {
+    /// The model on `device`; `names` (one per line) names the classes of a pair of state
+    /// dicts (default for 20 classes: the VOC classes).
+    pub fn load(
+        &self,
+        names: Option<&std::path::Path>,
+        device: &candle_core::Device,
+    ) -> Result<crate::LoadedDetector> {
+        if let (Some(e), Some(d)) = (&self.extractor, &self.detector) {
+            let names = names
+                .map(|p| {
+                    crate::data::read_names_file(p)
+                        .with_context(|| format!("--names {}", p.display()))
+                })
+                .transpose()?;
+            return crate::interop::load_state_dict_pair(e, d, names, device);
+        }
+        let ck = match &self.checkpoint {
+            Some(p) => p.clone(),
+            None => crate::latest_run(&self.runs_dir, "detector")?.checkpoint(),
+        };
+        crate::load_detector(&ck, device)
+    }
+}

@@ -236,3 +236,8 @@ pub fn open_classification(
         }
     })
 }
+
+/// A class-names file (one name per line; a byte-order mark, CRLF and blank lines tolerated).
+pub fn read_names_file(path: &std::path::Path) -> Result<Vec<String>> {
+    Ok(retinanet_dataset::annotations::read_names(path)?)
+}

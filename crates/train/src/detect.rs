@@ -75,7 +75,8 @@ pub fn decode_options(e: &DetectorEvalConfig) -> DecodeOptions {
     }
 }
 
-fn encoder_for(cfg: &DetectorRunConfig, num_classes: usize) -> Result<Encoder> {
+/// The encoder and decoder of a run config for `num_classes` classes.
+pub(crate) fn encoder_for(cfg: &DetectorRunConfig, num_classes: usize) -> Result<Encoder> {
     Ok(Encoder::new(EncoderConfig {
         iou_th: (cfg.train.iou_th[0], cfg.train.iou_th[1]),
         train_size: (cfg.data.size as usize, cfg.data.size as usize),

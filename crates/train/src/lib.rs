@@ -17,6 +17,7 @@ pub mod device;
 pub mod dist;
 pub mod engine;
 pub mod infer;
+pub mod interop;
 pub mod model;
 pub mod optim;
 pub mod plot;
