@@ -1,23 +1,26 @@
-//! `convert`: weights in and out of the project.
+//! `convert`: weights and datasets in and out of the project.
 //!
 //! ```text
-//! convert --extractor net_e.pkl --detector net_d.pkl [--names names.txt] --out model.safetensors
-//! convert --checkpoint runs/default/checkpoint.safetensors --to tutorial --out exported/
-//! convert --checkpoint runs/default/checkpoint.safetensors --to torchvision --format pth --out exported/
+//! convert import --extractor net_e.pkl --detector net_d.pkl [--names names.txt] --out model.safetensors
+//! convert export --checkpoint runs/default/checkpoint.safetensors --to tutorial --out exported/
+//! convert export --checkpoint runs/default/checkpoint.safetensors --to torchvision --format pth --out exported/
+//! convert data --yolo data.yaml --out lists/                     # YOLO -> list files
+//! convert data --list train.txt --names names.txt --image-root images --out yolo/   # list -> YOLO
 //! ```
 //!
-//! The first writes a checkpoint of this project from the tutorial's two PyTorch state dicts
-//! (or a torchvision-named ResNet and the tutorial's detector), which `inspect`, `evaluate` and
-//! `train-detector --config ... (train.pretrained)` then use. The others write a checkpoint's
-//! weights under PyTorch names: the tutorial's (`net_e` / `net_d`) or torchvision's ResNet
-//! (`resnet.*`, with `num_batches_tracked`) beside the tutorial's detector (`net_d`), as
-//! `.pth` files `torch.load` reads and / or safetensors.
+//! `import` writes a checkpoint of this project from the tutorial's two PyTorch state dicts (or
+//! a torchvision-named ResNet and the tutorial's detector), which `inspect`, `evaluate` and
+//! `train-detector` then use. `export` writes a checkpoint's weights under PyTorch names: the
+//! tutorial's (`net_e` / `net_d`) or torchvision's ResNet (`resnet.*`, with
+//! `num_batches_tracked`) beside the tutorial's detector (`net_d`), as `.pth` files
+//! `torch.load` reads and / or safetensors. `data` converts between YOLO datasets and the
+//! tutorial's list files.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use retinanet_train::interop::{
     Naming, export, load_state_dict_pair, save_as_checkpoint, write_pth,
 };
@@ -41,96 +44,206 @@ enum Format {
     Both,
 }
 
-/// Convert weights between the tutorial's / torchvision's PyTorch files and this project's
-/// checkpoints.
+/// Convert weights and datasets between PyTorch / YOLO files and this project's.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
-    /// The tutorial's extractor state dict (`net_e.pkl`) or a torchvision ResNet, to import.
-    #[arg(long, requires = "detector", conflicts_with = "checkpoint")]
-    extractor: Option<PathBuf>,
-    /// The tutorial's detector state dict (`net_d.pkl`), to import.
-    #[arg(long, requires = "extractor")]
-    detector: Option<PathBuf>,
-    /// Class names (one per line) of an import; default for 20 classes: VOC's.
-    #[arg(long)]
-    names: Option<PathBuf>,
-    /// A checkpoint of this project to export.
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
-    /// The names to export under.
-    #[arg(long, value_enum, default_value_t = To::Tutorial)]
-    to: To,
-    /// The file format of an export.
-    #[arg(long, value_enum, default_value_t = Format::Both)]
-    format: Format,
-    /// Import: the checkpoint to write. Export: the folder to write into.
-    #[arg(long)]
-    out: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The tutorial's state dicts (or a torchvision ResNet + the tutorial's detector) to a
+    /// checkpoint of this project.
+    Import {
+        /// The extractor state dict (`net_e.pkl`, or a torchvision ResNet `.pth`).
+        #[arg(long)]
+        extractor: PathBuf,
+        /// The detector state dict (`net_d.pkl`).
+        #[arg(long)]
+        detector: PathBuf,
+        /// Class names (one per line); default for 20 classes: VOC's.
+        #[arg(long)]
+        names: Option<PathBuf>,
+        /// The checkpoint to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A checkpoint of this project to PyTorch state dicts.
+    Export {
+        /// The checkpoint.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The names to export under.
+        #[arg(long, value_enum, default_value_t = To::Tutorial)]
+        to: To,
+        /// The file format.
+        #[arg(long, value_enum, default_value_t = Format::Both)]
+        format: Format,
+        /// The folder to write into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A YOLO dataset to list files (one per split, and a names file), or a list file to a
+    /// YOLO dataset (images linked or copied, labels, data.yaml).
+    Data {
+        /// The YOLO dataset's data.yaml, to convert to list files.
+        #[arg(long, conflicts_with = "list")]
+        yolo: Option<PathBuf>,
+        /// A list file (`name ymin xmin ymax xmax class ...`), to convert to YOLO; repeat for
+        /// more splits (`--list train.txt --list val.txt`: splits train, val, test in order).
+        #[arg(long)]
+        list: Vec<PathBuf>,
+        /// The list files' names file.
+        #[arg(long)]
+        names: Option<PathBuf>,
+        /// The folder the list files' image names are relative to.
+        #[arg(long)]
+        image_root: Option<PathBuf>,
+        /// The folder to write into.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
-    let a = Args::parse();
-    if let (Some(e), Some(d)) = (&a.extractor, &a.detector) {
-        let names = a
-            .names
-            .as_ref()
-            .map(|p| {
-                retinanet_train::data::read_names_file(p)
-                    .with_context(|| format!("--names {}", p.display()))
-            })
-            .transpose()?;
-        let det = load_state_dict_pair(e, d, names, &Device::Cpu)?;
-        save_as_checkpoint(&det, &a.out)?;
-        println!(
-            "wrote {} (ResNet-{} width {}, FPN {}, heads {}, {} classes)",
-            a.out.display(),
-            det.config.model.depth,
-            det.config.model.base_width,
-            det.config.model.fpn_channels,
-            det.config.model.head_channels,
-            det.class_names.len()
-        );
-        return Ok(());
+    match Args::parse().cmd {
+        Cmd::Import {
+            extractor,
+            detector,
+            names,
+            out,
+        } => import(&extractor, &detector, names, &out),
+        Cmd::Export {
+            checkpoint,
+            to,
+            format,
+            out,
+        } => export_checkpoint(&checkpoint, to, format, &out),
+        Cmd::Data {
+            yolo,
+            list,
+            names,
+            image_root,
+            out,
+        } => data(yolo, &list, names, image_root, &out),
     }
-    let Some(ck) = &a.checkpoint else {
-        bail!("pass --extractor and --detector (import), or --checkpoint (export)");
-    };
-    let c = load_checkpoint(ck, &Device::Cpu)?;
-    let naming = match a.to {
+}
+
+fn import(
+    extractor: &std::path::Path,
+    detector: &std::path::Path,
+    names: Option<PathBuf>,
+    out: &std::path::Path,
+) -> Result<()> {
+    let names = names
+        .as_ref()
+        .map(|p| {
+            retinanet_train::data::read_names_file(p)
+                .with_context(|| format!("--names {}", p.display()))
+        })
+        .transpose()?;
+    let det = load_state_dict_pair(extractor, detector, names, &Device::Cpu)?;
+    save_as_checkpoint(&det, out)?;
+    let m = &det.config.model;
+    println!(
+        "wrote {} (ResNet-{} width {}, FPN {}, heads {}, {} classes)",
+        out.display(),
+        m.depth,
+        m.base_width,
+        m.fpn_channels,
+        m.head_channels,
+        det.class_names.len()
+    );
+    Ok(())
+}
+
+fn export_checkpoint(
+    checkpoint: &std::path::Path,
+    to: To,
+    format: Format,
+    out: &std::path::Path,
+) -> Result<()> {
+    let c = load_checkpoint(checkpoint, &Device::Cpu)?;
+    let naming = match to {
         To::Tutorial => Naming::Tutorial,
         To::Torchvision => Naming::Torchvision,
     };
     let (ext, det) = export(&c.tensors, naming)?;
-    let ext_name = match a.to {
+    let ext_name = match to {
         To::Tutorial => "net_e",
         To::Torchvision => "resnet",
     };
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("cannot create {}", a.out.display()))?;
-    let mut written = Vec::new();
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     for (stem, dict) in [(ext_name, &ext), ("net_d", &det)] {
         if dict.is_empty() {
             continue;
         }
-        if matches!(a.format, Format::Pth | Format::Both) {
+        if matches!(format, Format::Pth | Format::Both) {
             // The tutorial saves with torch.save under `.pkl`.
-            let ext = if a.to == To::Tutorial { "pkl" } else { "pth" };
-            let p = a.out.join(format!("{stem}.{ext}"));
+            let ext = if to == To::Tutorial { "pkl" } else { "pth" };
+            let p = out.join(format!("{stem}.{ext}"));
             write_pth(&p, dict)?;
-            written.push(p);
+            println!("wrote {}", p.display());
         }
-        if matches!(a.format, Format::Safetensors | Format::Both) {
-            let p = a.out.join(format!("{stem}.safetensors"));
+        if matches!(format, Format::Safetensors | Format::Both) {
+            let p = out.join(format!("{stem}.safetensors"));
             let map: std::collections::HashMap<&String, candle_core::Tensor> =
                 dict.iter().map(|(k, v)| (k, v.clone())).collect();
             candle_core::safetensors::save(&map, &p)
                 .with_context(|| format!("cannot write {}", p.display()))?;
-            written.push(p);
+            println!("wrote {}", p.display());
         }
     }
-    for p in written {
-        println!("wrote {}", p.display());
+    Ok(())
+}
+
+fn data(
+    yolo: Option<PathBuf>,
+    lists: &[PathBuf],
+    names: Option<PathBuf>,
+    image_root: Option<PathBuf>,
+    out: &std::path::Path,
+) -> Result<()> {
+    use retinanet_dataset::{DetectionDataset, OpenOptions, yolo as y};
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    if let Some(yaml) = yolo {
+        let d = y::read_data_yaml(&yaml)?;
+        let names_file = out.join("names.txt");
+        for split in d.splits.keys() {
+            let ds = DetectionDataset::open_yolo_data(&d, split, &OpenOptions::default())?;
+            let list = out.join(format!("{split}.txt"));
+            ds.write_list(&list, &names_file)?;
+            println!("wrote {} ({} images)", list.display(), ds.len());
+        }
+        println!(
+            "wrote {}; the image root is {}",
+            names_file.display(),
+            d.root.display()
+        );
+        return Ok(());
     }
+    let (Some(names), Some(root)) = (names, image_root) else {
+        bail!("pass --yolo data.yaml, or --list FILE with --names and --image-root");
+    };
+    if lists.is_empty() || lists.len() > 3 {
+        bail!("pass one to three --list files (the train, val and test splits)");
+    }
+    let sets: Vec<DetectionDataset> = lists
+        .iter()
+        .map(|l| DetectionDataset::from_list(l, &names, &root))
+        .collect::<std::result::Result<_, _>>()?;
+    let splits: Vec<(
+        &str,
+        &[retinanet_dataset::annotations::DetectionRecord],
+        &std::path::Path,
+    )> = sets
+        .iter()
+        .zip(["train", "val", "test"])
+        .map(|(ds, s)| (s, ds.records(), root.as_path()))
+        .collect();
+    let yaml = y::write_yolo(out, sets[0].class_names(), &splits)?;
+    println!("wrote {}", yaml.display());
     Ok(())
 }

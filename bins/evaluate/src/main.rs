@@ -34,6 +34,13 @@ struct Args {
     /// (default for 20 classes: VOC's).
     #[arg(long)]
     names: Option<PathBuf>,
+    /// Score this COCO results file (a JSON array of image_id, category_id, bbox, score)
+    /// against --coco-gt instead of running a model.
+    #[arg(long, requires = "coco_gt", conflicts_with = "detections")]
+    coco_results: Option<PathBuf>,
+    /// The COCO instances file for --coco-results.
+    #[arg(long)]
+    coco_gt: Option<PathBuf>,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -48,7 +55,11 @@ struct Args {
 fn main() -> Result<()> {
     retinanet_train::init_runtime();
     let a = Args::parse();
-    let report = if let Some(det) = &a.detections {
+    let report = if let (Some(res), Some(gt)) = (&a.coco_results, &a.coco_gt) {
+        use retinanet_eval::coco_results::{CocoGroundTruth, read_results, score_results};
+        let gt = CocoGroundTruth::read(gt)?;
+        score_results(&gt, &read_results(res)?, res)?
+    } else if let Some(det) = &a.detections {
         let (Some(gt), Some(names)) = (&a.ground_truth, &a.names) else {
             bail!("--detections needs --ground-truth and --names");
         };

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Parser;
 use retinanet_train::cli::ModelArgs;
-use retinanet_train::infer::{detect_file, draw, expand_inputs, inference_options, output_path};
+use retinanet_train::infer::{
+    CocoIds, detect_file, draw, expand_inputs, inference_options, output_path,
+};
 use retinanet_train::parse_device;
 
 /// Detect objects in images with a trained RetinaNet.
@@ -46,6 +48,14 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Also write every detection into this COCO results file (a JSON array of `image_id`,
+    /// `category_id`, `bbox` [x, y, w, h], `score`, as pycocotools' loadRes reads).
+    #[arg(long)]
+    coco_results: Option<PathBuf>,
+    /// The COCO instances file whose ids the results use: images by file name, classes by
+    /// name. Without it, images are numbered 1, 2, ... in input order and categories by label.
+    #[arg(long, requires = "coco_results")]
+    coco_gt: Option<PathBuf>,
 }
 
 /// A flag value in [0, 1] (a score or an IoU).
@@ -80,8 +90,18 @@ fn main() -> Result<()> {
         }
         _ => None,
     };
-    for input in &inputs {
+    // The ids are resolved before any image is run: a mismatch is found at once.
+    let ids = match (&a.coco_results, &a.coco_gt) {
+        (Some(_), Some(gt)) => Some(CocoIds::from_instances(gt, &inputs, &det.class_names)?),
+        (Some(_), None) => Some(CocoIds::numbered(inputs.len(), det.class_names.len())),
+        _ => None,
+    };
+    let mut results = Vec::new();
+    for (k, input) in inputs.iter().enumerate() {
         let (mut img, d) = detect_file(&det, input, a.size, &opts)?;
+        if let Some(ids) = &ids {
+            results.extend(ids.results(k, &d.detections));
+        }
         draw(&mut img, &d.detections, &det.class_names);
         let out = match (&a.out, &out_dir) {
             (_, Some(dir)) => output_path(input, Some(dir)),
@@ -134,6 +154,10 @@ fn main() -> Result<()> {
                 );
             }
         }
+    }
+    if let Some(p) = &a.coco_results {
+        retinanet_eval::coco_results::write_results(p, &results)?;
+        eprintln!("wrote {} detections to {}", results.len(), p.display());
     }
     Ok(())
 }

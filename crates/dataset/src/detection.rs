@@ -217,6 +217,30 @@ impl DetectionDataset {
         Ok(self)
     }
 
+    /// Split `split` (`train`, `val`, `test`) of a YOLO dataset's `data.yaml` (see
+    /// [`crate::yolo`]): the YAML's class names (or `opts.classes`, matched by name), images
+    /// found as the YAML says, boxes from the label files beside them. Errors name the YAML, the
+    /// label file and line, or the image.
+    pub fn open_yolo(data_yaml: &Path, split: &str, opts: &OpenOptions) -> Result<Self> {
+        let data = crate::yolo::read_data_yaml(data_yaml)?;
+        Self::open_yolo_data(&data, split, opts)
+    }
+
+    /// [`DetectionDataset::open_yolo`] of a `data.yaml` read already.
+    pub fn open_yolo_data(
+        data: &crate::yolo::YoloData,
+        split: &str,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
+        let (records, origins) = crate::yolo::split_records(data, split)?;
+        let ds = Self::with_origins(records, data.names.clone(), data.root.clone(), origins)?;
+        let ds = match &opts.classes {
+            Some(c) => ds.with_classes(c)?,
+            None => ds,
+        };
+        ds.check_images(opts.skip_missing)
+    }
+
     /// The tutorial's list file (`name ymin xmin ymax xmax class ...`) with its names file;
     /// image names are relative to `image_root`. Every image must exist (see
     /// [`DetectionDataset::open_list`] for the options).

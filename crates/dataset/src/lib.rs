@@ -44,6 +44,7 @@ pub mod imageops;
 pub mod loader;
 pub mod synthetic;
 pub mod transform;
+pub mod yolo;
 
 pub use annotations::{
     DetectionRecord, VOC_CLASSES, box_problem, coco_to_list, read_coco, read_coco_files, read_list,

@@ -216,3 +216,46 @@ fn coco_json() {
         )
     });
 }
+
+const DATA_YAML: &[u8] =
+    b"path: .\ntrain: images/train\nval: [images/train, list.txt]\nnc: 2\nnames:\n  0: cat\n  1: dog\n";
+const YOLO_LABEL: &[u8] = b"0 0.5 0.5 0.25 0.5\n1 0.1 0.1 0.3 0.1 0.2 0.4\n";
+
+/// A YOLO dataset of two images (one real PNG so its size can be read) and a list file.
+fn yolo_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("images/train/a.png");
+    std::fs::create_dir_all(img.parent().unwrap()).unwrap();
+    image::RgbImage::new(8, 6).save(&img).unwrap();
+    std::fs::create_dir_all(dir.path().join("labels/train")).unwrap();
+    std::fs::write(dir.path().join("labels/train/a.txt"), YOLO_LABEL).unwrap();
+    std::fs::write(dir.path().join("list.txt"), b"images/train/a.png\n").unwrap();
+    dir
+}
+
+#[test]
+fn yolo_data_yaml() {
+    let dir = yolo_dir();
+    let yaml = dir.path().join("fuzzed-data.yaml");
+    fuzz(DATA_YAML, |bytes| {
+        std::fs::write(&yaml, bytes).unwrap();
+        // Each error names the YAML (or a file it led to, under the dataset's folder).
+        let r = DetectionDataset::open_yolo(&yaml, "train", &OpenOptions::default());
+        names_a_file(r, &[&yaml, dir.path()])
+    });
+}
+
+#[test]
+fn yolo_label_files() {
+    let dir = yolo_dir();
+    let yaml = dir.path().join("data.yaml");
+    std::fs::write(&yaml, DATA_YAML).unwrap();
+    let label = dir.path().join("labels/train/a.txt");
+    fuzz(YOLO_LABEL, |bytes| {
+        std::fs::write(&label, bytes).unwrap();
+        names_a_file(
+            DetectionDataset::open_yolo(&yaml, "train", &OpenOptions::default()),
+            &[&label],
+        )
+    });
+}

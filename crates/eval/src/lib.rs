@@ -46,6 +46,7 @@
 //! ```
 
 mod coco;
+pub mod coco_results;
 mod input;
 pub mod io;
 mod report;

@@ -287,3 +287,107 @@ fn files_round_trip() {
     assert_eq!(back.classes[2].name, "c");
     assert!((back.coco.unwrap().ap - report.coco.unwrap().ap).abs() < 1e-15);
 }
+
+/// The fixtures as the files pycocotools reads — an instances file and a results file, as the
+/// fixture script built them (`xywh = [xmin, ymin, xmax - xmin, ymax - ymin]`, ids 1..N, the
+/// crowd flags and areas) — scored by `coco_results`: the same twelve numbers.
+#[test]
+fn results_files_score_as_pycocotools_does() {
+    use retinanet_eval::coco_results::{CocoGroundTruth, read_results, score_results};
+    for name in ["coco_plain.json", "coco_crowd_areas.json"] {
+        let fx = fixture(name);
+        let k = fx["num_classes"].as_u64().unwrap() as usize;
+        let xywh = |b: &[f32; 4]| {
+            let (y0, x0, y1, x1) = (b[0] as f64, b[1] as f64, b[2] as f64, b[3] as f64);
+            [x0, y0, x1 - x0, y1 - y0]
+        };
+        let (mut imgs, mut anns, mut dets) = (vec![], vec![], vec![]);
+        for (i, im) in images(&fx).iter().enumerate() {
+            let id = i as u64 + 1;
+            imgs.push(serde_json::json!({"id": id, "file_name": format!("{id}.jpg")}));
+            for (j, (b, &l)) in im.gt_boxes.iter().zip(&im.gt_labels).enumerate() {
+                let bb = xywh(b);
+                let area = im.gt_areas.as_ref().map_or(bb[2] * bb[3], |a| a[j]);
+                let crowd = im.gt_crowd.as_ref().is_some_and(|c| c[j]) as u8;
+                anns.push(serde_json::json!({"id": anns.len() + 1, "image_id": id,
+                    "category_id": l, "bbox": bb, "area": area, "iscrowd": crowd}));
+            }
+            for ((b, &l), &s) in im.det_boxes.iter().zip(&im.det_labels).zip(&im.det_scores) {
+                dets.push(serde_json::json!({"image_id": id, "category_id": l,
+                    "bbox": xywh(b), "score": s as f64}));
+            }
+        }
+        let cats: Vec<_> = (1..=k)
+            .map(|c| serde_json::json!({"id": c, "name": format!("c{c}")}))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let (gtp, dtp) = (
+            dir.path().join("instances.json"),
+            dir.path().join("results.json"),
+        );
+        std::fs::write(
+            &gtp,
+            serde_json::json!({"images": imgs, "annotations": anns, "categories": cats})
+                .to_string(),
+        )
+        .unwrap();
+        std::fs::write(&dtp, serde_json::Value::Array(dets).to_string()).unwrap();
+        let gt = CocoGroundTruth::read(&gtp).unwrap();
+        let r = score_results(&gt, &read_results(&dtp).unwrap(), &dtp).unwrap();
+        let got = r.coco.unwrap().to_array();
+        let want: Vec<f64> = fx["stats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-9,
+                "{name}: stats[{i}] = {g}, pycocotools {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn results_files_that_do_not_fit_are_refused_by_entry() {
+    use retinanet_eval::coco_results::{CocoGroundTruth, read_results, score_results};
+    let dir = tempfile::tempdir().unwrap();
+    let gtp = dir.path().join("instances.json");
+    std::fs::write(
+        &gtp,
+        r#"{"images": [{"id": 7, "file_name": "a/x.jpg"}], "annotations": [],
+            "categories": [{"id": 3, "name": "cat"}]}"#,
+    )
+    .unwrap();
+    let gt = CocoGroundTruth::read(&gtp).unwrap();
+    assert_eq!(gt.image_id("x.jpg"), Some(7));
+    assert_eq!(gt.category_id("cat"), Some(3));
+    let dtp = dir.path().join("results.json");
+    for (text, want) in [
+        (
+            r#"[{"image_id": 8, "category_id": 3, "bbox": [0,0,1,1], "score": 0.5}]"#,
+            "image id 8",
+        ),
+        (
+            r#"[{"image_id": 7, "category_id": 1, "bbox": [0,0,1,1], "score": 0.5}]"#,
+            "category id 1",
+        ),
+        (
+            r#"[{"image_id": 7, "category_id": 3, "bbox": [0,0,-1,1], "score": 0.5}]"#,
+            "entry #0",
+        ),
+        (r#"{"image_id": 7}"#, "not a COCO results array"),
+    ] {
+        std::fs::write(&dtp, text).unwrap();
+        let e = read_results(&dtp)
+            .and_then(|d| score_results(&gt, &d, &dtp))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("results.json") && e.contains(want),
+            "{text}: {e}"
+        );
+    }
+}

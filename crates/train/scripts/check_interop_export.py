@@ -3,10 +3,10 @@ torch.load reads every file; the tutorial-named pair loads into the tutorial's m
 detector strictly, the extractor with only its `fc` missing) and gives the outputs of the
 committed fixture; the torchvision-named ResNet has exactly torchvision's ResNet-18 keys (no fc).
 
-  cargo run --release -p convert -- --extractor crates/train/tests/fixtures/interop/net_e.pkl \
+  cargo run --release -p convert -- import --extractor crates/train/tests/fixtures/interop/net_e.pkl \
       --detector crates/train/tests/fixtures/interop/net_d.pkl --names NAMES --out /tmp/x/model.safetensors
-  cargo run --release -p convert -- --checkpoint /tmp/x/model.safetensors --to tutorial --out /tmp/x/tut
-  cargo run --release -p convert -- --checkpoint /tmp/x/model.safetensors --to torchvision --out /tmp/x/tv
+  cargo run --release -p convert -- export --checkpoint /tmp/x/model.safetensors --to tutorial --out /tmp/x/tut
+  cargo run --release -p convert -- export --checkpoint /tmp/x/model.safetensors --to torchvision --out /tmp/x/tv
   /tmp/torchenv/bin/python crates/train/scripts/check_interop_export.py /tmp/x
 """
 import os, sys

@@ -50,6 +50,17 @@ pub enum DetectionSourceConfig {
         train_split: String,
         eval_split: String,
     },
+    /// A YOLO dataset's `data.yaml` (labelling tools' export: `names`, split folders or lists,
+    /// `labels/` beside `images/`).
+    Yolo {
+        data: PathBuf,
+        /// The split to train on (`train`).
+        #[serde(default = "default_train_split")]
+        train_split: String,
+        /// The split to evaluate on (`val`).
+        #[serde(default = "default_eval_split")]
+        eval_split: String,
+    },
     /// COCO instances JSON files and their image folders.
     Coco {
         train_json: PathBuf,
@@ -57,6 +68,14 @@ pub enum DetectionSourceConfig {
         eval_json: PathBuf,
         eval_images: PathBuf,
     },
+}
+
+fn default_train_split() -> String {
+    "train".into()
+}
+
+fn default_eval_split() -> String {
+    "val".into()
 }
 
 /// Detection data settings.
@@ -398,6 +417,18 @@ impl Validate for DetectionSourceConfig {
                     bail!(
                         "data.source.train_split and eval_split must name splits (e.g. \"trainval\", \"test\")"
                     );
+                }
+            }
+            DetectionSourceConfig::Yolo {
+                data,
+                train_split,
+                eval_split,
+            } => {
+                path_set("data.source.data", data)?;
+                for (k, v) in [("train_split", train_split), ("eval_split", eval_split)] {
+                    if !["train", "val", "test"].contains(&v.as_str()) {
+                        bail!("data.source.{k} = {v:?}: use \"train\", \"val\" or \"test\"");
+                    }
                 }
             }
             DetectionSourceConfig::Coco {

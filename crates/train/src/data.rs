@@ -68,6 +68,18 @@ pub fn open_detection_with(
             let eval = v.pop().expect("two splits");
             (v.pop().expect("two splits"), eval)
         }
+        DetectionSourceConfig::Yolo {
+            data,
+            train_split,
+            eval_split,
+        } => {
+            check_exists(data, "YOLO data.yaml")?;
+            let d = retinanet_dataset::yolo::read_data_yaml(data)?;
+            (
+                DetectionDataset::open_yolo_data(&d, train_split, opts)?,
+                DetectionDataset::open_yolo_data(&d, eval_split, opts)?,
+            )
+        }
         DetectionSourceConfig::Coco {
             train_json,
             train_images,
@@ -132,6 +144,12 @@ pub fn open_eval_detection(
         } => {
             check_exists(root, "VOC root")?;
             DetectionDataset::open_voc(root, &[eval_split], opts)?.remove(0)
+        }
+        DetectionSourceConfig::Yolo {
+            data, eval_split, ..
+        } => {
+            check_exists(data, "YOLO data.yaml")?;
+            DetectionDataset::open_yolo(data, eval_split, opts)?
         }
         DetectionSourceConfig::Coco {
             eval_json,

@@ -277,3 +277,66 @@ pub fn save(img: &RgbImage, path: &Path) -> Result<()> {
     retinanet_dataset::save_png(img, path)?;
     Ok(())
 }
+
+/// The COCO ids of the images and classes a run writes results for.
+#[derive(Clone, Debug)]
+pub struct CocoIds {
+    /// Per input image.
+    pub images: Vec<u64>,
+    /// Per label `1..=C`.
+    pub categories: Vec<u64>,
+}
+
+impl CocoIds {
+    /// Images numbered `1..=n` and categories by label (no instances file to match).
+    pub fn numbered(n: usize, classes: usize) -> Self {
+        Self {
+            images: (1..=n as u64).collect(),
+            categories: (1..=classes as u64).collect(),
+        }
+    }
+
+    /// The ids of an instances file: each image by its file name (or its last component, when
+    /// unique there), each class by name; a miss is an error naming it and the file.
+    pub fn from_instances(gt: &Path, images: &[PathBuf], class_names: &[String]) -> Result<Self> {
+        let coco = retinanet_eval::coco_results::CocoGroundTruth::read(gt)?;
+        let images = images
+            .iter()
+            .map(|p| {
+                let s = p.to_string_lossy();
+                coco.image_id(&s).with_context(|| {
+                    format!(
+                        "image {s} is not in {} (matched by file name)",
+                        gt.display()
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
+        let categories = class_names
+            .iter()
+            .map(|n| {
+                coco.category_id(n)
+                    .with_context(|| format!("class {n:?} is not a category of {}", gt.display()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { images, categories })
+    }
+
+    /// The results entries of image `k`'s detections.
+    pub fn results(
+        &self,
+        k: usize,
+        d: &Detections,
+    ) -> Vec<retinanet_eval::coco_results::CocoDetection> {
+        (0..d.len())
+            .map(|i| {
+                retinanet_eval::coco_results::CocoDetection::from_yxyx(
+                    self.images[k],
+                    self.categories[d.labels[i] as usize - 1],
+                    &d.boxes[i],
+                    d.scores[i],
+                )
+            })
+            .collect()
+    }
+}
