@@ -19,6 +19,7 @@ pub mod engine;
 pub mod infer;
 pub mod interop;
 pub mod model;
+pub mod onnx_proto;
 pub mod optim;
 pub mod plot;
 pub mod pretrain;
