@@ -36,6 +36,9 @@ pub fn retinanet_config(
         fpn_channels: model.fpn_channels,
         head_channels: model.head_channels,
         in_channels: extractor.out_channels(),
+        out2_channels: extractor.out2_channels(),
+        first_level: 3,
+        num_levels: 4,
     };
     Ok(RetinaNetConfig {
         extractor,
