@@ -60,5 +60,5 @@ pub use imageops::{MEAN, STD, decode_rgb, image_dimensions, load_image_for_infer
 pub use loader::{Batches, ItemMeta, Loader, LoaderConfig, Skip, batch_rng, tune_allocator};
 pub use synthetic::SyntheticConfig;
 pub use transform::{
-    Augment, ClassificationTransform, DetectionTransform, EvalResize, TransformedItem,
+    Augment, ClassificationTransform, DetectionTransform, EvalResize, MappedBoxes, TransformedItem,
 };

@@ -91,6 +91,19 @@ impl Augment {
     }
 }
 
+/// The boxes of one item without its pixels ([`DetectionTransform::map_boxes`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappedBoxes {
+    /// The kept boxes, in the item's pixels.
+    pub boxes: Vec<[f32; 4]>,
+    /// Their labels.
+    pub labels: Vec<u32>,
+    /// Per box: whether the crop cut part of the object away.
+    pub cut: Vec<bool>,
+    /// `(height, width)` of the item.
+    pub size: (usize, usize),
+}
+
 /// How an evaluation item is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EvalResize {
@@ -161,6 +174,8 @@ struct Plan {
     jitter: Option<Jitter>,
     boxes: Vec<[f32; 4]>,
     labels: Vec<u32>,
+    /// Per kept box: whether the crop cut part of it away.
+    cut: Vec<bool>,
 }
 
 impl DetectionTransform {
@@ -285,9 +300,9 @@ impl DetectionTransform {
         (p.boxes, p.labels)
     }
 
-    /// The boxes and labels an item of a `width x height` image gets, with the same random
-    /// choices as [`DetectionTransform::apply`] from the same RNG, without touching pixels
-    /// (for the anchor check); and the item's `(height, width)`.
+    /// The boxes an item of a `width x height` image gets, with the same random choices as
+    /// [`DetectionTransform::apply`] from the same RNG, without touching pixels (for the
+    /// anchor check).
     pub fn map_boxes<R: Rng + ?Sized>(
         &self,
         width: u32,
@@ -295,9 +310,14 @@ impl DetectionTransform {
         boxes: &[[f32; 4]],
         labels: &[u32],
         rng: &mut R,
-    ) -> (Vec<[f32; 4]>, Vec<u32>, (usize, usize)) {
+    ) -> MappedBoxes {
         let p = self.plan(width, height, boxes, labels, rng);
-        (p.boxes, p.labels, (p.out_h, p.out_w))
+        MappedBoxes {
+            boxes: p.boxes,
+            labels: p.labels,
+            cut: p.cut,
+            size: (p.out_h, p.out_w),
+        }
     }
 
     /// Resamples, then moves and jitters the values as planned, into planar `out`.
@@ -348,7 +368,9 @@ impl DetectionTransform {
         let (mut vflip, mut turns, mut jitter) = (false, 0u8, None);
         // Each case yields: the source rectangle, whether to flip, the output size and the
         // mapping of extents.
-        let (rect, flip, out_w, out_h, mut mapped): (SrcRect, bool, usize, usize, Vec<[f64; 4]>) =
+        // Each mapped extent comes with whether the crop cut it.
+        type Mapped = Vec<([f64; 4], bool)>;
+        let (rect, flip, out_w, out_h, mut mapped): (SrcRect, bool, usize, usize, Mapped) =
             if self.train {
                 let flip = rng.random::<f64>() < aug.hflip;
                 let (iw, ih) = (width as i64, height as i64);
@@ -398,12 +420,18 @@ impl DetectionTransform {
                         } else {
                             (e[1], e[3])
                         };
-                        [
-                            (e[0] - y as f64).clamp(0.0, ch) * sy,
-                            (l - x as f64).clamp(0.0, cw) * sx,
-                            (e[2] - y as f64).clamp(0.0, ch) * sy,
-                            (r - x as f64).clamp(0.0, cw) * sx,
-                        ]
+                        let (t, b, l, r) =
+                            (e[0] - y as f64, e[2] - y as f64, l - x as f64, r - x as f64);
+                        let cut = t < 0.0 || l < 0.0 || b > ch || r > cw;
+                        (
+                            [
+                                t.clamp(0.0, ch) * sy,
+                                l.clamp(0.0, cw) * sx,
+                                b.clamp(0.0, ch) * sy,
+                                r.clamp(0.0, cw) * sx,
+                            ],
+                            cut,
+                        )
                     })
                     .collect();
                 // The extras draw after the tutorial's choices, and only when on.
@@ -433,12 +461,15 @@ impl DetectionTransform {
                 let mapped = ext
                     .iter()
                     .map(|e| {
-                        [
-                            (e[0] * sy).clamp(0.0, fh),
-                            (e[1] * sx).clamp(0.0, fw),
-                            (e[2] * sy).clamp(0.0, fh),
-                            (e[3] * sx).clamp(0.0, fw),
-                        ]
+                        (
+                            [
+                                (e[0] * sy).clamp(0.0, fh),
+                                (e[1] * sx).clamp(0.0, fw),
+                                (e[2] * sy).clamp(0.0, fh),
+                                (e[3] * sx).clamp(0.0, fw),
+                            ],
+                            false,
+                        )
                     })
                     .collect();
                 (rect, false, ow, oh, mapped)
@@ -459,19 +490,16 @@ impl DetectionTransform {
                 let mapped = ext
                     .iter()
                     .map(|e| {
-                        [
-                            (e[0] * sy - i).clamp(0.0, sz),
-                            (e[1] * sx - j).clamp(0.0, sz),
-                            (e[2] * sy - i).clamp(0.0, sz),
-                            (e[3] * sx - j).clamp(0.0, sz),
-                        ]
+                        let m = [e[0] * sy - i, e[1] * sx - j, e[2] * sy - i, e[3] * sx - j];
+                        let cut = m[0] < 0.0 || m[1] < 0.0 || m[2] > sz || m[3] > sz;
+                        (m.map(|v| v.clamp(0.0, sz)), cut)
                     })
                     .collect();
                 (rect, false, size, size, mapped)
             };
         if vflip || turns > 0 {
             let s = size as f64;
-            for e in &mut mapped {
+            for (e, _) in &mut mapped {
                 if vflip {
                     *e = [s - e[2], e[1], s - e[0], e[3]];
                 }
@@ -483,7 +511,8 @@ impl DetectionTransform {
         }
         let mut out_boxes = Vec::with_capacity(mapped.len());
         let mut out_labels = Vec::with_capacity(mapped.len());
-        for (e, &l) in mapped.iter().zip(labels) {
+        let mut out_cut = Vec::with_capacity(mapped.len());
+        for ((e, cut), &l) in mapped.iter().zip(labels) {
             let (bh, bw) = (e[2] - e[0], e[3] - e[1]);
             if bh <= 1.0 || bw <= 1.0 || bh * bw <= self.boxarea_th as f64 {
                 continue;
@@ -495,6 +524,7 @@ impl DetectionTransform {
                 (e[3] - 1.0) as f32,
             ]);
             out_labels.push(l);
+            out_cut.push(*cut);
         }
         Plan {
             rect,
@@ -506,6 +536,7 @@ impl DetectionTransform {
             jitter,
             boxes: out_boxes,
             labels: out_labels,
+            cut: out_cut,
         }
     }
 }

@@ -13,10 +13,7 @@
 //!
 //! // 10 px objects in 129 px images: the tutorial's 28 px anchors at stride 8 miss them.
 //! let images: Vec<CheckImage> = (0..20)
-//!     .map(|i| CheckImage {
-//!         size: (129, 129),
-//!         boxes: vec![[3.0 * i as f32, 40.0, 3.0 * i as f32 + 10.0, 50.0]],
-//!     })
+//!     .map(|i| CheckImage::new((129, 129), vec![[3.0 * i as f32, 40.0, 3.0 * i as f32 + 10.0, 50.0]]))
 //!     .collect();
 //! let before = match_stats(&AnchorConfig::default(), (0.3, 0.5), &images)?;
 //! assert_eq!(before.matched, 0);
@@ -39,16 +36,48 @@ pub struct CheckImage {
     pub size: (usize, usize),
     /// `[ymin, xmin, ymax, xmax]` boxes.
     pub boxes: Vec<Bbox>,
+    /// Per box, whether a training crop cut part of its object away (empty: none). Such a box
+    /// still takes part in the matching, but the statistics and the fit are of whole objects:
+    /// the slivers a crop leaves say nothing about the sizes anchors need.
+    pub cut: Vec<bool>,
+}
+
+impl CheckImage {
+    /// An image of `size` whose boxes are all whole objects.
+    pub fn new(size: (usize, usize), boxes: Vec<Bbox>) -> Self {
+        Self {
+            size,
+            boxes,
+            cut: Vec::new(),
+        }
+    }
+
+    /// Whether box `i` was cut by a crop.
+    pub fn is_cut(&self, i: usize) -> bool {
+        self.cut.get(i).copied().unwrap_or(false)
+    }
+
+    /// The boxes of whole objects.
+    pub fn whole_boxes(&self) -> impl Iterator<Item = &Bbox> {
+        self.boxes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.is_cut(*i))
+            .map(|(_, b)| b)
+    }
 }
 
 /// Upper edges of [`SizeSummary::octaves`]' bins (the last bin is open).
 pub const OCTAVE_EDGES: [f32; 6] = [8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
-/// The distribution of box sizes, as the encoder measures them (`h = ymax - ymin`).
+/// The distribution of box sizes, as the encoder measures them (`h = ymax - ymin`), of whole
+/// objects.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SizeSummary {
     /// Boxes counted.
     pub count: usize,
+    /// Boxes left out: cut by a crop.
+    pub cut: usize,
     /// Side `sqrt(h * w)`: minimum, 10th, 25th, 50th, 75th, 90th percentile, maximum.
     pub side: [f32; 7],
     /// Aspect ratio `h / w`: 10th, 50th, 90th percentile.
@@ -70,12 +99,16 @@ fn side_of(b: &Bbox) -> f32 {
     ((b[2] - b[0]).max(0.0) * (b[3] - b[1]).max(0.0)).sqrt()
 }
 
-/// The size distribution of every box of `images`.
+/// The size distribution of the whole-object boxes of `images`.
 pub fn size_summary(images: &[CheckImage]) -> SizeSummary {
     let mut sides: Vec<f32> = Vec::new();
     let mut aspects: Vec<f32> = Vec::new();
     let mut octaves = [0usize; 7];
-    for b in images.iter().flat_map(|i| &i.boxes) {
+    let cut = images
+        .iter()
+        .map(|i| i.boxes.len() - i.whole_boxes().count())
+        .sum();
+    for b in images.iter().flat_map(|i| i.whole_boxes()) {
         let s = side_of(b);
         sides.push(s);
         let (h, w) = (b[2] - b[0], b[3] - b[1]);
@@ -89,6 +122,7 @@ pub fn size_summary(images: &[CheckImage]) -> SizeSummary {
     let q = |v: &[f32], qs: &[f64]| qs.iter().map(|&q| percentile(v, q)).collect::<Vec<_>>();
     SizeSummary {
         count: sides.len(),
+        cut,
         side: q(&sides, &[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
             .try_into()
             .expect("seven"),
@@ -97,7 +131,7 @@ pub fn size_summary(images: &[CheckImage]) -> SizeSummary {
     }
 }
 
-/// How the encoder matches a data set's boxes with one anchor layout.
+/// How the encoder matches a data set's boxes with one anchor layout (whole objects only).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MatchStats {
     /// Boxes counted.
@@ -150,11 +184,9 @@ pub fn match_stats(
                     image: i,
                     source: Box::new(e),
                 })?;
-            let mut s = MatchStats {
-                boxes: m.len(),
-                ..MatchStats::default()
-            };
-            for b in &m {
+            let mut s = MatchStats::default();
+            for (_, b) in m.iter().enumerate().filter(|(i, _)| !img.is_cut(*i)) {
+                s.boxes += 1;
                 s.matched += (b.best_iou > iou_th.1) as usize;
                 s.mean_best_iou += b.best_iou as f64;
                 s.positives += b.positives;
@@ -185,13 +217,22 @@ fn shape_iou(a: [f64; 2], b: [f64; 2]) -> f64 {
 /// size of the one before: k-means in IoU distance (`1 - IoU` of centred shapes), where each box
 /// joins the shape and level that overlap it most and a shape moves to the geometric mean of its
 /// boxes brought down to the first level. Deterministic. Shapes with a non-positive side are
-/// left out; `None` when none is left.
+/// left out, and so are the 2% most elongated each way (slivers that crops cut off objects at
+/// the image border, which would otherwise claim a shape of their own); `None` when nothing is
+/// left.
 pub fn kmeans_shapes(shapes: &[[f64; 2]], k: usize, levels: usize) -> Option<Vec<[f64; 2]>> {
-    let pts: Vec<[f64; 2]> = shapes
+    let mut pts: Vec<[f64; 2]> = shapes
         .iter()
         .copied()
         .filter(|s| s[0] > 0.0 && s[1] > 0.0 && s[0].is_finite() && s[1].is_finite())
         .collect();
+    if pts.len() >= 50 {
+        let mut aspects: Vec<f64> = pts.iter().map(|p| p[0] / p[1]).collect();
+        aspects.sort_by(f64::total_cmp);
+        let q = |f: f64| aspects[((aspects.len() - 1) as f64 * f).round() as usize];
+        let (lo, hi) = (q(0.02), q(0.98));
+        pts.retain(|p| (lo..=hi).contains(&(p[0] / p[1])));
+    }
     if pts.is_empty() || k == 0 || levels == 0 {
         return None;
     }
@@ -288,7 +329,7 @@ pub fn fit_anchors(
 ) -> Result<Option<AnchorConfig>, EncodeError> {
     let shapes: Vec<[f64; 2]> = images
         .iter()
-        .flat_map(|i| &i.boxes)
+        .flat_map(|i| i.whole_boxes())
         .map(|b| [(b[2] - b[0]) as f64, (b[3] - b[1]) as f64])
         .collect();
     let Some(base) = kmeans_shapes(&shapes, anchors_per_cell, levels) else {

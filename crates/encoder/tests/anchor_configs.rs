@@ -183,21 +183,20 @@ fn match_statistics_of_a_known_set() {
     let images = vec![
         CheckImage {
             size: (64, 64),
+            cut: vec![],
             // On the anchor at (48, 48): IoU 1. Half a cell off both ways: the four anchors
             // around it overlap it 8x8 each, IoU 64 / 448.
             boxes: vec![[40.0, 40.0, 56.0, 56.0], [16.0, 16.0, 32.0, 32.0]],
         },
         CheckImage {
             size: (64, 64),
+            cut: vec![],
             // 32x16 centred at (40, 16): the anchors at (32, 16) and (48, 16) lie inside it,
             // IoU 256 / 512 = 0.5, not above 0.5. And a 32x32 box centred on (32, 32): IoU
             // 256 / 1024 with the anchor there.
             boxes: vec![[24.0, 8.0, 56.0, 24.0], [16.0, 16.0, 48.0, 48.0]],
         },
-        CheckImage {
-            size: (64, 64),
-            boxes: vec![],
-        },
+        CheckImage::new((64, 64), vec![]),
     ];
     let s = match_stats(&grid16(), (0.3, 0.5), &images).unwrap();
     assert_eq!(s.boxes, 4);
@@ -209,10 +208,10 @@ fn match_statistics_of_a_known_set() {
     assert_eq!(s.positives, 4);
     assert_eq!(s.without_positive, 0);
     // Two equal boxes share their best anchor: the later one takes it, the first has none.
-    let twins = vec![CheckImage {
-        size: (64, 64),
-        boxes: vec![[0.0, 0.0, 16.0, 16.0], [0.0, 0.0, 16.0, 16.0]],
-    }];
+    let twins = vec![CheckImage::new(
+        (64, 64),
+        vec![[0.0, 0.0, 16.0, 16.0], [0.0, 0.0, 16.0, 16.0]],
+    )];
     let s = match_stats(&grid16(), (0.3, 0.5), &twins).unwrap();
     assert_eq!((s.boxes, s.positives, s.without_positive), (2, 1, 1));
 
@@ -224,6 +223,18 @@ fn match_statistics_of_a_known_set() {
     assert!((z.side[3] - 22.627417).abs() < 1e-4, "{z:?}");
     assert_eq!(z.octaves, [0, 0, 3, 1, 0, 0, 0]);
     assert_eq!(z.aspect[1], 1.0);
+    assert_eq!(z.cut, 0);
+
+    // A box a crop cut takes part in the matching but not in the statistics: the first twin
+    // marked cut leaves the second's count alone, and only one box is counted.
+    let cut = vec![CheckImage {
+        cut: vec![true, false],
+        ..twins[0].clone()
+    }];
+    let s = match_stats(&grid16(), (0.3, 0.5), &cut).unwrap();
+    assert_eq!((s.boxes, s.positives, s.without_positive), (1, 1, 0));
+    let z = size_summary(&cut);
+    assert_eq!((z.count, z.cut), (1, 1));
 }
 
 #[test]
@@ -270,10 +281,7 @@ fn small_objects() -> Vec<CheckImage> {
                     [y, x, y + side, x + side]
                 })
                 .collect();
-            CheckImage {
-                size: (129, 129),
-                boxes,
-            }
+            CheckImage::new((129, 129), boxes)
         })
         .collect()
 }
