@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use retinanet_train::infer::{detect_file, draw, expand_inputs, inference_options, output_path};
+use retinanet_train::infer::{
+    ImageScale, detect_file, draw, expand_inputs, inference_options, output_path,
+};
 use retinanet_train::{latest_run, load_detector, parse_device};
 
 /// Detect objects in images with a trained RetinaNet.
@@ -21,10 +23,15 @@ struct Args {
     /// Folder of run folders (to find the latest run).
     #[arg(long, default_value = "runs")]
     runs_dir: PathBuf,
-    /// Resize the shorter side to this many pixels first (default: the image's own size; at
-    /// least 33, the smallest input the detector's levels cover).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(33..))]
+    /// Resize the shorter side to this many pixels first (at least 33, the smallest input the
+    /// detector's levels cover). Default: as the run's evaluation does (shorter side to
+    /// `data.eval_size`, longer at most `data.eval_max_size`), so `inspect` and `evaluate`
+    /// find the same boxes in an image.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(33..), conflicts_with = "own_size")]
     size: Option<u32>,
+    /// Run at the image's own size instead (the tutorial's inspect).
+    #[arg(long)]
+    own_size: bool,
     /// Output PNG (one input) or folder (several); default `<name>.pred.png` beside each input.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -84,8 +91,13 @@ fn main() -> Result<()> {
         }
         _ => None,
     };
+    let scale = match (a.size, a.own_size) {
+        (_, true) => ImageScale::Own,
+        (Some(s), false) => ImageScale::Shorter(s),
+        (None, false) => ImageScale::Evaluation,
+    };
     for input in &inputs {
-        let (mut img, d) = detect_file(&det, input, a.size, &opts)?;
+        let (mut img, d) = detect_file(&det, input, scale, &opts)?;
         draw(&mut img, &d.detections, &det.class_names);
         let out = match (&a.out, &out_dir) {
             (_, Some(dir)) => output_path(input, Some(dir)),
