@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::Device;
 use retinanet_integration_tests::{quiet, tiny_detector_toml, tiny_pretrain_toml};
 use retinanet_train::config::{DetectorRunConfig, PretrainRunConfig};
-use retinanet_train::infer::{detect_file, draw, output_path, save};
+use retinanet_train::infer::{ImageScale, detect_file, draw, output_path, save};
 use retinanet_train::{
     RunOptions, evaluate_model, load_checkpoint, load_detector, parse_config, pretrain,
     train_detector,
@@ -90,7 +90,7 @@ fn pretrain_then_detect_then_evaluate_then_inspect() {
         max_detections: Some(5),
         ..Default::default()
     };
-    let (mut img, d) = detect_file(&det, &img_path, None, &opts).unwrap();
+    let (mut img, d) = detect_file(&det, &img_path, ImageScale::Own, &opts).unwrap();
     assert_eq!(d.size, (70, 90));
     assert!(
         !d.detections.is_empty(),
@@ -248,4 +248,97 @@ fn two_thread_ranks_train_the_weights_of_one_process() {
     let (ra, rb) = (one.report.unwrap(), reports[0].report.clone().unwrap());
     assert_eq!(ra.n_images, rb.n_images);
     assert!((ra.map.unwrap_or(0.0) - rb.map.unwrap_or(0.0)).abs() < 1e-6);
+}
+
+/// A run with its own anchors (sizes per level, six per cell, from stride 4: a P2 level) and
+/// every augmentation on (multi-scale batches, flips, turns, jitter): the head, the encoder, the
+/// checkpoint and inference agree, a stopped and resumed run equals an uninterrupted one, and
+/// resuming with other anchors is refused naming the key.
+#[test]
+fn own_anchors_and_augmentation_train_resume_and_infer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runs, cache) = (dir.path().join("runs"), dir.path().join("cache"));
+    let text = |name: &str| {
+        tiny_detector_toml(&cache, name, "cpu", "", 2, "[0.25]")
+            .replace(
+                "head_channels = 16\n",
+                "head_channels = 16\n[model.anchors]\nsizes = [10.0, 20.0, 40.0]\naspect_ratios = [0.5, 1.0, 2.0]\nscales_per_octave = 2\nfirst_stride = 4\nlevels = 3\n",
+            )
+            .replace(
+                "skip_bad_images = false\n",
+                "skip_bad_images = false\n[data.augment]\nvflip = 0.5\nrot90 = true\nbrightness = 0.2\nsaturation = 0.2\ncrop_area = [0.5, 1.0]\nmulti_scale = [49, 65, 81]\n",
+            )
+    };
+    let cfg: DetectorRunConfig = parse_config(&text("full")).unwrap();
+    let full = train_detector(&cfg, &quiet(&runs)).unwrap();
+    assert_eq!(full.steps, 12);
+    assert!(full.report.is_some());
+    assert!(full.run.file("anchor-check.txt").exists());
+    let check = std::fs::read_to_string(full.run.file("anchor-check.txt")).unwrap();
+    assert!(check.contains("stride 4: "), "{check}");
+
+    // The checkpoint carries the anchors: inference builds the same head and decodes with them.
+    let det = load_detector(&full.run.checkpoint(), &Device::Cpu).unwrap();
+    assert_eq!(det.config.model.anchors, cfg.model.anchors);
+    assert_eq!(det.model.detector.config().num_anchors, 6);
+    assert_eq!(det.model.detector.config().first_level, 2);
+    let x =
+        candle_core::Tensor::zeros((1, 3, 50, 70), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let (cls, _) = det.model.infer(&x).unwrap();
+    assert_eq!(cls.dims()[1], det.encoder.anchors_for((50, 70)).len());
+
+    let split_cfg: DetectorRunConfig = parse_config(&text("split")).unwrap();
+    train_detector(
+        &split_cfg,
+        &RunOptions {
+            max_steps: Some(5),
+            ..quiet(&runs)
+        },
+    )
+    .unwrap();
+    // Other anchors cannot continue this checkpoint.
+    let mut other = split_cfg.clone();
+    other.model.anchors.first_stride = 8;
+    let e = train_detector(
+        &other,
+        &RunOptions {
+            resume: true,
+            ..quiet(&runs)
+        },
+    )
+    .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("model.anchors.first_stride = 4 vs 8"), "{e}");
+    // Nor other augmentation.
+    let mut other = split_cfg.clone();
+    other.data.augment.vflip = 0.0;
+    let e = format!(
+        "{:#}",
+        train_detector(
+            &other,
+            &RunOptions {
+                resume: true,
+                ..quiet(&runs)
+            },
+        )
+        .unwrap_err()
+    );
+    assert!(e.contains("data.augment.vflip = 0.5 vs 0.0"), "{e}");
+    let second = train_detector(
+        &split_cfg,
+        &RunOptions {
+            resume: true,
+            ..quiet(&runs)
+        },
+    )
+    .unwrap();
+    assert_eq!(second.steps, 12);
+    let a = load_checkpoint(&full.run.checkpoint(), &Device::Cpu).unwrap();
+    let b = load_checkpoint(&second.run.checkpoint(), &Device::Cpu).unwrap();
+    for (k, ta) in &a.tensors {
+        let va: Vec<f32> = ta.flatten_all().unwrap().to_vec1().unwrap();
+        let vb: Vec<f32> = b.tensors[k].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(va, vb, "tensor {k} differs after resume");
+    }
+    assert_eq!(full.report.unwrap().map, second.report.unwrap().map);
 }

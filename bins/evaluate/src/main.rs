@@ -8,6 +8,7 @@ use clap::Parser;
 use retinanet_train::cli::ModelArgs;
 use retinanet_train::config::DetectorRunConfig;
 use retinanet_train::data::{OpenOptions, open_eval_detection};
+use retinanet_train::detect::differing_keys;
 use retinanet_train::infer::{eval_loader, evaluate_loader};
 use retinanet_train::{parse_device, read_config};
 
@@ -77,6 +78,19 @@ fn main() -> Result<()> {
             Some(p) => read_config(p)?,
             None => det.config.clone(),
         };
+        // The checkpoint's model is what runs: a config describing another (anchors included)
+        // would be scored as if it were.
+        let diff = differing_keys("model", &det.config.model, &cfg.model);
+        if !diff.is_empty() {
+            bail!(
+                "{} describes another model than {} (model vs config): {}",
+                a.config
+                    .as_ref()
+                    .map_or("the config".into(), |p| p.display().to_string()),
+                a.model.describe(),
+                diff.join("; ")
+            );
+        }
         if let Some(m) = a.max_images {
             cfg.eval.max_images = m;
         }

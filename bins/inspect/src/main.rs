@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use clap::Parser;
 use retinanet_train::cli::ModelArgs;
 use retinanet_train::infer::{
-    CocoIds, detect_file, draw, expand_inputs, inference_options, output_path,
+    CocoIds, ImageScale, detect_file, draw, expand_inputs, inference_options, output_path,
 };
 use retinanet_train::parse_device;
 
@@ -23,10 +23,15 @@ struct Args {
     /// Class names (one per line) of --extractor / --detector; default for 20 classes: VOC's.
     #[arg(long)]
     names: Option<PathBuf>,
-    /// Resize the shorter side to this many pixels first (default: the image's own size; at
-    /// least 33, the smallest input the detector's levels cover).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(33..))]
+    /// Resize the shorter side to this many pixels first (at least 33, the smallest input the
+    /// detector's levels cover). Default: as the run's evaluation does (shorter side to
+    /// `data.eval_size`, longer at most `data.eval_max_size`), so `inspect` and `evaluate`
+    /// find the same boxes in an image; with --extractor / --detector, the image's own size.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(33..), conflicts_with = "own_size")]
     size: Option<u32>,
+    /// Run at the image's own size instead (the tutorial's inspect).
+    #[arg(long)]
+    own_size: bool,
     /// Output PNG (one input) or folder (several); default `<name>.pred.png` beside each input.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -96,9 +101,16 @@ fn main() -> Result<()> {
         (Some(_), None) => Some(CocoIds::numbered(inputs.len(), det.class_names.len())),
         _ => None,
     };
+    let scale = match (a.size, a.own_size) {
+        (_, true) => ImageScale::Own,
+        (Some(s), false) => ImageScale::Shorter(s),
+        // The tutorial's pair of state dicts has no run config: its inspect runs images whole.
+        (None, false) if a.model.extractor.is_some() => ImageScale::Own,
+        (None, false) => ImageScale::Evaluation,
+    };
     let mut results = Vec::new();
     for (k, input) in inputs.iter().enumerate() {
-        let (mut img, d) = detect_file(&det, input, a.size, &opts)?;
+        let (mut img, d) = detect_file(&det, input, scale, &opts)?;
         if let Some(ids) = &ids {
             results.extend(ids.results(k, &d.detections));
         }

@@ -5,6 +5,11 @@
 //! feature-map size `ceil(H / t)`), anchor centres sit at `(h * t, w * t)` (top-left aligned)
 //! and anchor `i` has size `2^s * a_hw[i]`. Order: level, row, column, anchor.
 //!
+//! A run may lay out its own anchors: [`AnchorConfig::from_sizes`] builds them the way
+//! torchvision's `AnchorGenerator` and Detectron2's `ANCHOR_GENERATOR` describe them (a size per
+//! level, aspect ratios, scales per octave), and `level_scales` lets the levels grow by other
+//! factors than 2.
+//!
 //! ```
 //! use retinanet_anchors::{AnchorConfig, gen_anchors};
 //!
@@ -27,12 +32,16 @@ pub const TUTORIAL_A_HW: [[f64; 2]; 3] = [[28.0, 28.0], [19.8, 39.6], [39.6, 19.
 /// How anchors are laid out. `Default` is the tutorial's.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AnchorConfig {
-    /// Anchor `(height, width)` at the first level; level `s` scales them by `2^s`.
+    /// Anchor `(height, width)` at the first level; level `s` scales them by `2^s` (or by
+    /// `level_scales[s]`).
     pub a_hw: Vec<[f64; 2]>,
     /// Number of pyramid levels (P3..P6 for the tutorial: 4).
     pub scales: usize,
     /// Stride of the first level in pixels (8 for P3).
     pub first_stride: usize,
+    /// Size factor of each level relative to the first (`scales` values, the first 1); `None`:
+    /// `2^s`, the tutorial's.
+    pub level_scales: Option<Vec<f64>>,
 }
 
 impl Default for AnchorConfig {
@@ -41,8 +50,35 @@ impl Default for AnchorConfig {
             a_hw: TUTORIAL_A_HW.to_vec(),
             scales: 4,
             first_stride: 8,
+            level_scales: None,
         }
     }
+}
+
+/// The shapes `(h, w)` of one cell: for each base shape, each of `scales_per_octave` octave
+/// steps `2^(k / n)` (torchvision's order: shape-major).
+pub fn octave_shapes(base: &[[f64; 2]], scales_per_octave: usize) -> Vec<[f64; 2]> {
+    let n = scales_per_octave.max(1);
+    let mut out = Vec::with_capacity(base.len() * n);
+    for hw in base {
+        for k in 0..n {
+            // 2^0 is exactly 1: the tutorial's shapes pass through unchanged.
+            let f = if k == 0 {
+                1.0
+            } else {
+                (k as f64 / n as f64).exp2()
+            };
+            out.push([hw[0] * f, hw[1] * f]);
+        }
+    }
+    out
+}
+
+/// The shape `(h, w)` of area `size^2` and aspect ratio `h / w = ratio` (torchvision's
+/// convention).
+pub fn shape_of(size: f64, ratio: f64) -> [f64; 2] {
+    let r = ratio.sqrt();
+    [size * r, size / r]
 }
 
 /// A configuration that cannot produce anchors.
@@ -58,6 +94,71 @@ impl fmt::Display for AnchorConfigError {
 impl std::error::Error for AnchorConfigError {}
 
 impl AnchorConfig {
+    /// Anchors described as torchvision's `AnchorGenerator` and Detectron2's
+    /// `ANCHOR_GENERATOR` do: level `s` has anchors of base size `sizes[s]` (the side of a
+    /// square of the same area) for every aspect ratio `h / w` in `aspect_ratios` and every
+    /// octave step `2^(k / scales_per_octave)`; one level per size.
+    pub fn from_sizes(
+        sizes: &[f64],
+        aspect_ratios: &[f64],
+        scales_per_octave: usize,
+        first_stride: usize,
+    ) -> Result<Self, AnchorConfigError> {
+        let Some(&first) = sizes.first() else {
+            return Err(AnchorConfigError("sizes is empty".into()));
+        };
+        for (i, &s) in sizes.iter().enumerate() {
+            if !(s.is_finite() && s > 0.0) {
+                return Err(AnchorConfigError(format!(
+                    "sizes[{i}] = {s} must be finite and positive"
+                )));
+            }
+        }
+        for (i, &r) in aspect_ratios.iter().enumerate() {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(AnchorConfigError(format!(
+                    "aspect_ratios[{i}] = {r} must be finite and positive"
+                )));
+            }
+        }
+        if scales_per_octave == 0 {
+            return Err(AnchorConfigError(
+                "scales_per_octave must be at least 1".into(),
+            ));
+        }
+        let base: Vec<[f64; 2]> = aspect_ratios.iter().map(|&r| shape_of(first, r)).collect();
+        let scales: Vec<f64> = sizes.iter().map(|&s| s / first).collect();
+        // Sizes that double level by level are the tutorial's layout: say so exactly.
+        let doubling = scales
+            .iter()
+            .enumerate()
+            .all(|(i, &f)| f == (1u64 << i) as f64);
+        let cfg = Self {
+            a_hw: octave_shapes(&base, scales_per_octave),
+            scales: sizes.len(),
+            first_stride,
+            level_scales: (!doubling).then_some(scales),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The size factor of level `s` relative to the first: `2^s` unless `level_scales` says
+    /// otherwise.
+    #[inline]
+    pub fn level_scale(&self, level: usize) -> f64 {
+        match &self.level_scales {
+            Some(v) => v[level],
+            None => (1u64 << level) as f64,
+        }
+    }
+
+    /// The anchor shapes `(h, w)` of level `s`.
+    pub fn level_shapes(&self, level: usize) -> Vec<[f64; 2]> {
+        let f = self.level_scale(level);
+        self.a_hw.iter().map(|hw| [f * hw[0], f * hw[1]]).collect()
+    }
+
     /// Checks that the config describes real anchors: at least one shape, finite positive
     /// sizes, at least one level and a non-zero stride.
     pub fn validate(&self) -> Result<(), AnchorConfigError> {
@@ -82,6 +183,29 @@ impl AnchorConfig {
                 "scales = {} is beyond any image size",
                 self.scales
             )));
+        }
+        let top = self.first_stride.checked_mul(1usize << (self.scales - 1));
+        if top.is_none_or(|t| t > 1 << 20) {
+            return Err(AnchorConfigError(format!(
+                "first_stride = {} over {} levels is beyond any image size",
+                self.first_stride, self.scales
+            )));
+        }
+        if let Some(v) = &self.level_scales {
+            if v.len() != self.scales {
+                return Err(AnchorConfigError(format!(
+                    "level_scales has {} values for {} levels",
+                    v.len(),
+                    self.scales
+                )));
+            }
+            for (i, &f) in v.iter().enumerate() {
+                if !(f.is_finite() && f > 0.0) {
+                    return Err(AnchorConfigError(format!(
+                        "level_scales[{i}] = {f} must be finite and positive"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -166,7 +290,7 @@ pub fn gen_anchors(cfg: &AnchorConfig, img_size: (usize, usize)) -> Anchors {
     for (s, (fh, fw)) in cfg.grid_sizes(img_size).into_iter().enumerate() {
         let start = yxyx.len();
         let t = cfg.stride(s) as f64;
-        let scale = (1u64 << s) as f64;
+        let scale = cfg.level_scale(s);
         for h in 0..fh {
             let ay = h as f64 * t;
             for w in 0..fw {
@@ -196,24 +320,42 @@ pub fn gen_anchors(cfg: &AnchorConfig, img_size: (usize, usize)) -> Anchors {
 /// Anchors by image size, computed once per size and shared (`Arc`) afterwards.
 ///
 /// The decoder sees images of any size at inference; this keeps it from rebuilding the same
-/// anchors for every image. Thread-safe.
+/// anchors for every image. It holds at most `capacity` sizes (whole-image evaluation of a
+/// photo collection meets hundreds, a few megabytes each) and forgets the least recently used
+/// one beyond that. Thread-safe.
 #[derive(Debug)]
 pub struct AnchorCache {
     cfg: AnchorConfig,
-    map: Mutex<HashMap<(usize, usize), Arc<Anchors>>>,
+    capacity: usize,
+    map: Mutex<CacheMap>,
 }
 
+/// Anchors by size, each with the tick of its last use.
+type CacheMap = HashMap<(usize, usize), (Arc<Anchors>, u64)>;
+
+/// Sizes an [`AnchorCache::new`] cache holds.
+pub const DEFAULT_CACHE_SIZES: usize = 64;
+
 impl AnchorCache {
-    /// A cache for `cfg`.
+    /// A cache for `cfg` holding up to [`DEFAULT_CACHE_SIZES`] sizes.
     ///
     /// # Panics
     /// If `cfg` fails [`AnchorConfig::validate`].
     pub fn new(cfg: AnchorConfig) -> Self {
+        Self::with_capacity(cfg, DEFAULT_CACHE_SIZES)
+    }
+
+    /// A cache for `cfg` holding up to `capacity` (at least 1) sizes.
+    ///
+    /// # Panics
+    /// If `cfg` fails [`AnchorConfig::validate`].
+    pub fn with_capacity(cfg: AnchorConfig, capacity: usize) -> Self {
         if let Err(e) = cfg.validate() {
             panic!("{e}");
         }
         Self {
             cfg,
+            capacity: capacity.max(1),
             map: Mutex::new(HashMap::new()),
         }
     }
@@ -226,9 +368,19 @@ impl AnchorCache {
     /// The anchors of `(H, W)`, generated on first use.
     pub fn get(&self, img_size: (usize, usize)) -> Arc<Anchors> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(img_size)
-            .or_insert_with(|| Arc::new(gen_anchors(&self.cfg, img_size)))
-            .clone()
+        let tick = map.values().map(|v| v.1).max().unwrap_or(0) + 1;
+        if let Some(e) = map.get_mut(&img_size) {
+            e.1 = tick;
+            return e.0.clone();
+        }
+        if map.len() >= self.capacity
+            && let Some(old) = map.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k)
+        {
+            map.remove(&old);
+        }
+        let a = Arc::new(gen_anchors(&self.cfg, img_size));
+        map.insert(img_size, (a.clone(), tick));
+        a
     }
 
     /// Number of sizes held.
@@ -247,6 +399,7 @@ impl Clone for AnchorCache {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Self {
             cfg: self.cfg.clone(),
+            capacity: self.capacity,
             map: Mutex::new(map),
         }
     }

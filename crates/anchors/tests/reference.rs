@@ -39,6 +39,7 @@ fn reference_cases() {
                 .collect(),
             scales: case["scales"].as_u64().unwrap() as usize,
             first_stride: case["first_stride"].as_u64().unwrap() as usize,
+            level_scales: None,
         };
         let size = (
             case["img_size"][0].as_u64().unwrap() as usize,
@@ -99,4 +100,72 @@ fn invalid_configs_are_named() {
         ..AnchorConfig::default()
     };
     assert!(cfg.validate().is_err());
+}
+
+#[test]
+fn sizes_and_ratios_describe_the_same_layout() {
+    // Doubling sizes and shapes: the tutorial's own layout (its a_hw are size 28 at ratios 1,
+    // 1/2 and 2, rounded to 0.1 px).
+    let c = AnchorConfig::from_sizes(&[28.0, 56.0, 112.0, 224.0], &[1.0, 0.5, 2.0], 1, 8).unwrap();
+    assert_eq!(c.level_scales, None, "doubling sizes need no level scales");
+    assert_eq!(c.scales, 4);
+    let t = AnchorConfig::default();
+    for (a, b) in c.a_hw.iter().zip(&t.a_hw) {
+        assert!(
+            (a[0] - b[0]).abs() < 0.01 && (a[1] - b[1]).abs() < 0.01,
+            "{a:?} vs {b:?}"
+        );
+    }
+    // Three octave steps per shape: 2^0, 2^(1/3), 2^(2/3), shape-major.
+    let c = AnchorConfig::from_sizes(&[32.0, 64.0], &[0.5, 2.0], 3, 8).unwrap();
+    assert_eq!(c.anchors_per_cell(), 6);
+    let side = |hw: [f64; 2]| (hw[0] * hw[1]).sqrt();
+    for (i, f) in [1.0, 2f64.powf(1.0 / 3.0), 2f64.powf(2.0 / 3.0)]
+        .iter()
+        .enumerate()
+    {
+        assert!((side(c.a_hw[i]) - 32.0 * f).abs() < 1e-9);
+        assert!((c.a_hw[i][0] / c.a_hw[i][1] - 0.5).abs() < 1e-12);
+        assert!((c.a_hw[3 + i][0] / c.a_hw[3 + i][1] - 2.0).abs() < 1e-12);
+    }
+    // Sizes that do not double: each level has its own.
+    let c = AnchorConfig::from_sizes(&[10.0, 25.0, 40.0], &[1.0], 1, 4).unwrap();
+    assert_eq!(c.level_scales, Some(vec![1.0, 2.5, 4.0]));
+    let a = gen_anchors(&c, (33, 33));
+    let (lo, _) = a.level_ranges[1];
+    assert_eq!(a.yxhw[lo], [0.0, 0.0, 25.0, 25.0]);
+    assert_eq!(a.yxhw[a.level_ranges[2].0], [0.0, 0.0, 40.0, 40.0]);
+    assert_eq!(c.grid_sizes((33, 33)), vec![(9, 9), (5, 5), (3, 3)]);
+    // Bad values are named.
+    let e = AnchorConfig::from_sizes(&[10.0, -1.0], &[1.0], 1, 8).unwrap_err();
+    assert!(e.to_string().contains("sizes[1] = -1"), "{e}");
+    let e = AnchorConfig::from_sizes(&[10.0], &[0.0], 1, 8).unwrap_err();
+    assert!(e.to_string().contains("aspect_ratios[0]"), "{e}");
+    let e = AnchorConfig::from_sizes(&[10.0], &[1.0], 0, 8).unwrap_err();
+    assert!(e.to_string().contains("scales_per_octave"), "{e}");
+    let bad = AnchorConfig {
+        level_scales: Some(vec![1.0]),
+        ..AnchorConfig::default()
+    };
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("level_scales has 1")
+    );
+}
+
+#[test]
+fn the_cache_keeps_the_most_recently_used_sizes() {
+    let cache = AnchorCache::with_capacity(AnchorConfig::default(), 2);
+    let a = cache.get((65, 65));
+    cache.get((129, 129));
+    // Using 65 again makes 129 the oldest: a third size evicts it, not 65.
+    assert!(std::sync::Arc::ptr_eq(&a, &cache.get((65, 65))));
+    cache.get((33, 33));
+    assert_eq!(cache.len(), 2);
+    assert!(std::sync::Arc::ptr_eq(&a, &cache.get((65, 65))));
+    let b = cache.get((129, 129));
+    assert_eq!(*b, gen_anchors(&AnchorConfig::default(), (129, 129)));
+    assert_eq!(cache.len(), 2);
 }

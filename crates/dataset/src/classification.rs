@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 
 use crate::error::{DatasetError, Result, io_err};
 use crate::imageops::load_rgb;
-use crate::loader::{ItemSource, Loader, LoaderConfig};
+use crate::loader::{ItemMeta, ItemSource, Loader, LoaderConfig};
 use crate::transform::ClassificationTransform;
 
 /// File extensions ImageFolder picks up (the formats this crate decodes).
@@ -287,16 +287,22 @@ impl ItemSource for ClassificationSource {
         self.dataset.len()
     }
 
-    fn item_len(&self) -> usize {
+    fn item_size(&self, _: usize, _: u64, _: usize, _: usize) -> Result<(usize, usize)> {
         let s = self.transform.size as usize;
-        3 * s * s
+        Ok((s, s))
     }
 
     fn item_path(&self, index: usize) -> Option<PathBuf> {
         self.dataset.path(index).map(Path::to_path_buf)
     }
 
-    fn load_into(&self, index: usize, rng: &mut StdRng, out: &mut [f32]) -> Result<()> {
+    fn load_into(
+        &self,
+        index: usize,
+        _: (usize, usize),
+        rng: &mut StdRng,
+        out: &mut [f32],
+    ) -> Result<()> {
         let img = self.dataset.load_image(index)?;
         self.transform.apply_into(&img, rng, out);
         Ok(())
@@ -305,16 +311,16 @@ impl ItemSource for ClassificationSource {
     fn collate(
         &self,
         data: Vec<f32>,
-        metas: Vec<(usize, ())>,
+        (h, w): (usize, usize),
+        metas: Vec<ItemMeta<()>>,
         epoch: usize,
         batch: usize,
     ) -> Result<ClassificationBatch> {
-        let s = self.transform.size as usize;
         let n = metas.len();
-        let indices: Vec<usize> = metas.into_iter().map(|(i, _)| i).collect();
+        let indices: Vec<usize> = metas.into_iter().map(|m| m.index).collect();
         let labels: Vec<u32> = indices.iter().map(|&i| self.dataset.label(i)).collect();
         Ok(ClassificationBatch {
-            images: Tensor::from_vec(data, (n, 3, s, s), &Device::Cpu)?,
+            images: Tensor::from_vec(data, (n, 3, h, w), &Device::Cpu)?,
             labels: Tensor::from_vec(labels, (n,), &Device::Cpu)?,
             indices,
             epoch,

@@ -4,13 +4,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
+use rand::Rng;
 use rand::rngs::StdRng;
 use rayon::prelude::*;
 
 use crate::annotations::{self, DetectionRecord};
 use crate::error::{DatasetError, Result};
 use crate::imageops::load_rgb;
-use crate::loader::{ItemSource, Loader, LoaderConfig, Skip};
+use crate::loader::{ItemMeta, ItemSource, Loader, LoaderConfig, Skip, batch_rng};
 use crate::transform::{DetectionTransform, TransformedItem};
 
 /// An annotated detection dataset: records, class names (label `i` is `class_names[i-1]`) and
@@ -401,6 +402,11 @@ impl DetectionDataset {
         load_rgb(&self.image_path(index))
     }
 
+    /// `(width, height)` of image `index`, read from the file's header only.
+    pub fn image_size(&self, index: usize) -> Result<(u32, u32)> {
+        crate::imageops::image_dimensions(&self.image_path(index))
+    }
+
     /// Loads and transforms item `index`.
     pub fn item(
         &self,
@@ -423,7 +429,9 @@ impl DetectionDataset {
 /// A batch of detection items, ready for the encoder.
 #[derive(Debug, Clone)]
 pub struct DetectionBatch {
-    /// `[B, 3, S, S]` f32 normalised RGB on the CPU.
+    /// `[B, 3, H, W]` f32 normalised RGB on the CPU. Every item is `H x W` in training and
+    /// centre-crop evaluation; in whole-image evaluation items of other sizes sit at the
+    /// top-left of the canvas, zeros around them (see `sizes`).
     pub images: Tensor,
     /// Per image: boxes `[ymin, xmin, ymax, xmax]` in input pixels (possibly none).
     pub boxes: Vec<Vec<[f32; 4]>>,
@@ -433,10 +441,25 @@ pub struct DetectionBatch {
     pub names: Vec<String>,
     /// Per image: the dataset index.
     pub indices: Vec<usize>,
+    /// Per image: `(H, W)` of its pixels on the canvas.
+    pub sizes: Vec<(usize, usize)>,
+    /// Per image: `(H, W)` of the image file it was made from.
+    pub source_sizes: Vec<(usize, usize)>,
     /// The epoch this batch belongs to.
     pub epoch: usize,
     /// The batch's index within its epoch.
     pub batch: usize,
+}
+
+/// What a detection item returns besides its pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectionMeta {
+    /// Boxes in the item's pixels.
+    pub boxes: Vec<[f32; 4]>,
+    /// Their labels.
+    pub labels: Vec<u32>,
+    /// `(H, W)` of the source image.
+    pub source_size: (usize, usize),
 }
 
 /// A dataset with its transform, as a loader source.
@@ -446,19 +469,46 @@ pub struct DetectionSource {
     pub dataset: DetectionDataset,
     /// The item transform.
     pub transform: DetectionTransform,
+    /// Training sizes drawn per batch (multi-scale training; empty: `transform.size`).
+    pub sizes: Vec<u32>,
+}
+
+/// The output size of batch `batch` of `epoch`: one of `sizes` drawn from
+/// [`batch_rng`]`(seed, epoch, batch)` (so every rank and every resumed run draws the same), or
+/// `default` when `sizes` is empty.
+pub fn batch_scale(sizes: &[u32], default: u32, seed: u64, epoch: usize, batch: usize) -> u32 {
+    match sizes {
+        [] => default,
+        [s] => *s,
+        _ => sizes[batch_rng(seed, epoch, batch).random_range(0..sizes.len())],
+    }
 }
 
 impl ItemSource for DetectionSource {
-    type Meta = (Vec<[f32; 4]>, Vec<u32>);
+    type Meta = DetectionMeta;
     type Batch = DetectionBatch;
 
     fn len(&self) -> usize {
         self.dataset.len()
     }
 
-    fn item_len(&self) -> usize {
-        let s = self.transform.size as usize;
-        3 * s * s
+    fn item_size(
+        &self,
+        index: usize,
+        seed: u64,
+        epoch: usize,
+        batch: usize,
+    ) -> Result<(usize, usize)> {
+        if self.transform.item_size_varies() {
+            let (w, h) = self.dataset.image_size(index)?;
+            return Ok(self.transform.output_size(w, h));
+        }
+        let s = if self.transform.train {
+            batch_scale(&self.sizes, self.transform.size, seed, epoch, batch)
+        } else {
+            self.transform.size
+        } as usize;
+        Ok((s, s))
     }
 
     fn item_path(&self, index: usize) -> Option<PathBuf> {
@@ -469,37 +519,65 @@ impl ItemSource for DetectionSource {
         self.dataset.dropped().to_vec()
     }
 
-    fn load_into(&self, index: usize, rng: &mut StdRng, out: &mut [f32]) -> Result<Self::Meta> {
+    fn load_into(
+        &self,
+        index: usize,
+        size: (usize, usize),
+        rng: &mut StdRng,
+        out: &mut [f32],
+    ) -> Result<Self::Meta> {
         let img = self.dataset.load_image(index)?;
         let r = self.dataset.get(index);
-        Ok(self
-            .transform
-            .apply_into(&img, &r.boxes, &r.labels, rng, out))
+        let t = if self.transform.item_size_varies() {
+            if self.transform.output_size(img.width(), img.height()) != size {
+                return Err(DatasetError::Image {
+                    path: self.dataset.image_path(index),
+                    message: format!(
+                        "decodes to {}x{} pixels, not the size its header gave",
+                        img.width(),
+                        img.height()
+                    ),
+                });
+            }
+            self.transform
+        } else {
+            self.transform.at_size(size.0 as u32)
+        };
+        let (boxes, labels) = t.apply_into(&img, &r.boxes, &r.labels, rng, out);
+        Ok(DetectionMeta {
+            boxes,
+            labels,
+            source_size: (img.height() as usize, img.width() as usize),
+        })
     }
 
     fn collate(
         &self,
         data: Vec<f32>,
-        metas: Vec<(usize, Self::Meta)>,
+        (h, w): (usize, usize),
+        metas: Vec<ItemMeta<DetectionMeta>>,
         epoch: usize,
         batch: usize,
     ) -> Result<DetectionBatch> {
-        let s = self.transform.size as usize;
         let n = metas.len();
         let mut out = DetectionBatch {
-            images: Tensor::from_vec(data, (n, 3, s, s), &Device::Cpu)?,
+            images: Tensor::from_vec(data, (n, 3, h, w), &Device::Cpu)?,
             boxes: Vec::with_capacity(n),
             labels: Vec::with_capacity(n),
             names: Vec::with_capacity(n),
             indices: Vec::with_capacity(n),
+            sizes: Vec::with_capacity(n),
+            source_sizes: Vec::with_capacity(n),
             epoch,
             batch,
         };
-        for (index, (boxes, labels)) in metas {
-            out.boxes.push(boxes);
-            out.labels.push(labels);
-            out.names.push(self.dataset.get(index).name.clone());
-            out.indices.push(index);
+        for m in metas {
+            out.boxes.push(m.meta.boxes);
+            out.labels.push(m.meta.labels);
+            out.names.push(self.dataset.get(m.index).name.clone());
+            out.indices.push(m.index);
+            out.sizes.push(m.size);
+            out.source_sizes.push(m.meta.source_size);
         }
         Ok(out)
     }
@@ -525,12 +603,35 @@ impl Loader<DetectionSource> {
         transform: DetectionTransform,
         config: LoaderConfig,
     ) -> Result<Self> {
-        if transform.size == 0 {
+        Self::multi_scale(dataset, transform, Vec::new(), config)
+    }
+
+    /// A training loader whose batches are each made at one of `sizes` (see [`batch_scale`];
+    /// empty: `transform.size` always).
+    pub fn multi_scale(
+        dataset: DetectionDataset,
+        transform: DetectionTransform,
+        sizes: Vec<u32>,
+        config: LoaderConfig,
+    ) -> Result<Self> {
+        if transform.size == 0 || sizes.contains(&0) {
             return Err(DatasetError::Invalid(
                 "transform size must be at least 1".into(),
             ));
         }
-        Loader::with_source(DetectionSource { dataset, transform }, config)
+        if !sizes.is_empty() && !transform.train {
+            return Err(DatasetError::Invalid(
+                "multi-scale sizes are for training transforms".into(),
+            ));
+        }
+        Loader::with_source(
+            DetectionSource {
+                dataset,
+                transform,
+                sizes,
+            },
+            config,
+        )
     }
 
     /// The dataset.

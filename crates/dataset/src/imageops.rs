@@ -29,6 +29,21 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     })
 }
 
+/// `(width, height)` of an image file from its header alone (the format guessed from the
+/// content). Errors name the file.
+pub fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
+    let bad = |message: String| DatasetError::Image {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(crate::error::io_err(path))?;
+    image::ImageReader::new(std::io::BufReader::new(file))
+        .with_guessed_format()
+        .map_err(|e| bad(e.to_string()))?
+        .into_dimensions()
+        .map_err(|e| bad(e.to_string()))
+}
+
 /// Decodes image file contents to RGB; the error is the decoder's message.
 ///
 /// The JPEG decoder fills whatever a truncated file lacks with grey and reports success, so a

@@ -52,10 +52,14 @@ pub use annotations::{
     voc_to_list,
 };
 pub use classification::{ClassificationBatch, ClassificationDataset, ClassificationLoader};
-pub use detection::{DetectionBatch, DetectionDataset, DetectionLoader, OpenOptions};
+pub use detection::{
+    DetectionBatch, DetectionDataset, DetectionLoader, DetectionMeta, OpenOptions, batch_scale,
+};
 pub use draw::{draw_detections, save_png};
 pub use error::{DatasetError, Result};
-pub use imageops::{MEAN, STD, decode_rgb, load_image_for_inference, load_rgb};
-pub use loader::{Batches, Loader, LoaderConfig, Skip, tune_allocator};
+pub use imageops::{MEAN, STD, decode_rgb, image_dimensions, load_image_for_inference, load_rgb};
+pub use loader::{Batches, ItemMeta, Loader, LoaderConfig, Skip, batch_rng, tune_allocator};
 pub use synthetic::SyntheticConfig;
-pub use transform::{ClassificationTransform, DetectionTransform, TransformedItem};
+pub use transform::{
+    Augment, ClassificationTransform, DetectionTransform, EvalResize, MappedBoxes, TransformedItem,
+};

@@ -3,8 +3,14 @@
 //! A background thread builds batches (items decoded and augmented in parallel with rayon) and
 //! hands them over through a bounded channel, so the next `prefetch` batches are being prepared
 //! while the model works on the current one. Every random choice comes from a per-item RNG
-//! seeded with `(seed, epoch, dataset index)` and the shuffle from `(seed, epoch)`, so results do
-//! not depend on thread scheduling, and a run resumed at `(epoch, batch)` sees the same batches.
+//! seeded with `(seed, epoch, dataset index)`, the shuffle from `(seed, epoch)` and a choice
+//! made once per batch (its size in multi-scale training) from `(seed, epoch, batch index)`, so
+//! results do not depend on thread scheduling, and a run resumed at `(epoch, batch)` or a rank
+//! of a data-parallel run sees the same batches.
+//!
+//! Items of one batch may differ in size (whole-image evaluation): the batch is then a canvas
+//! of the largest height and width, each item at its top-left corner with zeros around it, and
+//! the batch says each item's size.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -75,8 +81,8 @@ impl LoaderConfig {
 
 /// Where batches come from: implemented for detection and classification datasets.
 ///
-/// Items write their image data straight into their slot of the batch buffer (no per-item
-/// image allocation, no copy when collating).
+/// Items write their image data (planar RGB, `[3, H, W]`) straight into their slot of the batch
+/// buffer (no per-item image allocation, no copy when collating).
 pub trait ItemSource: Send + Sync + 'static {
     /// What an item returns besides its image data (boxes, labels, ...).
     type Meta: Send;
@@ -88,10 +94,25 @@ pub trait ItemSource: Send + Sync + 'static {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Number of `f32` values of one item's image data.
-    fn item_len(&self) -> usize;
-    /// Loads and transforms item `index` with its own RNG into `out` (`item_len()` values).
-    fn load_into(&self, index: usize, rng: &mut StdRng, out: &mut [f32]) -> Result<Self::Meta>;
+    /// `(H, W)` of item `index`'s image data in batch `batch` of `epoch` of a loader seeded
+    /// with `seed` (a size chosen per batch must be a function of these alone). An error is
+    /// treated as a load error of the item.
+    fn item_size(
+        &self,
+        index: usize,
+        seed: u64,
+        epoch: usize,
+        batch: usize,
+    ) -> Result<(usize, usize)>;
+    /// Loads and transforms item `index` at `size` (from [`ItemSource::item_size`]) with its
+    /// own RNG into `out` (`3 * H * W` values).
+    fn load_into(
+        &self,
+        index: usize,
+        size: (usize, usize),
+        rng: &mut StdRng,
+        out: &mut [f32],
+    ) -> Result<Self::Meta>;
     /// The file item `index` is read from, for naming it when it is skipped.
     fn item_path(&self, _index: usize) -> Option<PathBuf> {
         None
@@ -101,15 +122,28 @@ pub trait ItemSource: Send + Sync + 'static {
     fn initial_skips(&self) -> Vec<Skip> {
         Vec::new()
     }
-    /// Builds a batch from the image data of `metas.len()` items (in order) and their metadata
-    /// with their dataset indices.
+    /// Builds a batch from the image data of `metas.len()` items (in order, each on a
+    /// `[3, canvas.0, canvas.1]` slot, top-left) and their metadata with their dataset indices
+    /// and sizes.
     fn collate(
         &self,
         data: Vec<f32>,
-        metas: Vec<(usize, Self::Meta)>,
+        canvas: (usize, usize),
+        metas: Vec<ItemMeta<Self::Meta>>,
         epoch: usize,
         batch: usize,
     ) -> Result<Self::Batch>;
+}
+
+/// One loaded item as [`ItemSource::collate`] gets it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemMeta<M> {
+    /// The dataset index.
+    pub index: usize,
+    /// `(H, W)` of its image data on the batch's canvas.
+    pub size: (usize, usize),
+    /// What the source returned.
+    pub meta: M,
 }
 
 /// Makes glibc's `malloc` keep freed large blocks for reuse instead of unmapping them.
@@ -155,6 +189,14 @@ fn mix(mut z: u64) -> u64 {
 /// The RNG of item `index` in `epoch`: a pure function of `(seed, epoch, index)`.
 pub fn item_rng(seed: u64, epoch: usize, index: usize) -> StdRng {
     StdRng::seed_from_u64(mix(mix(mix(seed) ^ epoch as u64) ^ index as u64))
+}
+
+/// The RNG of batch `batch` of `epoch`, for choices made once per batch (its size in
+/// multi-scale training): a pure function of `(seed, epoch, batch)`, independent of the items'.
+pub fn batch_rng(seed: u64, epoch: usize, batch: usize) -> StdRng {
+    StdRng::seed_from_u64(mix(
+        mix(mix(seed ^ 0x4241_5443_4853_495a) ^ epoch as u64) ^ batch as u64
+    ))
 }
 
 /// The order of the items in `epoch`: a seeded shuffle, or `0..len`.
@@ -426,23 +468,53 @@ fn build_batch<S: ItemSource>(
     epoch: usize,
     batch: usize,
 ) -> Result<Option<S::Batch>> {
-    let len = source.item_len();
+    let sizes: Vec<Result<(usize, usize)>> = indices
+        .par_iter()
+        .map(|&i| source.item_size(i, config.seed, epoch, batch))
+        .collect();
+    // A placeholder canvas when no size is known, so every item still reports its error.
+    let canvas = sizes
+        .iter()
+        .flatten()
+        .fold((0, 0), |c, s| (c.0.max(s.0), c.1.max(s.1)));
+    let canvas = if canvas.0 * canvas.1 == 0 {
+        (1, 1)
+    } else {
+        canvas
+    };
+    let len = 3 * canvas.0 * canvas.1;
     let mut data = vec![0f32; len * indices.len()];
-    let loaded: Vec<Result<S::Meta>> = data
-        .par_chunks_mut(len)
-        .zip(indices.par_iter())
-        .map(|(out, &i)| source.load_into(i, &mut item_rng(config.seed, epoch, i), out))
+    let loaded: Vec<Result<(usize, usize, S::Meta)>> = data
+        .par_chunks_mut(len.max(1))
+        .zip(indices.par_iter().zip(sizes))
+        .map(|(out, (&i, size))| {
+            let (h, w) = size?;
+            let meta = source.load_into(
+                i,
+                (h, w),
+                &mut item_rng(config.seed, epoch, i),
+                &mut out[..3 * h * w],
+            )?;
+            if (h, w) != canvas {
+                spread_on_canvas(out, (h, w), canvas);
+            }
+            Ok((h, w, meta))
+        })
         .collect();
     let mut items = Vec::with_capacity(loaded.len());
     for (k, (r, &i)) in loaded.into_iter().zip(indices).enumerate() {
         match r {
-            Ok(meta) => {
+            Ok((h, w, meta)) => {
                 // Close the gaps left by skipped items.
                 let slot = items.len();
                 if slot != k {
                     data.copy_within(k * len..(k + 1) * len, slot * len);
                 }
-                items.push((i, meta));
+                items.push(ItemMeta {
+                    index: i,
+                    size: (h, w),
+                    meta,
+                });
             }
             Err(e)
                 if config.skip_bad
@@ -467,7 +539,44 @@ fn build_batch<S: ItemSource>(
     if items.is_empty() && config.shard_count == 1 {
         return Ok(None);
     }
-    source.collate(data, items, epoch, batch).map(Some)
+    // A canvas as large as the items that were read (skipped ones may have been larger).
+    let tight = items
+        .iter()
+        .fold((0, 0), |c, m| (c.0.max(m.size.0), c.1.max(m.size.1)));
+    if tight != canvas && !items.is_empty() {
+        data = shrink_canvas(&data, items.len(), canvas, tight);
+        return source.collate(data, tight, items, epoch, batch).map(Some);
+    }
+    source.collate(data, canvas, items, epoch, batch).map(Some)
+}
+
+/// Moves a planar `[3, h, w]` image written at the start of `slot` to its place on a
+/// `[3, H, W]` canvas (top-left, zeros around it), in place.
+fn spread_on_canvas(slot: &mut [f32], (h, w): (usize, usize), (ch, cw): (usize, usize)) {
+    // Rows move to higher offsets only: going from the last row back never overwrites a row
+    // not yet moved.
+    for c in (0..3).rev() {
+        for y in (0..h).rev() {
+            let src = (c * h + y) * w;
+            let dst = (c * ch + y) * cw;
+            slot.copy_within(src..src + w, dst);
+            slot[dst + w..dst + cw].fill(0.0);
+        }
+        slot[(c * ch + h) * cw..(c + 1) * ch * cw].fill(0.0);
+    }
+}
+
+/// The batch `data` of `n` items on a `from` canvas, cut to the smaller `to` canvas.
+fn shrink_canvas(data: &[f32], n: usize, from: (usize, usize), to: (usize, usize)) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n * 3 * to.0 * to.1);
+    for item in data.chunks_exact(3 * from.0 * from.1) {
+        for plane in item.chunks_exact(from.0 * from.1) {
+            for row in plane.chunks_exact(from.1).take(to.0) {
+                out.extend_from_slice(&row[..to.1]);
+            }
+        }
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -610,10 +719,16 @@ mod tests {
         fn len(&self) -> usize {
             4
         }
-        fn item_len(&self) -> usize {
-            1
+        fn item_size(&self, _: usize, _: u64, _: usize, _: usize) -> Result<(usize, usize)> {
+            Ok((1, 1))
         }
-        fn load_into(&self, index: usize, _: &mut StdRng, out: &mut [f32]) -> Result<()> {
+        fn load_into(
+            &self,
+            index: usize,
+            _: (usize, usize),
+            _: &mut StdRng,
+            out: &mut [f32],
+        ) -> Result<()> {
             assert!(index != 3, "item three is broken");
             out[0] = index as f32;
             Ok(())
@@ -621,11 +736,12 @@ mod tests {
         fn collate(
             &self,
             data: Vec<f32>,
-            _: Vec<(usize, ())>,
+            _: (usize, usize),
+            _: Vec<ItemMeta<()>>,
             _: usize,
             _: usize,
         ) -> Result<usize> {
-            Ok(data.len())
+            Ok(data.len() / 3)
         }
     }
 
@@ -641,6 +757,25 @@ mod tests {
         assert_eq!(*out[0].as_ref().unwrap(), 2);
         let e = out[1].as_ref().unwrap_err().to_string();
         assert!(e.contains("item three is broken"), "{e}");
+    }
+
+    #[test]
+    fn items_spread_on_a_canvas_and_back() {
+        // Two planes of 2x3 values on a 3x4 canvas: each row in place, zeros around.
+        let mut slot = vec![9f32; 3 * 3 * 4];
+        for (i, v) in slot[..18].iter_mut().enumerate() {
+            *v = i as f32 + 1.0;
+        }
+        spread_on_canvas(&mut slot, (2, 3), (3, 4));
+        let plane0 = [1., 2., 3., 0., 4., 5., 6., 0., 0., 0., 0., 0.];
+        assert_eq!(&slot[..12], &plane0);
+        assert_eq!(&slot[12..16], &[7., 8., 9., 0.]);
+        assert_eq!(&slot[32..36], &[0.; 4]);
+        assert_eq!(
+            shrink_canvas(&slot, 1, (3, 4), (2, 3))[..6],
+            [1., 2., 3., 4., 5., 6.]
+        );
+        assert_eq!(shrink_canvas(&slot, 1, (3, 4), (2, 3)).len(), 18);
     }
 
     #[test]

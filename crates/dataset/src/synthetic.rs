@@ -11,6 +11,11 @@
 //! (`object_size`, by default 20 to 80 px: up to half the default 160 px scene). Shapes may
 //! overlap, but a new shape may not hide more than half of an earlier one; each box is the exact
 //! bounding box of the shape's visible pixels.
+//!
+//! The small-object mode ([`Background::Textured`], e.g. 400 px scenes with `min_objects` 10 to
+//! `max_objects` 40 shapes of 8 to 30 px) draws many small shapes on multi-scale noise textures
+//! with more clutter, each shape coloured to stand out from the background under it: a stand-in
+//! for aerial or microscopy data that needs no download.
 
 use std::path::{Path, PathBuf};
 
@@ -56,6 +61,17 @@ impl Shape {
     }
 }
 
+/// The background of detection scenes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Background {
+    /// Flat, gradient, noise or stripes (the default data).
+    #[default]
+    Plain,
+    /// Multi-scale value-noise texture between two colours with fine grain, and clutter in
+    /// proportion to the scene's area.
+    Textured,
+}
+
 /// Generator settings. The cache folder name is derived from all of them, so changing any
 /// setting generates a new dataset instead of reusing a stale one.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,8 +86,13 @@ pub struct SyntheticConfig {
     pub num_eval: usize,
     /// The classes, in label order (detection labels 1..=C, classification 0..C).
     pub classes: Vec<Shape>,
-    /// Most objects in one detection scene (at least 1 is placed).
+    /// Most objects in one detection scene.
     pub max_objects: usize,
+    /// Fewest objects drawn for a scene (1; a shape that finds no free place after 20 tries is
+    /// left out).
+    pub min_objects: usize,
+    /// The scenes' background.
+    pub background: Background,
     /// Side range `[min, max]` of the detection shapes in scene pixels (drawn log-uniformly, so
     /// each octave is equally common).
     pub object_size: [f32; 2],
@@ -88,6 +109,8 @@ impl Default for SyntheticConfig {
             num_eval: 200,
             classes: Shape::ALL.to_vec(),
             max_objects: 5,
+            min_objects: 1,
+            background: Background::Plain,
             object_size: [20.0, 80.0],
             seed: 0,
         }
@@ -111,6 +134,12 @@ impl SyntheticConfig {
                 "synthetic data needs at least one class, one train image, one eval image and max_objects >= 1".into(),
             ));
         }
+        if !(1..=self.max_objects).contains(&self.min_objects) {
+            return Err(DatasetError::Invalid(format!(
+                "synthetic min_objects = {} must lie in 1..=max_objects ({})",
+                self.min_objects, self.max_objects
+            )));
+        }
         let [lo, hi] = self.object_size;
         if !(lo >= 4.0 && lo <= hi && hi <= self.image_size as f32 - 2.0) {
             return Err(DatasetError::Invalid(format!(
@@ -123,11 +152,16 @@ impl SyntheticConfig {
 
     fn key(&self, kind: &str) -> String {
         // Classification images do not use the object sizes: leave them out of that key.
-        let sizes = if kind == "cls" {
+        let mut sizes = if kind == "cls" {
             String::new()
         } else {
             format!("|{:?}", self.object_size)
         };
+        // Settings added later enter the key only when set, so the default data keeps its
+        // folder.
+        if kind != "cls" && (self.min_objects != 1 || self.background != Background::Plain) {
+            sizes.push_str(&format!("|{}|{:?}", self.min_objects, self.background));
+        }
         let desc = format!(
             "{kind}|{}|{}|{}|{}|{:?}|{}|{}{sizes}|v1",
             self.image_size,
@@ -375,9 +409,61 @@ fn background(w: usize, h: usize, rng: &mut StdRng) -> (Vec<f32>, [f32; 3]) {
     (buf, mean.map(|m| m / n))
 }
 
-/// Unlabelled clutter: thin lines and small dots.
+/// A textured background: value noise at three scales (cells of 48, 16 and 6 px) blending two
+/// colours, plus per-pixel grain; interleaved f32 RGB.
+fn textured_background(w: usize, h: usize, rng: &mut StdRng) -> Vec<f32> {
+    let c0 = random_color(rng);
+    let c1 = random_color(rng);
+    let grain: f32 = rng.random_range(4.0..16.0);
+    let mut t = vec![0f32; w * h];
+    for (cell, weight) in [(48usize, 0.55f32), (16, 0.3), (6, 0.15)] {
+        let (gw, gh) = (w / cell + 2, h / cell + 2);
+        let grid: Vec<f32> = (0..gw * gh).map(|_| rng.random_range(0.0..1.0)).collect();
+        for y in 0..h {
+            let fy = y as f32 / cell as f32;
+            let (y0, ty) = (fy.floor() as usize, fy.fract());
+            for x in 0..w {
+                let fx = x as f32 / cell as f32;
+                let (x0, tx) = (fx.floor() as usize, fx.fract());
+                let g = |yy: usize, xx: usize| grid[yy * gw + xx];
+                let top = g(y0, x0) * (1.0 - tx) + g(y0, x0 + 1) * tx;
+                let bottom = g(y0 + 1, x0) * (1.0 - tx) + g(y0 + 1, x0 + 1) * tx;
+                t[y * w + x] += weight * (top * (1.0 - ty) + bottom * ty);
+            }
+        }
+    }
+    let mut buf = vec![0f32; w * h * 3];
+    for (i, &v) in t.iter().enumerate() {
+        let n = rng.random_range(-grain..grain);
+        for c in 0..3 {
+            buf[i * 3 + c] = (c0[c] * (1.0 - v) + c1[c] * v + n).clamp(0.0, 255.0);
+        }
+    }
+    buf
+}
+
+/// Mean colour of `buf` (interleaved, `w` wide) over the box `[x0, x1) x [y0, y1)`.
+fn mean_colour(buf: &[f32], w: usize, (x0, y0, x1, y1): (usize, usize, usize, usize)) -> [f32; 3] {
+    let mut m = [0f32; 3];
+    let mut n = 0usize;
+    for y in y0..y1 {
+        for x in x0..x1 {
+            for c in 0..3 {
+                m[c] += buf[(y * w + x) * 3 + c];
+            }
+            n += 1;
+        }
+    }
+    m.map(|v| v / n.max(1) as f32)
+}
+
+/// Unlabelled clutter: thin lines and small dots, up to `max` of them.
 fn clutter(buf: &mut [f32], w: usize, h: usize, rng: &mut StdRng) {
-    let n = rng.random_range(0..=6);
+    clutter_n(buf, w, h, 6, rng)
+}
+
+fn clutter_n(buf: &mut [f32], w: usize, h: usize, max: usize, rng: &mut StdRng) {
+    let n = rng.random_range(0..=max);
     for _ in 0..n {
         let col = random_color(rng);
         if rng.random_bool(0.5) {
@@ -529,22 +615,34 @@ pub fn detection_scene(
     rng: &mut StdRng,
 ) -> (RgbImage, Vec<[f32; 4]>, Vec<u32>) {
     let (w, h) = (config.image_size as usize, config.image_size as usize);
-    let (mut buf, mean) = background(w, h, rng);
-    clutter(&mut buf, w, h, rng);
+    let textured = config.background == Background::Textured;
+    let (mut buf, mean) = if textured {
+        (textured_background(w, h, rng), [0.0; 3])
+    } else {
+        background(w, h, rng)
+    };
+    if textured {
+        // As much clutter per pixel as the default 160 px scenes have.
+        clutter_n(&mut buf, w, h, (6 * w * h).div_ceil(160 * 160), rng);
+    } else {
+        clutter(&mut buf, w, h, rng);
+    }
     // owner[p] = index of the object whose pixel p is (usize::MAX: background).
     let mut owner = vec![usize::MAX; w * h];
     // Visible and full pixel counts per object.
     let mut areas: Vec<usize> = Vec::new();
     let mut full: Vec<usize> = Vec::new();
     let mut labels = Vec::new();
-    let n = rng.random_range(1..=config.max_objects);
+    let n = rng.random_range(config.min_objects..=config.max_objects);
     let [lo, hi] = config.object_size;
+    // Shapes need 30 pixels to be told apart; small-object scenes allow less in proportion.
+    let min_px = (0.3 * lo * lo).min(30.0) as usize;
     for _ in 0..n {
         let ci = rng.random_range(0..config.classes.len());
         for _try in 0..20 {
             let p = Placed::random(config.classes[ci], lo, hi, w, h, rng);
             let px = p.pixels(w, h);
-            if px.len() < 30 {
+            if px.len() < min_px {
                 continue;
             }
             // Reject if it would hide more than half of an earlier object.
@@ -558,7 +656,17 @@ pub fn detection_scene(
             if (0..areas.len()).any(|k| hidden[k] > 0 && 2 * (areas[k] - hidden[k]) < full[k]) {
                 continue;
             }
-            let col = shape_color(mean, rng);
+            // On a texture the shape must stand out from what lies under it.
+            let under = if textured {
+                let x0 = p.bx.floor().max(0.0) as usize;
+                let y0 = p.by.floor().max(0.0) as usize;
+                let x1 = ((p.bx + p.bw).ceil() as usize).min(w);
+                let y1 = ((p.by + p.bh).ceil() as usize).min(h);
+                mean_colour(&buf, w, (x0, y0, x1, y1))
+            } else {
+                mean
+            };
+            let col = shape_color(under, rng);
             let k = areas.len();
             for &q in &px {
                 owner[q] = k;

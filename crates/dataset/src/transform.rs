@@ -4,7 +4,7 @@ use image::RgbImage;
 use rand::Rng;
 
 use crate::imageops::{
-    SrcRect, normalisation_factors, normalize_chw, resample, resample_planar_into, round_half_even,
+    SrcRect, normalisation_factors, normalize_chw, resample_planar_into, round_half_even,
 };
 
 /// An item after geometric transformation, before normalisation.
@@ -40,24 +40,106 @@ impl TransformedItem {
     }
 }
 
+/// Training-time augmentation of detection items beyond the crop's geometry. `Default` is the
+/// tutorial's: horizontal flip with p = 0.5, crop of area `U(0.85, 1)` and aspect `U(3/4, 4/3)`,
+/// nothing else.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Augment {
+    /// Probability of a horizontal flip (tutorial: 0.5).
+    pub hflip: f64,
+    /// Probability of a vertical flip (natural for aerial and microscopy images; 0).
+    pub vflip: f64,
+    /// Turn the item by a random multiple of 90 degrees (after the resize, so the output stays
+    /// `S x S`; false).
+    pub rot90: bool,
+    /// Range of the crop's area as a fraction of the image (tutorial: 0.85 to 1). Smaller
+    /// crops zoom in: at output size `S`, objects grow by about `1 / sqrt(area)`.
+    pub crop_area: (f64, f64),
+    /// Range of the crop's aspect ratio (tutorial: 3/4 to 4/3), sides swapped with p = 0.5.
+    pub crop_aspect: (f64, f64),
+    /// Brightness jitter: factor `U(max(0, 1 - b), 1 + b)` (torchvision's `ColorJitter`; 0).
+    pub brightness: f32,
+    /// Contrast jitter: blend with the mean grey, factor `U(max(0, 1 - c), 1 + c)` (0).
+    pub contrast: f32,
+    /// Saturation jitter: blend with the pixel's grey, factor `U(max(0, 1 - s), 1 + s)` (0).
+    pub saturation: f32,
+    /// Hue jitter: shift `U(-h, h)` of a turn, `h <= 0.5` (0).
+    pub hue: f32,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Augment {
+            hflip: 0.5,
+            vflip: 0.0,
+            rot90: false,
+            crop_area: (0.85, 1.0),
+            crop_aspect: (0.75, 4.0 / 3.0),
+            brightness: 0.0,
+            contrast: 0.0,
+            saturation: 0.0,
+            hue: 0.0,
+        }
+    }
+}
+
+impl Augment {
+    fn jitters(&self) -> bool {
+        [self.brightness, self.contrast, self.saturation, self.hue]
+            .iter()
+            .any(|&v| v > 0.0)
+    }
+}
+
+/// The boxes of one item without its pixels ([`DetectionTransform::map_boxes`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappedBoxes {
+    /// The kept boxes, in the item's pixels.
+    pub boxes: Vec<[f32; 4]>,
+    /// Their labels.
+    pub labels: Vec<u32>,
+    /// Per box: whether the crop cut part of the object away.
+    pub cut: Vec<bool>,
+    /// `(height, width)` of the item.
+    pub size: (usize, usize),
+}
+
+/// How an evaluation item is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalResize {
+    /// The tutorial's: shorter side to `size` (longer side capped), centre crop `size x size`.
+    CenterCrop,
+    /// The whole image, shorter side to `size` unless the longer side would exceed `max_size`:
+    /// no crop, so no object is cut off (as VOC and COCO evaluate).
+    Whole,
+}
+
 /// Detection item transform: the tutorial's training augmentation or evaluation resize.
 ///
 /// Training: random horizontal flip (p = 0.5); random crop of area fraction `U(0.85, 1)` and
 /// aspect `U(3/4, 4/3)` with the sides swapped with p = 0.5, 10 tries for a crop that fits, else
-/// the centred square; resize to `(size, size)`. Evaluation: scale so the shorter side is `size`
-/// unless that makes the longer side exceed `max_size` (1000), then centre crop `(size, size)`
-/// (black padding where the scaled image is smaller).
+/// the centred square; resize to `(size, size)`; then, as [`Augment`] asks (none by default), a
+/// vertical flip, a turn by a multiple of 90 degrees and colour jitter. Evaluation
+/// ([`EvalResize::CenterCrop`]): scale so the shorter side is `size` unless that makes the longer
+/// side exceed `max_size` (1000), then centre crop `(size, size)` (black padding where the
+/// scaled image is smaller); [`EvalResize::Whole`]: the same scale, no crop, the item as large
+/// as the scaled image.
 ///
 /// Boxes follow each step exactly: a box `[ymin, xmin, ymax, xmax]` covers the pixels
 /// `ymin..=ymax`, i.e. the continuous extent `[ymin, ymax + 1)`; that extent is flipped, cropped,
-/// clamped and scaled, so a box painted on the image still bounds the painted pixels afterwards.
-/// Boxes whose pixel area `(ymax - ymin + 1) * (xmax - xmin + 1)` is `<= boxarea_th` after
-/// resizing are dropped, together with their labels; so are boxes whose extent is at most one
-/// pixel high or wide (a crop edge grazing a wide object): as inclusive boxes they would have
-/// `ymax <= ymin`, which the encoder refuses or turns into `ln(0)` regression targets.
+/// clamped, scaled and turned, so a box painted on the image still bounds the painted pixels
+/// afterwards. Boxes whose pixel area `(ymax - ymin + 1) * (xmax - xmin + 1)` is
+/// `<= boxarea_th` after resizing are dropped, together with their labels; so are boxes whose
+/// extent is at most one pixel high or wide (a crop edge grazing a wide object): as inclusive
+/// boxes they would have `ymax <= ymin`, which the encoder refuses or turns into `ln(0)`
+/// regression targets.
+///
+/// Every random choice comes from the item's RNG, in a fixed order (flip, crop, then the
+/// [`Augment`] extras that are switched on), so the tutorial's choices are unchanged by extras
+/// that are off.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DetectionTransform {
-    /// Output side `S` (items are `S x S`).
+    /// Output side `S` (items are `S x S`; for [`EvalResize::Whole`] the shorter side).
     pub size: u32,
     /// Boxes with area `<=` this (output pixels) are dropped.
     pub boxarea_th: f32,
@@ -65,6 +147,35 @@ pub struct DetectionTransform {
     pub train: bool,
     /// Evaluation only: the longest side after scaling (the tutorial's 1000).
     pub max_size: u32,
+    /// Training only: the augmentation.
+    pub augment: Augment,
+    /// Evaluation only: crop or whole image.
+    pub eval_resize: EvalResize,
+}
+
+/// Colour jitter drawn for one item: the order of the four operations and their factors (`None`:
+/// off).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Jitter {
+    order: [usize; 4],
+    f: [Option<f32>; 4],
+}
+
+/// What a transform does to one item: where it reads, how it moves the pixels, the boxes.
+struct Plan {
+    rect: SrcRect,
+    flip: bool,
+    out_w: usize,
+    out_h: usize,
+    /// Vertical flip of the output.
+    vflip: bool,
+    /// Clockwise quarter turns of the output.
+    turns: u8,
+    jitter: Option<Jitter>,
+    boxes: Vec<[f32; 4]>,
+    labels: Vec<u32>,
+    /// Per kept box: whether the crop cut part of it away.
+    cut: Vec<bool>,
 }
 
 impl DetectionTransform {
@@ -75,16 +186,60 @@ impl DetectionTransform {
             boxarea_th,
             train: true,
             max_size: 1000,
+            augment: Augment::default(),
+            eval_resize: EvalResize::CenterCrop,
         }
     }
 
-    /// The evaluation transform at output size `size`.
+    /// The tutorial's evaluation transform (centre crop) at output size `size`.
     pub fn eval(size: u32, boxarea_th: f32) -> Self {
         DetectionTransform {
-            size,
-            boxarea_th,
             train: false,
-            max_size: 1000,
+            ..Self::train(size, boxarea_th)
+        }
+    }
+
+    /// Whole-image evaluation: shorter side to `size`, longer side at most `max_size`.
+    pub fn whole(size: u32, max_size: u32, boxarea_th: f32) -> Self {
+        DetectionTransform {
+            max_size,
+            eval_resize: EvalResize::Whole,
+            ..Self::eval(size, boxarea_th)
+        }
+    }
+
+    /// The same transform at another output size (multi-scale training sets it per batch).
+    pub fn at_size(mut self, size: u32) -> Self {
+        self.size = size;
+        self
+    }
+
+    /// Whether items of images of different sizes differ in size (whole-image evaluation).
+    pub fn item_size_varies(&self) -> bool {
+        !self.train && self.eval_resize == EvalResize::Whole
+    }
+
+    /// The eval scale of a `w x h` image: shorter side to `size`, longer at most `max_size`.
+    fn eval_scale(&self, w: f64, h: f64) -> f64 {
+        let s = self.size as f64 / w.min(h);
+        if s * w.max(h) > self.max_size as f64 {
+            self.max_size as f64 / w.max(h)
+        } else {
+            s
+        }
+    }
+
+    /// `(height, width)` of the item made from a `width x height` image.
+    pub fn output_size(&self, width: u32, height: u32) -> (usize, usize) {
+        if self.item_size_varies() {
+            let (w, h) = (width as f64, height as f64);
+            let s = self.eval_scale(w, h);
+            (
+                ((h * s + 0.5).floor() as usize).max(1),
+                ((w * s + 0.5).floor() as usize).max(1),
+            )
+        } else {
+            (self.size as usize, self.size as usize)
         }
     }
 
@@ -98,19 +253,28 @@ impl DetectionTransform {
         labels: &[u32],
         rng: &mut R,
     ) -> TransformedItem {
-        let (rect, flip, boxes, labels) = self.plan(img, boxes, labels, rng);
-        let size = self.size as usize;
+        let p = self.plan(img.width(), img.height(), boxes, labels, rng);
+        let n = p.out_w * p.out_h;
+        let mut planar = vec![0f32; 3 * n];
+        self.pixels_into(img, &p, [1.0; 3], [0.0; 3], &mut planar);
+        let mut hwc = vec![0f32; 3 * n];
+        for (i, px) in hwc.chunks_exact_mut(3).enumerate() {
+            px[0] = planar[i];
+            px[1] = planar[n + i];
+            px[2] = planar[2 * n + i];
+        }
         TransformedItem {
-            hwc: resample(img, rect, size, size, flip, self.train),
-            width: size,
-            height: size,
-            boxes,
-            labels,
+            hwc,
+            width: p.out_w,
+            height: p.out_h,
+            boxes: p.boxes,
+            labels: p.labels,
         }
     }
 
-    /// Applies the transform, writing the normalised `[3, S, S]` image into `out` (length
-    /// `3 * S * S`) in one resampling pass; returns the kept boxes and labels.
+    /// Applies the transform, writing the normalised `[3, H, W]` image into `out` (length
+    /// `3 * H * W`, `(H, W)` = [`DetectionTransform::output_size`]); returns the kept boxes
+    /// and labels.
     pub fn apply_into<R: Rng + ?Sized>(
         &self,
         img: &RgbImage,
@@ -119,23 +283,76 @@ impl DetectionTransform {
         rng: &mut R,
         out: &mut [f32],
     ) -> (Vec<[f32; 4]>, Vec<u32>) {
-        let (rect, flip, boxes, labels) = self.plan(img, boxes, labels, rng);
-        let size = self.size as usize;
+        let p = self.plan(img.width(), img.height(), boxes, labels, rng);
         let (scale, offset) = normalisation_factors();
-        resample_planar_into(img, rect, size, size, flip, self.train, scale, offset, out);
-        (boxes, labels)
+        if p.jitter.is_none() {
+            // Resampling and normalisation in one pass (turns and flips only move values).
+            self.pixels_into(img, &p, scale, offset, out);
+        } else {
+            self.pixels_into(img, &p, [1.0; 3], [0.0; 3], out);
+            let n = out.len() / 3;
+            for (c, plane) in out.chunks_exact_mut(n).enumerate() {
+                plane
+                    .iter_mut()
+                    .for_each(|v| *v = *v * scale[c] + offset[c]);
+            }
+        }
+        (p.boxes, p.labels)
     }
 
-    /// The random choices and the box mapping: source rectangle, flip, kept boxes and labels.
-    fn plan<R: Rng + ?Sized>(
+    /// The boxes an item of a `width x height` image gets, with the same random choices as
+    /// [`DetectionTransform::apply`] from the same RNG, without touching pixels (for the
+    /// anchor check).
+    pub fn map_boxes<R: Rng + ?Sized>(
         &self,
-        img: &RgbImage,
+        width: u32,
+        height: u32,
         boxes: &[[f32; 4]],
         labels: &[u32],
         rng: &mut R,
-    ) -> (SrcRect, bool, Vec<[f32; 4]>, Vec<u32>) {
-        let (w, h) = (img.width() as f64, img.height() as f64);
+    ) -> MappedBoxes {
+        let p = self.plan(width, height, boxes, labels, rng);
+        MappedBoxes {
+            boxes: p.boxes,
+            labels: p.labels,
+            cut: p.cut,
+            size: (p.out_h, p.out_w),
+        }
+    }
+
+    /// Resamples, then moves and jitters the values as planned, into planar `out`.
+    fn pixels_into(
+        &self,
+        img: &RgbImage,
+        p: &Plan,
+        scale: [f32; 3],
+        offset: [f32; 3],
+        out: &mut [f32],
+    ) {
+        resample_planar_into(
+            img, p.rect, p.out_w, p.out_h, p.flip, self.train, scale, offset, out,
+        );
+        if p.vflip || p.turns > 0 {
+            // Training items are square: flips and turns keep the size.
+            turn_planes(out, p.out_w, p.vflip, p.turns);
+        }
+        if let Some(j) = &p.jitter {
+            apply_jitter(out, j);
+        }
+    }
+
+    /// The random choices and the box mapping.
+    fn plan<R: Rng + ?Sized>(
+        &self,
+        width: u32,
+        height: u32,
+        boxes: &[[f32; 4]],
+        labels: &[u32],
+        rng: &mut R,
+    ) -> Plan {
+        let (w, h) = (width as f64, height as f64);
         let size = self.size as usize;
+        let aug = &self.augment;
         // Continuous extents [top, left, bottom, right), clamped to the image.
         let ext: Vec<[f64; 4]> = boxes
             .iter()
@@ -148,93 +365,154 @@ impl DetectionTransform {
                 ]
             })
             .collect();
-        // Each case yields: the source rectangle, whether to flip, and the mapping of extents.
-        let (rect, flip, mapped): (SrcRect, bool, Vec<[f64; 4]>) = if self.train {
-            let flip = rng.random::<f64>() < 0.5;
-            let (iw, ih) = (img.width() as i64, img.height() as i64);
-            let mut crop = None;
-            for _ in 0..10 {
-                let area = (iw * ih) as f64;
-                let target = rng.random_range(0.85..1.0) * area;
-                let aspect = rng.random_range(0.75..4.0 / 3.0);
-                let mut cw = round_half_even((target * aspect).sqrt()) as i64;
-                let mut ch = round_half_even((target / aspect).sqrt()) as i64;
-                if rng.random::<f64>() < 0.5 {
-                    std::mem::swap(&mut cw, &mut ch);
-                }
-                if cw <= iw && ch <= ih && cw > 0 && ch > 0 {
-                    let x = rng.random_range(0..=iw - cw);
-                    let y = rng.random_range(0..=ih - ch);
-                    crop = Some((x, y, cw, ch));
-                    break;
-                }
-            }
-            let (x, y, cw, ch) = crop.unwrap_or_else(|| {
-                let s = iw.min(ih);
-                ((iw - s) / 2, (ih - s) / 2, s, s)
-            });
-            // (x, y) is in the flipped image when flipping; find the rectangle in the original.
-            let x0 = if flip { iw - x - cw } else { x } as f64;
-            let rect = SrcRect {
-                x0,
-                y0: y as f64,
-                x1: x0 + cw as f64,
-                y1: (y + ch) as f64,
-            };
-            let (sx, sy) = (size as f64 / cw as f64, size as f64 / ch as f64);
-            let (cw, ch) = (cw as f64, ch as f64);
-            let mapped = ext
-                .iter()
-                .map(|e| {
-                    let (l, r) = if flip {
-                        (w - e[3], w - e[1])
+        let (mut vflip, mut turns, mut jitter) = (false, 0u8, None);
+        // Each case yields: the source rectangle, whether to flip, the output size and the
+        // mapping of extents.
+        // Each mapped extent comes with whether the crop cut it.
+        type Mapped = Vec<([f64; 4], bool)>;
+        let (rect, flip, out_w, out_h, mut mapped): (SrcRect, bool, usize, usize, Mapped) =
+            if self.train {
+                let flip = rng.random::<f64>() < aug.hflip;
+                let (iw, ih) = (width as i64, height as i64);
+                let range = |rng: &mut R, (lo, hi): (f64, f64)| {
+                    if hi > lo {
+                        rng.random_range(lo..hi)
                     } else {
-                        (e[1], e[3])
-                    };
-                    [
-                        (e[0] - y as f64).clamp(0.0, ch) * sy,
-                        (l - x as f64).clamp(0.0, cw) * sx,
-                        (e[2] - y as f64).clamp(0.0, ch) * sy,
-                        (r - x as f64).clamp(0.0, cw) * sx,
-                    ]
-                })
-                .collect();
-            (rect, flip, mapped)
-        } else {
-            let smin = w.min(h);
-            let smax = w.max(h);
-            let mut s = size as f64 / smin;
-            if s * smax > self.max_size as f64 {
-                s = self.max_size as f64 / smax;
-            }
-            let ow = (w * s + 0.5).floor();
-            let oh = (h * s + 0.5).floor();
-            let (sx, sy) = (ow / w, oh / h);
-            let j = round_half_even((ow - size as f64) / 2.0);
-            let i = round_half_even((oh - size as f64) / 2.0);
-            let rect = SrcRect {
-                x0: j / sx,
-                y0: i / sy,
-                x1: (j + size as f64) / sx,
-                y1: (i + size as f64) / sy,
+                        lo
+                    }
+                };
+                let mut crop = None;
+                for _ in 0..10 {
+                    let area = (iw * ih) as f64;
+                    let target = range(rng, aug.crop_area) * area;
+                    let aspect = range(rng, aug.crop_aspect);
+                    let mut cw = round_half_even((target * aspect).sqrt()) as i64;
+                    let mut ch = round_half_even((target / aspect).sqrt()) as i64;
+                    if rng.random::<f64>() < 0.5 {
+                        std::mem::swap(&mut cw, &mut ch);
+                    }
+                    if cw <= iw && ch <= ih && cw > 0 && ch > 0 {
+                        let x = rng.random_range(0..=iw - cw);
+                        let y = rng.random_range(0..=ih - ch);
+                        crop = Some((x, y, cw, ch));
+                        break;
+                    }
+                }
+                let (x, y, cw, ch) = crop.unwrap_or_else(|| {
+                    let s = iw.min(ih);
+                    ((iw - s) / 2, (ih - s) / 2, s, s)
+                });
+                // (x, y) is in the flipped image when flipping; find the rectangle in the original.
+                let x0 = if flip { iw - x - cw } else { x } as f64;
+                let rect = SrcRect {
+                    x0,
+                    y0: y as f64,
+                    x1: x0 + cw as f64,
+                    y1: (y + ch) as f64,
+                };
+                let (sx, sy) = (size as f64 / cw as f64, size as f64 / ch as f64);
+                let (cw, ch) = (cw as f64, ch as f64);
+                let mapped = ext
+                    .iter()
+                    .map(|e| {
+                        let (l, r) = if flip {
+                            (w - e[3], w - e[1])
+                        } else {
+                            (e[1], e[3])
+                        };
+                        let (t, b, l, r) =
+                            (e[0] - y as f64, e[2] - y as f64, l - x as f64, r - x as f64);
+                        let cut = t < 0.0 || l < 0.0 || b > ch || r > cw;
+                        (
+                            [
+                                t.clamp(0.0, ch) * sy,
+                                l.clamp(0.0, cw) * sx,
+                                b.clamp(0.0, ch) * sy,
+                                r.clamp(0.0, cw) * sx,
+                            ],
+                            cut,
+                        )
+                    })
+                    .collect();
+                // The extras draw after the tutorial's choices, and only when on.
+                if aug.vflip > 0.0 {
+                    vflip = rng.random::<f64>() < aug.vflip;
+                }
+                if aug.rot90 {
+                    turns = rng.random_range(0..4u8);
+                }
+                if aug.jitters() {
+                    jitter = Some(draw_jitter(
+                        [aug.brightness, aug.contrast, aug.saturation, aug.hue],
+                        rng,
+                    ));
+                }
+                (rect, flip, size, size, mapped)
+            } else if self.eval_resize == EvalResize::Whole {
+                let (oh, ow) = self.output_size(width, height);
+                let (sx, sy) = (ow as f64 / w, oh as f64 / h);
+                let rect = SrcRect {
+                    x0: 0.0,
+                    y0: 0.0,
+                    x1: w,
+                    y1: h,
+                };
+                let (fh, fw) = (oh as f64, ow as f64);
+                let mapped = ext
+                    .iter()
+                    .map(|e| {
+                        (
+                            [
+                                (e[0] * sy).clamp(0.0, fh),
+                                (e[1] * sx).clamp(0.0, fw),
+                                (e[2] * sy).clamp(0.0, fh),
+                                (e[3] * sx).clamp(0.0, fw),
+                            ],
+                            false,
+                        )
+                    })
+                    .collect();
+                (rect, false, ow, oh, mapped)
+            } else {
+                let s = self.eval_scale(w, h);
+                let ow = (w * s + 0.5).floor();
+                let oh = (h * s + 0.5).floor();
+                let (sx, sy) = (ow / w, oh / h);
+                let j = round_half_even((ow - size as f64) / 2.0);
+                let i = round_half_even((oh - size as f64) / 2.0);
+                let rect = SrcRect {
+                    x0: j / sx,
+                    y0: i / sy,
+                    x1: (j + size as f64) / sx,
+                    y1: (i + size as f64) / sy,
+                };
+                let sz = size as f64;
+                let mapped = ext
+                    .iter()
+                    .map(|e| {
+                        let m = [e[0] * sy - i, e[1] * sx - j, e[2] * sy - i, e[3] * sx - j];
+                        let cut = m[0] < 0.0 || m[1] < 0.0 || m[2] > sz || m[3] > sz;
+                        (m.map(|v| v.clamp(0.0, sz)), cut)
+                    })
+                    .collect();
+                (rect, false, size, size, mapped)
             };
-            let sz = size as f64;
-            let mapped = ext
-                .iter()
-                .map(|e| {
-                    [
-                        (e[0] * sy - i).clamp(0.0, sz),
-                        (e[1] * sx - j).clamp(0.0, sz),
-                        (e[2] * sy - i).clamp(0.0, sz),
-                        (e[3] * sx - j).clamp(0.0, sz),
-                    ]
-                })
-                .collect();
-            (rect, false, mapped)
-        };
+        if vflip || turns > 0 {
+            let s = size as f64;
+            for (e, _) in &mut mapped {
+                if vflip {
+                    *e = [s - e[2], e[1], s - e[0], e[3]];
+                }
+                for _ in 0..turns {
+                    // Clockwise: pixel (y, x) goes to (x, S - 1 - y).
+                    *e = [e[1], s - e[2], e[3], s - e[0]];
+                }
+            }
+        }
         let mut out_boxes = Vec::with_capacity(mapped.len());
         let mut out_labels = Vec::with_capacity(mapped.len());
-        for (e, &l) in mapped.iter().zip(labels) {
+        let mut out_cut = Vec::with_capacity(mapped.len());
+        for ((e, cut), &l) in mapped.iter().zip(labels) {
             let (bh, bw) = (e[2] - e[0], e[3] - e[1]);
             if bh <= 1.0 || bw <= 1.0 || bh * bw <= self.boxarea_th as f64 {
                 continue;
@@ -246,8 +524,50 @@ impl DetectionTransform {
                 (e[3] - 1.0) as f32,
             ]);
             out_labels.push(l);
+            out_cut.push(*cut);
         }
-        (rect, flip, out_boxes, out_labels)
+        Plan {
+            rect,
+            flip,
+            out_w,
+            out_h,
+            vflip,
+            turns,
+            jitter,
+            boxes: out_boxes,
+            labels: out_labels,
+            cut: out_cut,
+        }
+    }
+}
+
+/// Flips (vertically) then turns (clockwise, `turns` quarter turns) each `s x s` plane of
+/// planar `data`.
+fn turn_planes(data: &mut [f32], s: usize, vflip: bool, turns: u8) {
+    let n = s * s;
+    let mut tmp = vec![0f32; n];
+    for plane in data.chunks_exact_mut(n) {
+        if vflip {
+            for y in 0..s / 2 {
+                let (a, b) = plane.split_at_mut((s - 1 - y) * s);
+                a[y * s..(y + 1) * s].swap_with_slice(&mut b[..s]);
+            }
+        }
+        if turns.is_multiple_of(4) {
+            continue;
+        }
+        tmp.copy_from_slice(plane);
+        for y in 0..s {
+            for x in 0..s {
+                // The source of output (y, x) after `turns` clockwise quarter turns.
+                let (sy, sx) = match turns % 4 {
+                    1 => (s - 1 - x, y),
+                    2 => (s - 1 - y, s - 1 - x),
+                    _ => (x, s - 1 - y),
+                };
+                plane[y * s + x] = tmp[sy * s + sx];
+            }
+        }
     }
 }
 
@@ -407,49 +727,63 @@ fn grey(r: f32, g: f32, b: f32) -> f32 {
 /// Brightness, contrast, saturation and hue jitter of strength `s` in random order on planar
 /// `[3, H, W]` values in `0..=255` (clamped after each step).
 pub(crate) fn color_jitter<R: Rng + ?Sized>(planar: &mut [f32], s: f32, rng: &mut R) {
+    let j = draw_jitter([s; 4], rng);
+    apply_jitter(planar, &j);
+}
+
+/// Draws a jitter of strengths `[brightness, contrast, saturation, hue]` (torchvision's
+/// `ColorJitter`): the order, then a factor for every operation that is on.
+pub(crate) fn draw_jitter<R: Rng + ?Sized>(s: [f32; 4], rng: &mut R) -> Jitter {
     let mut order = [0usize, 1, 2, 3];
     // Fisher-Yates with our own RNG so the order is seeded too.
     for i in (1..4).rev() {
         let j = rng.random_range(0..=i);
         order.swap(i, j);
     }
-    let f: [f32; 4] = std::array::from_fn(|k| {
-        if k == 3 {
-            rng.random_range(-s..s)
-        } else {
-            rng.random_range(1.0 - s..1.0 + s)
-        }
+    let f: [Option<f32>; 4] = std::array::from_fn(|k| {
+        (s[k] > 0.0).then(|| {
+            if k == 3 {
+                rng.random_range(-s[k]..s[k])
+            } else {
+                rng.random_range((1.0 - s[k]).max(0.0)..1.0 + s[k])
+            }
+        })
     });
+    Jitter { order, f }
+}
+
+/// Applies a drawn jitter to planar `[3, H, W]` values in `0..=255` (clamped after each step).
+pub(crate) fn apply_jitter(planar: &mut [f32], j: &Jitter) {
     let n = planar.len() / 3;
     let (r, rest) = planar.split_at_mut(n);
     let (g, b) = rest.split_at_mut(n);
-    for op in order {
+    for op in j.order {
+        let Some(f) = j.f[op] else { continue };
         match op {
             0 => {
                 for p in [&mut *r, &mut *g, &mut *b] {
-                    p.iter_mut()
-                        .for_each(|v| *v = (*v * f[0]).clamp(0.0, 255.0));
+                    p.iter_mut().for_each(|v| *v = (*v * f).clamp(0.0, 255.0));
                 }
             }
             1 => {
                 let mean = (0..n).map(|i| grey(r[i], g[i], b[i])).sum::<f32>() / n.max(1) as f32;
                 for p in [&mut *r, &mut *g, &mut *b] {
                     p.iter_mut()
-                        .for_each(|v| *v = (*v * f[1] + mean * (1.0 - f[1])).clamp(0.0, 255.0));
+                        .for_each(|v| *v = (*v * f + mean * (1.0 - f)).clamp(0.0, 255.0));
                 }
             }
             2 => {
                 for i in 0..n {
                     let gr = grey(r[i], g[i], b[i]);
-                    r[i] = (r[i] * f[2] + gr * (1.0 - f[2])).clamp(0.0, 255.0);
-                    g[i] = (g[i] * f[2] + gr * (1.0 - f[2])).clamp(0.0, 255.0);
-                    b[i] = (b[i] * f[2] + gr * (1.0 - f[2])).clamp(0.0, 255.0);
+                    r[i] = (r[i] * f + gr * (1.0 - f)).clamp(0.0, 255.0);
+                    g[i] = (g[i] * f + gr * (1.0 - f)).clamp(0.0, 255.0);
+                    b[i] = (b[i] * f + gr * (1.0 - f)).clamp(0.0, 255.0);
                 }
             }
             _ => {
                 for i in 0..n {
                     let (hh, ss, vv) = rgb_to_hsv(r[i], g[i], b[i]);
-                    let hh = (hh + f[3]).rem_euclid(1.0);
+                    let hh = (hh + f).rem_euclid(1.0);
                     (r[i], g[i], b[i]) = hsv_to_rgb(hh, ss, vv);
                 }
             }

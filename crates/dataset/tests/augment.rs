@@ -3,7 +3,7 @@
 use image::{Rgb, RgbImage};
 use rand::Rng;
 use retinanet_dataset::loader::item_rng;
-use retinanet_dataset::{ClassificationTransform, DetectionTransform, TransformedItem};
+use retinanet_dataset::{Augment, ClassificationTransform, DetectionTransform, TransformedItem};
 
 /// Bounding box `[ymin, xmin, ymax, xmax]` of the output pixels brighter than half.
 fn bright_bounds(t: &TransformedItem) -> Option<[f32; 4]> {
@@ -259,4 +259,208 @@ fn apply_into_matches_apply() {
             assert!(chw.iter().zip(&out).all(|(x, y)| (x - y).abs() < 1e-4));
         }
     }
+}
+
+/// `check` with the extras on: vertical flips, quarter turns, strong zoom (small crops) and
+/// colour jitter; boxes still bound the painted pixels to a pixel. (The jitter here leaves grey
+/// alone, so the painted pixels stay above half; brightness and contrast are checked below.)
+#[test]
+fn augmented_transforms_keep_boxes_on_their_pixels() {
+    let mut t = DetectionTransform::train(129, 25.0);
+    t.augment = Augment {
+        vflip: 0.5,
+        rot90: true,
+        ..Augment::default()
+    };
+    let n = check(t, 150, 11);
+    assert!(n > 90, "only {n} boxes checked");
+    // Zooming in 1.4 to 2.2 times.
+    t.augment.crop_area = (0.2, 0.5);
+    let n = check(t, 150, 12);
+    assert!(n > 40, "only {n} boxes checked");
+    t.augment = Augment {
+        hflip: 0.0,
+        vflip: 1.0,
+        saturation: 0.5,
+        hue: 0.3,
+        ..Augment::default()
+    };
+    let n = check(t, 100, 13);
+    assert!(n > 60, "only {n} boxes checked");
+}
+
+/// The item made with the extras equals the tutorial's item of the same RNG moved exactly: a
+/// vertical flip mirrors rows and boxes, a quarter turn sends pixel (y, x) to (x, S - 1 - y).
+#[test]
+fn flips_and_turns_move_pixels_and_boxes_exactly() {
+    let img = RgbImage::from_fn(150, 110, |x, y| {
+        Rgb([
+            (x * 3 % 256) as u8,
+            (y * 2 % 256) as u8,
+            ((x + y) % 256) as u8,
+        ])
+    });
+    let boxes = [[10.0, 20.0, 80.0, 100.0], [50.0, 5.0, 60.0, 40.0]];
+    let s = 65usize;
+    let base = DetectionTransform::train(s as u32, 0.0);
+    fn px(t: &TransformedItem, y: usize, x: usize) -> &[f32] {
+        let i = (y * t.width + x) * 3;
+        &t.hwc[i..i + 3]
+    }
+    let mut turns_seen = [false; 4];
+    for i in 0..24 {
+        let plain = base.apply(&img, &boxes, &[1, 2], &mut item_rng(4, 0, i));
+        let mut v = base;
+        v.augment.vflip = 1.0;
+        let flipped = v.apply(&img, &boxes, &[1, 2], &mut item_rng(4, 0, i));
+        for y in 0..s {
+            for x in 0..s {
+                assert_eq!(px(&flipped, y, x), px(&plain, s - 1 - y, x));
+            }
+        }
+        let sf = s as f32;
+        let want: Vec<[f32; 4]> = plain
+            .boxes
+            .iter()
+            .map(|b| [sf - 1.0 - b[2], b[1], sf - 1.0 - b[0], b[3]])
+            .collect();
+        assert_eq!(flipped.boxes.len(), want.len());
+        for (a, b) in flipped.boxes.iter().zip(&want) {
+            for k in 0..4 {
+                assert!((a[k] - b[k]).abs() < 1e-4, "{a:?} vs {b:?}");
+            }
+        }
+
+        let mut r = base;
+        r.augment.rot90 = true;
+        let turned = r.apply(&img, &boxes, &[1, 2], &mut item_rng(4, 0, i));
+        // Which turn was drawn: the one whose pixels match.
+        let rot = |k: usize, y: usize, x: usize| match k {
+            0 => (y, x),
+            1 => (s - 1 - x, y),
+            2 => (s - 1 - y, s - 1 - x),
+            _ => (x, s - 1 - y),
+        };
+        let k = (0..4)
+            .find(|&k| {
+                (0..s).all(|y| {
+                    (0..s).all(|x| {
+                        let (sy, sx) = rot(k, y, x);
+                        px(&turned, y, x) == px(&plain, sy, sx)
+                    })
+                })
+            })
+            .expect("a quarter turn of the plain item");
+        turns_seen[k] = true;
+        for (a, b) in turned.boxes.iter().zip(&plain.boxes) {
+            // Pixel (y, x) goes to (x, S - 1 - y), k times: so do the box corners.
+            let mut c = *b;
+            for _ in 0..k {
+                c = [c[1], sf - 1.0 - c[2], c[3], sf - 1.0 - c[0]];
+            }
+            for j in 0..4 {
+                assert!((a[j] - c[j]).abs() < 1e-4, "turn {k}: {a:?} vs {c:?}");
+            }
+        }
+        assert_eq!(turned.labels, plain.labels);
+    }
+    assert_eq!(turns_seen, [true; 4], "every turn is drawn");
+}
+
+#[test]
+fn colour_jitter_follows_its_factors_and_leaves_boxes_alone() {
+    let img = RgbImage::from_pixel(80, 60, Rgb([100, 100, 100]));
+    let boxes = [[5.0, 5.0, 40.0, 50.0]];
+    let base = DetectionTransform::train(33, 0.0);
+    let mut bright = base;
+    bright.augment.brightness = 0.5;
+    let mut factors = Vec::new();
+    for i in 0..40 {
+        let a = base.apply(&img, &boxes, &[1], &mut item_rng(2, 3, i));
+        let b = bright.apply(&img, &boxes, &[1], &mut item_rng(2, 3, i));
+        assert_eq!(a.boxes, b.boxes, "jitter draws after the geometry");
+        // Grey 100 times one factor in [0.5, 1.5] everywhere.
+        let f = b.hwc[0] / 100.0;
+        assert!((0.5..=1.5).contains(&f), "{f}");
+        assert!(b.hwc.iter().all(|&v| (v - 100.0 * f).abs() < 1e-3));
+        factors.push(f);
+    }
+    assert!(factors.iter().any(|&f| f < 0.8) && factors.iter().any(|&f| f > 1.2));
+    // Saturation and hue leave grey alone; contrast of a flat image too.
+    let mut other = base;
+    other.augment = Augment {
+        contrast: 0.4,
+        saturation: 0.4,
+        hue: 0.2,
+        ..Augment::default()
+    };
+    let o = other.apply(&img, &boxes, &[1], &mut item_rng(2, 3, 0));
+    assert!(
+        o.hwc.iter().all(|&v| (v - 100.0).abs() < 0.05),
+        "{}",
+        o.hwc[0]
+    );
+    // The loader's normalised path equals apply, with the extras on.
+    let mut all = base;
+    all.augment = Augment {
+        vflip: 0.5,
+        rot90: true,
+        brightness: 0.2,
+        contrast: 0.2,
+        saturation: 0.2,
+        hue: 0.05,
+        ..Augment::default()
+    };
+    let img = RgbImage::from_fn(90, 70, |x, y| Rgb([(x * 2) as u8, (y * 3) as u8, 77]));
+    for i in 0..6 {
+        let a = all.apply(&img, &boxes, &[1], &mut item_rng(5, 0, i));
+        let mut out = vec![0f32; 3 * 33 * 33];
+        let (b, _) = all.apply_into(&img, &boxes, &[1], &mut item_rng(5, 0, i), &mut out);
+        assert_eq!(a.boxes, b);
+        assert!(
+            a.to_chw()
+                .iter()
+                .zip(&out)
+                .all(|(x, y)| (x - y).abs() < 1e-4)
+        );
+    }
+}
+
+#[test]
+fn whole_image_evaluation_keeps_every_object_in_place() {
+    // 300x200 with the shorter side to 100: 150x100, nothing cut off.
+    let mut img = RgbImage::new(300, 200);
+    let boxes = [[0.0, 0.0, 39.0, 59.0], [150.0, 240.0, 199.0, 299.0]];
+    for b in &boxes {
+        for y in b[0] as u32..=b[2] as u32 {
+            for x in b[1] as u32..=b[3] as u32 {
+                img.put_pixel(x, y, Rgb([255; 3]));
+            }
+        }
+    }
+    let t = DetectionTransform::whole(100, 1000, 0.0);
+    assert_eq!(t.output_size(300, 200), (100, 150));
+    let out = t.apply(&img, &boxes, &[1, 2], &mut item_rng(0, 0, 0));
+    assert_eq!((out.height, out.width), (100, 150));
+    // Extents scale by exactly 1/2: [0, 40) -> [0, 20), [150, 200) -> [75, 100).
+    assert_eq!(
+        out.boxes,
+        vec![[0.0, 0.0, 19.0, 29.0], [75.0, 120.0, 99.0, 149.0]]
+    );
+    assert_eq!(out.labels, vec![1, 2]);
+    // The centre crop loses the second box's corner region: it is cut (and the first too).
+    let crop =
+        DetectionTransform::eval(100, 0.0).apply(&img, &boxes, &[1, 2], &mut item_rng(0, 0, 0));
+    assert_ne!(crop.boxes, out.boxes);
+    // Painted pixels stay under their boxes.
+    for b in &out.boxes {
+        let (y, x) = ((b[0] + b[2]) as usize / 2, (b[1] + b[3]) as usize / 2);
+        assert!(out.hwc[(y * 150 + x) * 3] > 250.0);
+    }
+    // The longer side is capped: 300x200 at shorter side 100 but at most 120 wide -> 120x80.
+    let capped = DetectionTransform::whole(100, 120, 0.0);
+    assert_eq!(capped.output_size(300, 200), (80, 120));
+    let c = capped.apply(&img, &boxes, &[1, 2], &mut item_rng(0, 0, 0));
+    assert_eq!((c.height, c.width), (80, 120));
+    assert_eq!(c.boxes[1], [60.0, 96.0, 79.0, 119.0]);
 }

@@ -194,3 +194,148 @@ fn loader_prefetches_in_the_background() {
     // The third was only started when a slot freed up.
     assert_eq!(it.count(), nb - 3);
 }
+
+/// Multi-scale training: each batch has one size drawn from `(seed, epoch, batch)` alone — the
+/// same for any loader, prefetch, resume point or shard — and its boxes are made at that size.
+#[test]
+fn multi_scale_batches_are_a_function_of_seed_epoch_and_batch() {
+    use retinanet_dataset::batch_scale;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = list_dataset(dir.path(), 12);
+    let sizes = vec![33, 49, 65];
+    let cfg = LoaderConfig {
+        drop_last: true,
+        ..LoaderConfig::new(2, 7)
+    };
+    let t = DetectionTransform::train(65, 0.0);
+    let a = DetectionLoader::multi_scale(ds.clone(), t, sizes.clone(), cfg).unwrap();
+    let b = DetectionLoader::multi_scale(
+        ds.clone(),
+        t,
+        sizes.clone(),
+        LoaderConfig { prefetch: 0, ..cfg },
+    )
+    .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for epoch in 0..3 {
+        let xa: Vec<_> = a.epoch(epoch).map(|r| r.unwrap()).collect();
+        let xb: Vec<_> = b.epoch(epoch).map(|r| r.unwrap()).collect();
+        assert_eq!(xa.len(), 6);
+        for (x, y) in xa.iter().zip(&xb) {
+            assert!(same(x, y));
+            let s = x.images.dims()[2];
+            assert_eq!(x.images.dims()[3], s);
+            assert_eq!(s as u32, batch_scale(&sizes, 65, 7, epoch, x.batch));
+            assert!(x.sizes.iter().all(|&z| z == (s, s)));
+            for bb in x.boxes.iter().flatten() {
+                assert!(
+                    bb[2] <= s as f32 - 1.0 && bb[3] <= s as f32 - 1.0,
+                    "{bb:?} at {s}"
+                );
+            }
+            seen.insert(s);
+        }
+        // Resumed mid-epoch: the same sizes and pixels.
+        let r: Vec<_> = a.epoch_from(epoch, 4).map(|r| r.unwrap()).collect();
+        assert!(same(&r[0], &xa[4]) && same(&r[1], &xa[5]));
+        // Two shards of one batch: one size, the items split.
+        let halves: Vec<_> = (0..2)
+            .map(|rank| {
+                let c = LoaderConfig {
+                    shard_rank: rank,
+                    shard_count: 2,
+                    ..cfg
+                };
+                DetectionLoader::multi_scale(ds.clone(), t, sizes.clone(), c)
+                    .unwrap()
+                    .batch(epoch, 3)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(halves[0].images.dims(), halves[1].images.dims());
+        assert_eq!(halves[0].images.dims()[2], xa[3].images.dims()[2]);
+        assert_eq!(
+            [halves[0].indices[0], halves[1].indices[0]],
+            xa[3].indices[..]
+        );
+    }
+    assert_eq!(seen.len(), 3, "every size is drawn: {seen:?}");
+    // The draw is the pure function: fixed values for this seed.
+    let draws: Vec<u32> = (0..8).map(|k| batch_scale(&sizes, 65, 7, 0, k)).collect();
+    assert_eq!(
+        draws,
+        (0..8)
+            .map(|k| batch_scale(&sizes, 65, 7, 0, k))
+            .collect::<Vec<_>>()
+    );
+    assert_ne!(
+        draws,
+        (0..8)
+            .map(|k| batch_scale(&sizes, 65, 8, 0, k))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(batch_scale(&[], 65, 7, 0, 3), 65);
+    assert!(
+        DetectionLoader::multi_scale(ds, DetectionTransform::eval(65, 0.0), sizes, cfg).is_err()
+    );
+}
+
+/// Whole-image evaluation batches images of different sizes on one canvas: each at the
+/// top-left with its own size recorded, pixels equal to the item alone, zeros around it.
+#[test]
+fn whole_image_batches_keep_each_image_at_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = list_dataset(dir.path(), 5);
+    let t = DetectionTransform::whole(40, 1000, 0.0);
+    let cfg = LoaderConfig {
+        shuffle: false,
+        ..LoaderConfig::new(5, 0)
+    };
+    let loader = DetectionLoader::new(ds.clone(), t, cfg).unwrap();
+    let b = loader.batch(0, 0).unwrap();
+    let (ch, cw) = (b.images.dims()[2], b.images.dims()[3]);
+    for (k, &i) in b.indices.iter().enumerate() {
+        let img = ds.load_image(i).unwrap();
+        assert_eq!(
+            b.source_sizes[k],
+            (img.height() as usize, img.width() as usize)
+        );
+        let (h, w) = t.output_size(img.width(), img.height());
+        assert_eq!(b.sizes[k], (h, w));
+        assert_eq!(h.min(w), 40);
+        let r = ds.get(i);
+        let mut alone = vec![0f32; 3 * h * w];
+        let (boxes, _) = t.apply_into(&img, &r.boxes, &r.labels, &mut item_rng0(), &mut alone);
+        assert_eq!(b.boxes[k], boxes);
+        let canvas: Vec<f32> = b
+            .images
+            .get(k)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for c in 0..3 {
+            for y in 0..ch {
+                for x in 0..cw {
+                    let v = canvas[(c * ch + y) * cw + x];
+                    if y < h && x < w {
+                        assert_eq!(v, alone[(c * h + y) * w + x]);
+                    } else {
+                        assert_eq!(v, 0.0);
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(ch, b.sizes.iter().map(|s| s.0).max().unwrap());
+    assert_eq!(cw, b.sizes.iter().map(|s| s.1).max().unwrap());
+    assert!(
+        b.sizes.iter().any(|&s| s != (ch, cw)),
+        "the images differ in size"
+    );
+}
+
+fn item_rng0() -> rand::rngs::StdRng {
+    retinanet_dataset::loader::item_rng(0, 0, 0)
+}

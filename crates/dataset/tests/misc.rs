@@ -204,3 +204,71 @@ fn synthetic_boxes_bound_the_shapes_exactly() {
         }
     }
 }
+
+#[test]
+fn synthetic_small_objects_on_textures() {
+    use retinanet_dataset::loader::item_rng;
+    use retinanet_dataset::synthetic::Background;
+    let cfg = SyntheticConfig {
+        image_size: 400,
+        min_objects: 10,
+        max_objects: 40,
+        object_size: [8.0, 30.0],
+        background: Background::Textured,
+        ..Default::default()
+    };
+    let mut counts = Vec::new();
+    let mut small = 0;
+    for i in 0..8 {
+        let (img, boxes, labels) = synthetic::detection_scene(&cfg, &mut item_rng(2, 0, i));
+        assert_eq!((img.width(), img.height()), (400, 400));
+        assert_eq!(boxes.len(), labels.len());
+        for b in &boxes {
+            let side = (b[2] - b[0]).max(b[3] - b[1]) + 1.0;
+            assert!((4.0..=46.0).contains(&side), "{b:?}");
+            small += (side < 16.0) as usize;
+        }
+        counts.push(boxes.len());
+        // A texture, not a flat or two-tone background: many distinct colours.
+        let colours: std::collections::HashSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+        assert!(colours.len() > 2000, "{} colours", colours.len());
+    }
+    assert!(counts.iter().all(|&n| (8..=40).contains(&n)), "{counts:?}");
+    assert!(counts.iter().sum::<usize>() >= 8 * 20, "{counts:?}");
+    assert!(small > 40, "{small} objects under 16 px");
+    // The default data keeps its folder (and so its scenes): the name the code before the
+    // small-object mode gave it.
+    let d = tempfile::tempdir().unwrap();
+    let p = synthetic::ensure_detection(
+        d.path(),
+        &SyntheticConfig {
+            num_train: 2,
+            num_eval: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let q = synthetic::ensure_detection(
+        d.path(),
+        &SyntheticConfig {
+            num_train: 2,
+            num_eval: 1,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        p.dir.file_name().unwrap().to_string_lossy(),
+        "shapes-det-160-s0-cf2d1e8402bfe505"
+    );
+    assert_ne!(p.dir, q.dir);
+    let e = synthetic::ensure_detection(
+        d.path(),
+        &SyntheticConfig {
+            min_objects: 41,
+            ..cfg
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("min_objects = 41"), "{e}");
+}

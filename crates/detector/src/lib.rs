@@ -7,9 +7,16 @@
 //! `retinanet_anchors::gen_anchors` for the same input size. [`RetinaNet`] is extractor plus
 //! detector.
 //!
+//! The levels are the tutorial's P3..P6 by default; [`DetectorConfig::first_level`] and
+//! [`DetectorConfig::num_levels`] choose others for other anchor layouts: P2 (stride 4, from
+//! `out2`, for small objects) and P7 (stride 128, a stride-2 convolution of `relu(P6)` as in the
+//! RetinaNet paper), any contiguous run of P2..P7. The number of anchors per cell sets the
+//! heads' output channels.
+//!
 //! Tensor names are the tutorial's (`conv_out6`, `prj_5`, `prj_4`, `prj_3`, `conv_4`, `conv_3`,
-//! `conv_cls.{0,2,4,6}`, `conv_reg.{0,2,4,6}`) under the builder's prefix; the project uses
-//! `detector.` (and `extractor.` for the ResNet). Weights:
+//! `conv_cls.{0,2,4,6}`, `conv_reg.{0,2,4,6}`) under the builder's prefix, with `prj_2`,
+//! `conv_2` and `conv_out7` for the extra levels (a layer is only built when its level is
+//! used); the project uses `detector.` (and `extractor.` for the ResNet). Weights:
 //!
 //! * whole project checkpoint: [`weights::save_varmap`] / [`weights::load_varmap`] (strict);
 //! * a ResNet alone (torchvision or tutorial names, `.pth` or `.safetensors`, or a pretraining
@@ -66,10 +73,22 @@ pub struct DetectorConfig {
     pub head_channels: usize,
     /// Channels of out3, out4, out5 (from [`ResNet::out_channels`]).
     pub in_channels: [usize; 3],
+    /// Channels of out2 (stride 4; [`ResNet::out2_channels`]), read only when the pyramid
+    /// starts at P2.
+    pub out2_channels: usize,
+    /// The first pyramid level `k`: P`k` has stride `2^k` (3: P3, stride 8, the tutorial's).
+    /// 2 to 5.
+    pub first_level: usize,
+    /// Pyramid levels from the first (4: P3..P6, the tutorial's); the last may be P7 at most.
+    pub num_levels: usize,
 }
 
+/// The highest pyramid level a [`Detector`] builds (P7, stride 128).
+pub const MAX_LEVEL: usize = 7;
+
 impl DetectorConfig {
-    /// The tutorial's detector (3 anchors, 256 channels) for an extractor with `in_channels`.
+    /// The tutorial's detector (3 anchors, 256 channels, P3..P6) for an extractor with
+    /// `in_channels` (out3, out4, out5; out2 taken as half of out3, as in every ResNet).
     pub fn new(num_classes: usize, in_channels: [usize; 3]) -> Self {
         Self {
             num_classes,
@@ -77,7 +96,39 @@ impl DetectorConfig {
             fpn_channels: 256,
             head_channels: 256,
             in_channels,
+            out2_channels: in_channels[0] / 2,
+            first_level: 3,
+            num_levels: 4,
         }
+    }
+
+    /// The last pyramid level.
+    pub fn last_level(&self) -> usize {
+        self.first_level + self.num_levels - 1
+    }
+
+    /// The stride of the first level (`2^first_level`).
+    pub fn first_stride(&self) -> usize {
+        1 << self.first_level
+    }
+
+    /// The levels as the anchor generator counts them: `(first stride, number of levels)` for
+    /// a stride in pixels, or an error naming what no detector can build.
+    pub fn levels_for_stride(first_stride: usize, levels: usize) -> Result<(usize, usize)> {
+        if !first_stride.is_power_of_two() || !(4..=32).contains(&first_stride) {
+            bail!(
+                "a first stride of {first_stride} px has no pyramid level: use 4 (P2), 8 (P3, the tutorial's), 16 (P4) or 32 (P5)"
+            )
+        }
+        let first = first_stride.trailing_zeros() as usize;
+        if levels == 0 || first + levels - 1 > MAX_LEVEL {
+            bail!(
+                "{levels} levels from P{first} (stride {first_stride}): the pyramid reaches P{MAX_LEVEL} (stride {}) at most, so use 1 to {} levels",
+                1 << MAX_LEVEL,
+                MAX_LEVEL + 1 - first
+            )
+        }
+        Ok((first, levels))
     }
 }
 
@@ -152,12 +203,15 @@ impl Head {
 /// The FPN and the two shared heads.
 #[derive(Debug, Clone)]
 pub struct Detector {
-    conv_out6: Conv2d,
+    conv_out6: Option<Conv2d>,
+    conv_out7: Option<Conv2d>,
     prj_5: Conv2d,
-    prj_4: Conv2d,
-    prj_3: Conv2d,
-    conv_4: Conv2d,
-    conv_3: Conv2d,
+    prj_4: Option<Conv2d>,
+    prj_3: Option<Conv2d>,
+    prj_2: Option<Conv2d>,
+    conv_4: Option<Conv2d>,
+    conv_3: Option<Conv2d>,
+    conv_2: Option<Conv2d>,
     cls: Head,
     reg: Head,
     cfg: DetectorConfig,
@@ -173,18 +227,41 @@ impl Detector {
             fpn_channels: f,
             head_channels: h,
             in_channels: [c3, c4, c5],
+            out2_channels: c2,
+            first_level: first,
+            num_levels,
         } = *cfg;
         if num_classes == 0 || num_anchors == 0 || f == 0 || h == 0 {
             bail!("detector: classes, anchors and channel counts must be positive: {cfg:?}")
         }
+        if !(2..=5).contains(&first) || num_levels == 0 || first + num_levels - 1 > MAX_LEVEL {
+            bail!(
+                "detector: levels P{first} to P{} cannot be built (the first level is P2 to P5, the last P{MAX_LEVEL} at most)",
+                first as isize + num_levels as isize - 1
+            )
+        }
+        if first == 2 && c2 == 0 {
+            bail!("detector: a pyramid from P2 needs out2_channels")
+        }
+        let last = cfg.last_level();
+        let used = |k: usize| (first..=last).contains(&k);
+        // A layer exists only if its level is an output or feeds one (the top-down path runs
+        // from P5 down to the first level).
+        let opt = |on: bool, cin: usize, k: usize, stride: usize, name: &str| -> Result<_> {
+            on.then(|| conv(cin, f, k, stride, 0.0, vb.pp(name)))
+                .transpose()
+        };
         let cls_bias = -((1.0 - PRIOR) / PRIOR).ln();
         Ok(Self {
-            conv_out6: conv(c5, f, 3, 2, 0.0, vb.pp("conv_out6"))?,
+            conv_out6: opt(last >= 6, c5, 3, 2, "conv_out6")?,
+            conv_out7: opt(last >= 7, f, 3, 2, "conv_out7")?,
             prj_5: conv(c5, f, 1, 1, 0.0, vb.pp("prj_5"))?,
-            prj_4: conv(c4, f, 1, 1, 0.0, vb.pp("prj_4"))?,
-            prj_3: conv(c3, f, 1, 1, 0.0, vb.pp("prj_3"))?,
-            conv_4: conv(f, f, 3, 1, 0.0, vb.pp("conv_4"))?,
-            conv_3: conv(f, f, 3, 1, 0.0, vb.pp("conv_3"))?,
+            prj_4: opt(first <= 4, c4, 1, 1, "prj_4")?,
+            prj_3: opt(first <= 3, c3, 1, 1, "prj_3")?,
+            prj_2: opt(first <= 2, c2, 1, 1, "prj_2")?,
+            conv_4: opt(used(4), f, 3, 1, "conv_4")?,
+            conv_3: opt(used(3), f, 3, 1, "conv_3")?,
+            conv_2: opt(used(2), f, 3, 1, "conv_2")?,
             cls: Head::new(f, h, num_anchors * num_classes, cls_bias, vb.pp("conv_cls"))?,
             reg: Head::new(f, h, num_anchors * 4, 0.0, vb.pp("conv_reg"))?,
             cfg: *cfg,
@@ -193,13 +270,17 @@ impl Detector {
 
     /// A copy with the same weights not tracked for backprop (see [`ResNet::detached`]).
     pub fn detached(&self) -> Self {
+        let d = |c: &Option<Conv2d>| c.as_ref().map(detach_conv);
         Self {
-            conv_out6: detach_conv(&self.conv_out6),
+            conv_out6: d(&self.conv_out6),
+            conv_out7: d(&self.conv_out7),
             prj_5: detach_conv(&self.prj_5),
-            prj_4: detach_conv(&self.prj_4),
-            prj_3: detach_conv(&self.prj_3),
-            conv_4: detach_conv(&self.conv_4),
-            conv_3: detach_conv(&self.conv_3),
+            prj_4: d(&self.prj_4),
+            prj_3: d(&self.prj_3),
+            prj_2: d(&self.prj_2),
+            conv_4: d(&self.conv_4),
+            conv_3: d(&self.conv_3),
+            conv_2: d(&self.conv_2),
             cls: self.cls.detached(),
             reg: self.reg.detached(),
             cfg: self.cfg,
@@ -211,32 +292,80 @@ impl Detector {
         &self.cfg
     }
 
-    /// Pyramid levels `[P3, P4, P5, P6]` (after their ReLUs).
-    pub fn pyramid(&self, feats: (&Tensor, &Tensor, &Tensor)) -> Result<[Tensor; 4]> {
-        let (o3, o4, o5) = feats;
-        let p6 = conv2d(o5, &self.conv_out6)?;
+    /// The pyramid levels `P{first_level}..` (after their ReLUs) from the extractor's
+    /// `[out2, out3, out4, out5]` (`out2` is read only for P2).
+    pub fn pyramid_levels(&self, feats: [&Tensor; 4]) -> Result<Vec<Tensor>> {
+        let [o2, o3, o4, o5] = feats;
+        let (first, last) = (self.cfg.first_level, self.cfg.last_level());
+        let lateral = |p: &Tensor, c: &Option<Conv2d>, o: &Tensor| -> Result<Tensor> {
+            let q = conv2d(o, c.as_ref().expect("built for this level"))?;
+            let (_, _, h, w) = q.dims4()?;
+            upsample_bilinear_ac(p, h, w)? + q
+        };
         let p5 = conv2d(o5, &self.prj_5)?;
-        let q4 = conv2d(o4, &self.prj_4)?;
-        let (_, _, h4, w4) = q4.dims4()?;
-        let p4 = (upsample_bilinear_ac(&p5, h4, w4)? + q4)?;
-        let q3 = conv2d(o3, &self.prj_3)?;
-        let (_, _, h3, w3) = q3.dims4()?;
-        let p3 = (upsample_bilinear_ac(&p4, h3, w3)? + q3)?;
-        Ok([
-            conv2d_relu(&p3, &self.conv_3)?,
-            conv2d_relu(&p4, &self.conv_4)?,
-            p5.relu()?,
-            p6.relu()?,
-        ])
+        let p4 = (first <= 4)
+            .then(|| lateral(&p5, &self.prj_4, o4))
+            .transpose()?;
+        let p3 = match &p4 {
+            Some(p4) if first <= 3 => Some(lateral(p4, &self.prj_3, o3)?),
+            _ => None,
+        };
+        let p2 = match &p3 {
+            Some(p3) if first <= 2 => Some(lateral(p3, &self.prj_2, o2)?),
+            _ => None,
+        };
+        let p6 = self.conv_out6.as_ref().map(|c| conv2d(o5, c)).transpose()?;
+        let smooth = |p: &Option<Tensor>, c: &Option<Conv2d>| -> Result<Tensor> {
+            conv2d_relu(
+                p.as_ref().expect("top-down level"),
+                c.as_ref().expect("smoothing conv"),
+            )
+        };
+        let mut out = Vec::with_capacity(self.cfg.num_levels);
+        for k in first..=last {
+            out.push(match k {
+                2 => smooth(&p2, &self.conv_2)?,
+                3 => smooth(&p3, &self.conv_3)?,
+                4 => smooth(&p4, &self.conv_4)?,
+                5 => p5.relu()?,
+                6 => p6.as_ref().expect("conv_out6").relu()?,
+                _ => {
+                    let r6 = p6.as_ref().expect("conv_out6").relu()?;
+                    conv2d(&r6, self.conv_out7.as_ref().expect("conv_out7"))?.relu()?
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    /// Pyramid levels `[P3, P4, P5, P6]` (after their ReLUs) of the tutorial's layout.
+    pub fn pyramid(&self, feats: (&Tensor, &Tensor, &Tensor)) -> Result<Vec<Tensor>> {
+        if self.cfg.first_level == 2 {
+            bail!("detector: a pyramid from P2 needs out2: use pyramid_levels")
+        }
+        let (o3, o4, o5) = feats;
+        // out2 is never read from P3 up.
+        self.pyramid_levels([o3, o3, o4, o5])
+    }
+
+    /// `(cls [B, A, C] logits, reg [B, A, 4])` from the extractor's `[out2, out3, out4, out5]`,
+    /// `A` in the anchors' order.
+    pub fn forward_features(&self, feats: [&Tensor; 4]) -> Result<(Tensor, Tensor)> {
+        let levels = self.pyramid_levels(feats)?;
+        self.heads(&levels)
     }
 
     /// `(cls [B, A, C] logits, reg [B, A, 4])` from `(out3, out4, out5)`, `A` in the anchors'
-    /// order.
+    /// order (a pyramid from P2 needs [`Detector::forward_features`]).
     pub fn forward(&self, feats: (&Tensor, &Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
         let levels = self.pyramid(feats)?;
-        let mut cls = Vec::with_capacity(4);
-        let mut reg = Vec::with_capacity(4);
-        for p in &levels {
+        self.heads(&levels)
+    }
+
+    fn heads(&self, levels: &[Tensor]) -> Result<(Tensor, Tensor)> {
+        let mut cls = Vec::with_capacity(levels.len());
+        let mut reg = Vec::with_capacity(levels.len());
+        for p in levels {
             cls.push(self.cls.forward(p, self.cfg.num_classes)?);
             reg.push(self.reg.forward(p, 4)?);
         }
@@ -282,6 +411,15 @@ impl RetinaNet {
                 cfg.extractor.out_channels()
             )
         }
+        if cfg.detector.first_level == 2
+            && cfg.detector.out2_channels != cfg.extractor.out2_channels()
+        {
+            bail!(
+                "retinanet: detector out2_channels {} differ from the extractor's out2 {}",
+                cfg.detector.out2_channels,
+                cfg.extractor.out2_channels()
+            )
+        }
         Ok(Self {
             extractor: ResNet::new(vb.pp("extractor"), &cfg.extractor)?,
             detector: Detector::new(vb.pp("detector"), &cfg.detector)?,
@@ -291,8 +429,15 @@ impl RetinaNet {
     /// `(cls [B, A, C] logits, reg [B, A, 4])` for images `[B, 3, H, W]`; `train` selects
     /// BatchNorm's training mode (unless the extractor's BN is frozen).
     pub fn forward_t(&self, images: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
-        let (o3, o4, o5) = self.extractor.forward_t(images, train)?;
-        self.detector.forward((&o3, &o4, &o5))
+        let [o2, o3, o4, o5] = self.extractor.features_t(images, train)?;
+        // out2 is the largest map: let it go at once when no level reads it.
+        let o2 = if self.detector.cfg.first_level == 2 {
+            o2
+        } else {
+            drop(o2);
+            o3.clone()
+        };
+        self.detector.forward_features([&o2, &o3, &o4, &o5])
     }
 
     /// A copy with the same weights not tracked for backprop (see [`ResNet::detached`]); build

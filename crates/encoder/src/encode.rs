@@ -138,6 +138,22 @@ impl Encoder {
         L: AsRef<[u32]> + Sync,
         B: AsRef<[Bbox]> + Sync,
     {
+        self.encode_at(self.cfg.train_size, labels, boxes)
+    }
+
+    /// Encodes a batch of images of size `img_size` (`(H, W)` of the network input), against
+    /// that size's anchors: what multi-scale training needs, one size per batch. At the
+    /// training size this is [`Encoder::encode`].
+    pub fn encode_at<L, B>(
+        &self,
+        img_size: (usize, usize),
+        labels: &[L],
+        boxes: &[B],
+    ) -> Result<Targets, EncodeError>
+    where
+        L: AsRef<[u32]> + Sync,
+        B: AsRef<[Bbox]> + Sync,
+    {
         if labels.len() != boxes.len() {
             return Err(EncodeError::BatchMismatch {
                 labels: labels.len(),
@@ -151,13 +167,16 @@ impl Encoder {
                     source: Box::new(e),
                 })?;
         }
-        let an = self.num_anchors();
+        let (anchors, areas) = self.anchors_and_areas(img_size)?;
+        let an = anchors.len();
         let mut cls = vec![0i32; labels.len() * an];
         let mut reg = vec![[0f32; 4]; labels.len() * an];
         cls.par_chunks_mut(an.max(1))
             .zip(reg.par_chunks_mut(an.max(1)))
             .zip(labels.par_iter().zip(boxes.par_iter()))
-            .for_each(|((c, r), (l, b))| self.encode_into(l.as_ref(), b.as_ref(), c, r));
+            .for_each(|((c, r), (l, b))| {
+                self.encode_into(&anchors, &areas, l.as_ref(), b.as_ref(), c, r)
+            });
         Ok(Targets {
             batch: labels.len(),
             num_anchors: an,
@@ -176,8 +195,78 @@ impl Encoder {
         let an = self.num_anchors();
         let mut cls = vec![0i32; an];
         let mut reg = vec![[0f32; 4]; an];
-        self.encode_into(labels, boxes, &mut cls, &mut reg);
+        self.encode_into(
+            &self.train_anchors,
+            &self.train_areas,
+            labels,
+            boxes,
+            &mut cls,
+            &mut reg,
+        );
         Ok((cls, reg))
+    }
+
+    /// How each box of an image of size `img_size` is matched, exactly as [`Encoder::encode_at`]
+    /// assigns its targets: the box's best IoU with any anchor and the anchors that end up
+    /// positive for it (those whose best box it is with IoU `> hi`, plus its forced best anchor
+    /// unless another box takes that anchor). For the anchor check: a box whose best IoU is not
+    /// above `hi` trains on its one forced anchor only.
+    pub fn match_boxes(
+        &self,
+        img_size: (usize, usize),
+        boxes: &[Bbox],
+    ) -> Result<Vec<BoxMatch>, EncodeError> {
+        validate_boxes(boxes)?;
+        let (anchors, areas) = self.anchors_and_areas(img_size)?;
+        if boxes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let a = self.assign(&anchors, &areas, boxes);
+        let hi = self.cfg.iou_th.1;
+        // The box each anchor is positive for: its best box above `hi`, then the forced ones
+        // in box order (a later box wins a shared best anchor), as `encode_into` writes them.
+        let mut owner: Vec<Option<u32>> = a
+            .top
+            .iter()
+            .zip(&a.arg)
+            .map(|(&t, &j)| (t > hi).then_some(j))
+            .collect();
+        for (j, &ai) in a.best_anchor.iter().enumerate() {
+            if a.top[ai] <= hi {
+                owner[ai] = Some(j as u32);
+            }
+        }
+        let mut out: Vec<BoxMatch> = a
+            .best_iou
+            .iter()
+            .map(|&best_iou| BoxMatch {
+                best_iou,
+                positives: 0,
+            })
+            .collect();
+        for j in owner.into_iter().flatten() {
+            out[j as usize].positives += 1;
+        }
+        Ok(out)
+    }
+
+    /// The anchors of `img_size` and their areas (with the tutorial's eps).
+    fn anchors_and_areas(
+        &self,
+        img_size: (usize, usize),
+    ) -> Result<(Arc<Anchors>, Arc<Vec<f32>>), EncodeError> {
+        if img_size.0 == 0 || img_size.1 == 0 {
+            return Err(EncodeError::Config(format!(
+                "encode: image size {img_size:?} must be non-empty"
+            )));
+        }
+        if img_size == self.cfg.train_size {
+            return Ok((self.train_anchors.clone(), self.train_areas.clone()));
+        }
+        let anchors = self.cache.get(img_size);
+        // Cheap next to the matching itself (one product per anchor).
+        let areas = Arc::new(anchors.yxyx.iter().map(area).collect());
+        Ok((anchors, areas))
     }
 
     fn check_image(&self, labels: &[u32], boxes: &[Bbox]) -> Result<(), EncodeError> {
@@ -201,34 +290,27 @@ impl Encoder {
         Ok(())
     }
 
-    /// The matching of one image into pre-sized `cls`/`reg` (validated input).
+    /// Best IoU per anchor (and the first box reaching it), and each box's best anchor.
     ///
     /// Equivalent to the tutorial's dense anchors x boxes IoU matrix, but each box only visits
     /// the anchors whose extent can touch it (found from the grid, with a one-pixel margin):
     /// every other pair has IoU exactly 0 and cannot change a maximum. Ties resolve as
     /// `argmax` does: the first box for an anchor, the first anchor for a box.
-    fn encode_into(&self, labels: &[u32], boxes: &[Bbox], cls: &mut [i32], reg: &mut [[f32; 4]]) {
-        if boxes.is_empty() {
-            // No object: every anchor is background (not ignored).
-            cls.fill(0);
-            reg.fill([0.0; 4]);
-            return;
-        }
-        let anchors = &self.train_anchors;
+    fn assign(&self, anchors: &Anchors, areas: &[f32], boxes: &[Bbox]) -> Assignment {
         let acfg = &self.cfg.anchors;
         let na = acfg.anchors_per_cell();
-        let (lo, hi) = self.cfg.iou_th;
         // Best IoU of each anchor and the first box reaching it; an all-zero row picks box 0.
         let mut top = vec![0f32; anchors.len()];
         let mut arg = vec![0u32; anchors.len()];
         let mut best_anchor = vec![0usize; boxes.len()];
+        let mut best_iou = vec![0f32; boxes.len()];
         let grids = acfg.grid_sizes(anchors.img_size);
         for (j, b) in boxes.iter().enumerate() {
             let ba = area(b);
             let (mut best, mut best_i) = (0f32, 0usize);
             for (s, &(start, _)) in anchors.level_ranges.iter().enumerate() {
                 let t = acfg.stride(s) as f32;
-                let scale = (1u64 << s) as f32;
+                let scale = acfg.level_scale(s) as f32;
                 let (fh, fw) = grids[s];
                 for (k, hw) in acfg.a_hw.iter().enumerate() {
                     let (h2, w2) = (
@@ -244,8 +326,7 @@ impl Encoder {
                     for r in r0..=r1 {
                         for c in c0..=c1 {
                             let ai = start + (r * fw + c) * na + k;
-                            let iou =
-                                iou_with_areas(&anchors.yxyx[ai], self.train_areas[ai], b, ba);
+                            let iou = iou_with_areas(&anchors.yxyx[ai], areas[ai], b, ba);
                             if iou > top[ai] {
                                 top[ai] = iou;
                                 arg[ai] = j as u32;
@@ -260,7 +341,39 @@ impl Encoder {
             }
             // A box touching no anchor has an all-zero column: argmax picks anchor 0.
             best_anchor[j] = if best > 0.0 { best_i } else { 0 };
+            best_iou[j] = best;
         }
+        Assignment {
+            top,
+            arg,
+            best_anchor,
+            best_iou,
+        }
+    }
+
+    /// The matching of one image into pre-sized `cls`/`reg` (validated input).
+    fn encode_into(
+        &self,
+        anchors: &Anchors,
+        areas: &[f32],
+        labels: &[u32],
+        boxes: &[Bbox],
+        cls: &mut [i32],
+        reg: &mut [[f32; 4]],
+    ) {
+        if boxes.is_empty() {
+            // No object: every anchor is background (not ignored).
+            cls.fill(0);
+            reg.fill([0.0; 4]);
+            return;
+        }
+        let (lo, hi) = self.cfg.iou_th;
+        let Assignment {
+            top,
+            arg,
+            best_anchor,
+            ..
+        } = self.assign(anchors, areas, boxes);
 
         let box_yxhw: Vec<[f32; 4]> = boxes.iter().map(centre_size).collect();
         let assign = |(ai, (c, r)): (usize, (&mut i32, &mut [f32; 4]))| {
@@ -295,6 +408,27 @@ impl Encoder {
             }
         }
     }
+}
+
+/// How one box is matched by the encoder (see [`Encoder::match_boxes`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BoxMatch {
+    /// The box's best IoU with any anchor.
+    pub best_iou: f32,
+    /// Anchors positive for this box in the encoded targets.
+    pub positives: usize,
+}
+
+/// The matching of one image's boxes against its anchors.
+struct Assignment {
+    /// Best IoU of each anchor with any box.
+    top: Vec<f32>,
+    /// The first box reaching `top`.
+    arg: Vec<u32>,
+    /// Each box's best anchor.
+    best_anchor: Vec<usize>,
+    /// Each box's best IoU.
+    best_iou: Vec<f32>,
 }
 
 /// Grid indices `i` in `0..n` whose centre `i * t` lies in `[lo, hi]`; `None` if there is none.

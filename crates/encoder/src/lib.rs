@@ -26,6 +26,7 @@
 //! # Ok::<(), retinanet_encoder::EncodeError>(())
 //! ```
 
+pub mod anchor_check;
 mod boxes;
 mod decode;
 mod encode;
@@ -34,7 +35,7 @@ mod tensors;
 
 pub use boxes::{Bbox, EPS, NmsMode, box_iou, box_nms, iou, validate_boxes};
 pub use decode::{DecodeOptions, Detections};
-pub use encode::{Encoder, EncoderConfig, Targets};
+pub use encode::{BoxMatch, Encoder, EncoderConfig, Targets};
 pub use retinanet_anchors::{AnchorCache, AnchorConfig, Anchors, gen_anchors};
 
 /// What can go wrong in the box math; every variant names the offending value.

@@ -91,6 +91,11 @@ impl ResNetConfig {
         let w = self.base_width;
         [2 * w * e, 4 * w * e, 8 * w * e]
     }
+
+    /// Channels of out2, the first stage's output at stride 4 (256 for ResNet-50, 64 for 18/34).
+    pub fn out2_channels(&self) -> usize {
+        self.base_width * self.depth.expansion()
+    }
 }
 
 /// Kaiming normal, fan-out, ReLU gain: torchvision's ResNet convolution init.
@@ -320,6 +325,11 @@ impl ResNet {
         self.cfg.out_channels()
     }
 
+    /// Channels of out2.
+    pub fn out2_channels(&self) -> usize {
+        self.cfg.out2_channels()
+    }
+
     /// A copy for inference: the same weights (shared storage, so later training updates show)
     /// but not tracked for backprop, so a forward pass frees its activations as it goes instead
     /// of keeping the whole graph alive (candle tracks every op that touches a variable).
@@ -375,6 +385,12 @@ impl ResNet {
         }
         self.cfg.frozen_stages = n;
         Ok(())
+    }
+
+    /// `[out2, out3, out4, out5]` at strides 4, 8, 16, 32: the four stages' outputs. `train`
+    /// selects batch statistics for BatchNorm (unless frozen).
+    pub fn features_t(&self, x: &Tensor, train: bool) -> Result<[Tensor; 4]> {
+        self.features(x, train)
     }
 
     /// Runs the stem and stages; returns `[out2, out3, out4, out5]`.

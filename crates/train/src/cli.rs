@@ -176,4 +176,15 @@ impl ModelArgs {
         };
         crate::load_detector(&ck, device)
     }
+
+    /// The model's files, for messages.
+    pub fn describe(&self) -> String {
+        match (&self.checkpoint, &self.extractor, &self.detector) {
+            (_, Some(e), Some(d)) => {
+                format!("--extractor {} --detector {}", e.display(), d.display())
+            }
+            (Some(c), _, _) => format!("the checkpoint {}", c.display()),
+            _ => format!("the latest run's checkpoint in {}", self.runs_dir.display()),
+        }
+    }
 }

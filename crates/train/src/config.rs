@@ -1,5 +1,9 @@
 //! Run configs (TOML). Every key is required and unknown keys are refused, so a typo or a
-//! forgotten setting is an error naming the key, never a silent default.
+//! forgotten setting is an error naming the key, never a silent default — except keys added
+//! after the first release, which are optional with the old behaviour as their default, so that
+//! older configs and the configs stored in older checkpoints keep loading: `train.sync_bn`,
+//! `data.classes`, `data.eval_max_size`, the `[model.anchors]` and `[data.augment]` tables,
+//! `eval.mode`, and the synthetic source's `min_objects` and `background`.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +24,295 @@ pub struct ModelConfig {
     pub fpn_channels: usize,
     /// Hidden channels of the heads (256 in the tutorial).
     pub head_channels: usize,
+    /// The anchor layout, used alike by the encoder, the decoder and the heads' output count.
+    /// Optional (added after the first release): the tutorial's.
+    #[serde(default)]
+    pub anchors: AnchorsConfig,
+}
+
+/// `[model.anchors]`: the anchor layout. Either `a_hw` (the shapes `[h, w]` of the first level,
+/// each level twice the one before: the tutorial's form) or `sizes` (one base size per level,
+/// with `aspect_ratios` `h / w`: torchvision's and Detectron2's form); both repeated for
+/// `scales_per_octave` steps `2^(k / n)`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnchorsConfig {
+    /// Shapes `[h, w]` at the first level (instead of `sizes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub a_hw: Option<Vec<[f64; 2]>>,
+    /// Base size of each level (instead of `a_hw`; one per level).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sizes: Option<Vec<f64>>,
+    /// Aspect ratios `h / w` (with `sizes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aspect_ratios: Option<Vec<f64>>,
+    /// Octave steps per shape (the tutorial: 1; the RetinaNet paper: 3).
+    pub scales_per_octave: usize,
+    /// Stride of the first level in pixels: 4 (P2), 8 (P3, the tutorial), 16 or 32.
+    pub first_stride: usize,
+    /// Pyramid levels (the tutorial: 4, P3..P6; up to P7).
+    pub levels: usize,
+}
+
+impl Default for AnchorsConfig {
+    fn default() -> Self {
+        Self {
+            a_hw: Some(retinanet_anchors::TUTORIAL_A_HW.to_vec()),
+            sizes: None,
+            aspect_ratios: None,
+            scales_per_octave: 1,
+            first_stride: 8,
+            levels: 4,
+        }
+    }
+}
+
+impl AnchorsConfig {
+    /// The layout as the anchor generator takes it; errors name the key and value.
+    pub fn layout(&self) -> Result<retinanet_anchors::AnchorConfig> {
+        retinanet_detector::DetectorConfig::levels_for_stride(self.first_stride, self.levels)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "model.anchors.first_stride = {} with model.anchors.levels = {}: {e}",
+                    self.first_stride,
+                    self.levels
+                )
+            })?;
+        if !(1..=8).contains(&self.scales_per_octave) {
+            bail!(
+                "model.anchors.scales_per_octave = {}: must lie in 1..=8",
+                self.scales_per_octave
+            );
+        }
+        let named = |e: retinanet_anchors::AnchorConfigError| {
+            anyhow::anyhow!(
+                "{}",
+                e.to_string()
+                    .replace("invalid anchor config: ", "model.anchors.")
+            )
+        };
+        let cfg = match (&self.a_hw, &self.sizes) {
+            (Some(_), Some(_)) => bail!(
+                "model.anchors has both a_hw and sizes: give the first level's shapes (a_hw) or a size per level with aspect_ratios (sizes), not both"
+            ),
+            (None, None) => bail!(
+                "model.anchors needs a_hw (the first level's shapes [h, w]) or sizes (one per level) with aspect_ratios"
+            ),
+            (Some(a_hw), None) => {
+                if self.aspect_ratios.is_some() {
+                    bail!(
+                        "model.anchors.aspect_ratios goes with sizes; with a_hw the shapes already set the ratios"
+                    );
+                }
+                if a_hw.is_empty() {
+                    bail!("model.anchors.a_hw is empty: give at least one shape [h, w]");
+                }
+                for (i, hw) in a_hw.iter().enumerate() {
+                    if !(hw[0].is_finite() && hw[1].is_finite() && hw[0] > 0.0 && hw[1] > 0.0) {
+                        bail!(
+                            "model.anchors.a_hw[{i}] = {hw:?}: sides must be finite and > 0 pixels"
+                        );
+                    }
+                }
+                let c = retinanet_anchors::AnchorConfig {
+                    a_hw: retinanet_anchors::octave_shapes(a_hw, self.scales_per_octave),
+                    scales: self.levels,
+                    first_stride: self.first_stride,
+                    level_scales: None,
+                };
+                c.validate().map_err(named)?;
+                c
+            }
+            (None, Some(sizes)) => {
+                let Some(ratios) = &self.aspect_ratios else {
+                    bail!("model.anchors.sizes needs aspect_ratios (h / w, e.g. [0.5, 1.0, 2.0])");
+                };
+                if ratios.is_empty() {
+                    bail!("model.anchors.aspect_ratios is empty: give at least one ratio h / w");
+                }
+                if sizes.len() != self.levels {
+                    bail!(
+                        "model.anchors.sizes = {sizes:?} has {} values for model.anchors.levels = {}: give one size per level",
+                        sizes.len(),
+                        self.levels
+                    );
+                }
+                if let Some(w) = sizes.windows(2).find(|w| w[1] < w[0]) {
+                    bail!(
+                        "model.anchors.sizes = {sizes:?}: sizes must not shrink from level to level ({} then {})",
+                        w[0],
+                        w[1]
+                    );
+                }
+                retinanet_anchors::AnchorConfig::from_sizes(
+                    sizes,
+                    ratios,
+                    self.scales_per_octave,
+                    self.first_stride,
+                )
+                .map_err(named)?
+            }
+        };
+        if cfg.anchors_per_cell() > 64 {
+            bail!(
+                "model.anchors: {} anchors per cell (shapes x scales_per_octave): at most 64",
+                cfg.anchors_per_cell()
+            );
+        }
+        Ok(cfg)
+    }
+}
+
+/// Multi-scale training sizes: a list, or a range `{ min, max, step }`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MultiScale {
+    /// `multi_scale = [321, 385, 449]`.
+    Sizes(Vec<u32>),
+    /// `multi_scale = { min = 321, max = 449, step = 32 }`.
+    Range {
+        /// Smallest size.
+        min: u32,
+        /// Largest size (included when `min + k * step` reaches it).
+        max: u32,
+        /// Step between sizes.
+        step: u32,
+    },
+}
+
+impl MultiScale {
+    /// The sizes, in order.
+    pub fn sizes(&self) -> Vec<u32> {
+        match self {
+            MultiScale::Sizes(v) => v.clone(),
+            MultiScale::Range { min, max, step } => {
+                (*min..=*max).step_by((*step).max(1) as usize).collect()
+            }
+        }
+    }
+}
+
+/// `[data.augment]`: training augmentation. Every key is optional (the table was added after
+/// the first release); the defaults are the tutorial's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    /// Probability of a horizontal flip (0.5).
+    pub hflip: f64,
+    /// Probability of a vertical flip (0).
+    pub vflip: f64,
+    /// Random turns by multiples of 90 degrees (false).
+    pub rot90: bool,
+    /// Crop area as a fraction of the image, `[min, max]` (`[0.85, 1.0]`); smaller zooms in.
+    pub crop_area: [f64; 2],
+    /// Crop aspect ratio range (`[0.75, 1.333...]`).
+    pub crop_aspect: [f64; 2],
+    /// Brightness jitter in [0, 1] (0).
+    pub brightness: f32,
+    /// Contrast jitter in [0, 1] (0).
+    pub contrast: f32,
+    /// Saturation jitter in [0, 1] (0).
+    pub saturation: f32,
+    /// Hue jitter in [0, 0.5] (0).
+    pub hue: f32,
+    /// Training sizes drawn per batch instead of `data.size` (none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_scale: Option<MultiScale>,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        let a = retinanet_dataset::Augment::default();
+        Self {
+            hflip: a.hflip,
+            vflip: a.vflip,
+            rot90: a.rot90,
+            crop_area: [a.crop_area.0, a.crop_area.1],
+            crop_aspect: [a.crop_aspect.0, a.crop_aspect.1],
+            brightness: a.brightness,
+            contrast: a.contrast,
+            saturation: a.saturation,
+            hue: a.hue,
+            multi_scale: None,
+        }
+    }
+}
+
+impl AugmentConfig {
+    /// The dataset crate's augmentation.
+    pub fn augment(&self) -> retinanet_dataset::Augment {
+        retinanet_dataset::Augment {
+            hflip: self.hflip,
+            vflip: self.vflip,
+            rot90: self.rot90,
+            crop_area: (self.crop_area[0], self.crop_area[1]),
+            crop_aspect: (self.crop_aspect[0], self.crop_aspect[1]),
+            brightness: self.brightness,
+            contrast: self.contrast,
+            saturation: self.saturation,
+            hue: self.hue,
+        }
+    }
+
+    /// The multi-scale sizes (empty: `data.size` only).
+    pub fn sizes(&self) -> Vec<u32> {
+        self.multi_scale
+            .as_ref()
+            .map_or_else(Vec::new, MultiScale::sizes)
+    }
+}
+
+/// Most sizes `data.augment.multi_scale` may list (each size keeps its anchors cached).
+pub const MAX_TRAIN_SIZES: usize = 32;
+
+impl Validate for AugmentConfig {
+    fn validate(&self) -> Result<()> {
+        within("data.augment.hflip", self.hflip, 0.0, 1.0)?;
+        within("data.augment.vflip", self.vflip, 0.0, 1.0)?;
+        let [lo, hi] = self.crop_area;
+        if !(lo.is_finite() && hi.is_finite() && 0.0 < lo && lo <= hi && hi <= 1.0) {
+            bail!(
+                "data.augment.crop_area = [{lo}, {hi}]: must be [min, max] with 0 < min <= max <= 1"
+            );
+        }
+        let [lo, hi] = self.crop_aspect;
+        if !(lo.is_finite() && hi.is_finite() && 0.1 <= lo && lo <= hi && hi <= 10.0) {
+            bail!(
+                "data.augment.crop_aspect = [{lo}, {hi}]: must be [min, max] with 0.1 <= min <= max <= 10"
+            );
+        }
+        for (k, v, hi) in [
+            ("brightness", self.brightness, 1.0),
+            ("contrast", self.contrast, 1.0),
+            ("saturation", self.saturation, 1.0),
+            ("hue", self.hue, 0.5),
+        ] {
+            // f32 values, shown as written.
+            if !(v.is_finite() && (0.0..=hi).contains(&v)) {
+                bail!("data.augment.{k} = {v}: must lie in [0, {hi}]");
+            }
+        }
+        if let Some(m) = &self.multi_scale {
+            if let MultiScale::Range { min, max, step } = m
+                && (*step == 0 || min > max)
+            {
+                bail!(
+                    "data.augment.multi_scale = {{ min = {min}, max = {max}, step = {step} }}: needs min <= max and step >= 1"
+                );
+            }
+            let sizes = m.sizes();
+            if sizes.is_empty() || sizes.len() > MAX_TRAIN_SIZES {
+                bail!(
+                    "data.augment.multi_scale gives {} sizes: give 1 to {MAX_TRAIN_SIZES}",
+                    sizes.len()
+                );
+            }
+            if let Some(s) = sizes.iter().find(|&&s| !(33..=4096).contains(&s)) {
+                bail!("data.augment.multi_scale holds size {s}: sizes must lie in 33..=4096");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where detection data comes from.
@@ -36,6 +329,12 @@ pub enum DetectionSourceConfig {
         /// Side range `[min, max]` of the shapes, in scene pixels.
         object_size: [f32; 2],
         seed: u64,
+        /// Fewest objects per scene (optional, 1).
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        min_objects: usize,
+        /// `plain` (optional, the default data) or `textured` (the small-object mode).
+        #[serde(default, skip_serializing_if = "is_plain")]
+        background: SyntheticBackground,
     },
     /// The tutorial's list files.
     List {
@@ -78,14 +377,44 @@ fn default_eval_split() -> String {
     "val".into()
 }
 
+fn one() -> usize {
+    1
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+
+fn is_plain(b: &SyntheticBackground) -> bool {
+    *b == SyntheticBackground::Plain
+}
+
+/// The synthetic scenes' background.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyntheticBackground {
+    /// Flat, gradient, noise or stripes.
+    #[default]
+    Plain,
+    /// Multi-scale noise textures with more clutter (the small-object mode).
+    Textured,
+}
+
+fn default_eval_max_size() -> u32 {
+    1000
+}
+
 /// Detection data settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DetectionDataConfig {
     /// Square training size (e.g. 257; `2^n + 1` puts anchors on the centre).
     pub size: u32,
-    /// Square evaluation size.
+    /// Evaluation size: the shorter side of whole-image evaluation, the square of the centre crop.
     pub eval_size: u32,
+    /// The longest side an evaluation image is scaled to (optional, the tutorial's 1000).
+    #[serde(default = "default_eval_max_size")]
+    pub eval_max_size: u32,
     /// Boxes of area `<=` this (pixels) after augmentation are dropped.
     pub boxarea_th: f32,
     /// Skip unreadable or missing images (each named once, and counted) instead of stopping.
@@ -95,6 +424,9 @@ pub struct DetectionDataConfig {
     /// `classes.txt` or the sorted union of its splits' names, COCO's categories by id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<ClassList>,
+    /// Training augmentation (optional table; the tutorial's by default).
+    #[serde(default)]
+    pub augment: AugmentConfig,
     /// The source.
     pub source: DetectionSourceConfig,
 }
@@ -175,6 +507,21 @@ pub struct DetectorEvalConfig {
     pub max_detections: usize,
     /// Evaluation images (0: the whole split).
     pub max_images: usize,
+    /// `whole` (each image whole, shorter side to `data.eval_size`, scored in its own pixels)
+    /// or `center_crop` (the tutorial's). Optional: `whole`.
+    #[serde(default)]
+    pub mode: EvalMode,
+}
+
+/// How evaluation images are made (see [`DetectorEvalConfig::mode`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalMode {
+    /// The whole image: no object is cut away, boxes reported in the image's own pixels.
+    #[default]
+    Whole,
+    /// The tutorial's centre crop at `eval_size` (objects outside it are not scored).
+    CenterCrop,
 }
 
 /// A `train-detector` run.
@@ -363,7 +710,8 @@ impl Validate for ModelConfig {
         depth_ok("model.depth", self.depth)?;
         at_least("model.base_width", self.base_width, 1)?;
         at_least("model.fpn_channels", self.fpn_channels, 1)?;
-        at_least("model.head_channels", self.head_channels, 1)
+        at_least("model.head_channels", self.head_channels, 1)?;
+        self.anchors.layout().map(|_| ())
     }
 }
 
@@ -377,6 +725,7 @@ impl Validate for DetectionSourceConfig {
                 image_size,
                 max_objects,
                 object_size,
+                min_objects,
                 ..
             } => {
                 path_set("data.source.cache_dir", cache_dir)?;
@@ -384,6 +733,11 @@ impl Validate for DetectionSourceConfig {
                 at_least("data.source.num_eval", *num_eval, 1)?;
                 at_least("data.source.image_size", *image_size, 16)?;
                 at_least("data.source.max_objects", *max_objects, 1)?;
+                if !(1..=*max_objects).contains(min_objects) {
+                    bail!(
+                        "data.source.min_objects = {min_objects}: must lie in 1..=max_objects ({max_objects})"
+                    );
+                }
                 let [lo, hi] = *object_size;
                 if !(lo.is_finite()
                     && hi.is_finite()
@@ -453,6 +807,14 @@ impl Validate for DetectorRunConfig {
         let d = &self.data;
         at_least("data.size", d.size, 33)?;
         at_least("data.eval_size", d.eval_size, 33)?;
+        if d.eval_max_size < d.eval_size {
+            bail!(
+                "data.eval_max_size = {}: must be at least data.eval_size ({})",
+                d.eval_max_size,
+                d.eval_size
+            );
+        }
+        d.augment.validate()?;
         if let Some(ClassList::Names(n)) = &d.classes {
             if n.is_empty() || n.iter().any(|c| c.trim().is_empty()) {
                 bail!("data.classes = {n:?}: must name at least one class, none empty");
@@ -489,13 +851,14 @@ impl Validate for DetectorRunConfig {
         let e = &self.eval;
         within("eval.score_th", e.score_th as f64, 0.0, 1.0)?;
         within("eval.nms_th", e.nms_th as f64, 0.0, 1.0)?;
+        let largest = d.augment.sizes().into_iter().fold(d.size, u32::max);
         fits_in_memory(
             &format!(
-                "data.size = {} with train.batch_size = {}",
+                "data.size = {} (largest training size {largest}) with train.batch_size = {}",
                 d.size, t.batch_size
             ),
             t.batch_size,
-            d.size,
+            largest,
             self.model.base_width,
         )?;
         fits_in_memory(

@@ -6,7 +6,7 @@ use retinanet_dataset::synthetic::{self, Shape};
 use retinanet_dataset::{ClassificationDataset, DetectionDataset, SyntheticConfig};
 use std::path::{Path, PathBuf};
 
-use crate::config::{ClassificationSourceConfig, DetectionSourceConfig};
+use crate::config::{ClassificationSourceConfig, DetectionSourceConfig, SyntheticBackground};
 
 fn check_exists(p: &std::path::Path, what: &str) -> Result<()> {
     if !p.exists() {
@@ -181,6 +181,8 @@ fn synthetic_paths(src: &DetectionSourceConfig) -> Result<synthetic::SyntheticDe
         max_objects,
         object_size,
         seed,
+        min_objects,
+        background,
     } = src
     else {
         bail!("not a synthetic source");
@@ -190,6 +192,11 @@ fn synthetic_paths(src: &DetectionSourceConfig) -> Result<synthetic::SyntheticDe
         num_train: *num_train,
         num_eval: *num_eval,
         max_objects: *max_objects,
+        min_objects: *min_objects,
+        background: match background {
+            SyntheticBackground::Plain => synthetic::Background::Plain,
+            SyntheticBackground::Textured => synthetic::Background::Textured,
+        },
         object_size: *object_size,
         seed: *seed,
         classes: Shape::ALL.to_vec(),

@@ -16,6 +16,7 @@ use retinanet_eval::Report;
 use retinanet_loss::{FocalLossConfig, focal_loss_detection};
 use serde_json::{Map, Value, json};
 
+use crate::anchor_report::{AnchorCheck, check_anchors};
 use crate::checkpoint::load_checkpoint;
 use crate::config::{DetectorEvalConfig, DetectorRunConfig, Validate, parse_config, to_toml};
 use crate::data::{OpenOptions, open_detection_with};
@@ -75,14 +76,25 @@ pub fn decode_options(e: &DetectorEvalConfig) -> DecodeOptions {
     }
 }
 
-/// The encoder and decoder of a run config for `num_classes` classes.
-pub(crate) fn encoder_for(cfg: &DetectorRunConfig, num_classes: usize) -> Result<Encoder> {
+/// The encoder and decoder of a run: its anchors, IoU thresholds and training size.
+pub fn encoder_for(cfg: &DetectorRunConfig, num_classes: usize) -> Result<Encoder> {
     Ok(Encoder::new(EncoderConfig {
+        anchors: cfg.model.anchors.layout()?,
         iou_th: (cfg.train.iou_th[0], cfg.train.iou_th[1]),
         train_size: (cfg.data.size as usize, cfg.data.size as usize),
         num_classes: Some(num_classes),
-        ..EncoderConfig::default()
     })?)
+}
+
+/// The anchor check of `cfg`'s training split (what `train-detector --check-anchors` prints).
+pub fn check_run_anchors(cfg: &DetectorRunConfig) -> Result<AnchorCheck> {
+    cfg.validate()?;
+    let opts = OpenOptions {
+        classes: cfg.data.classes.as_ref().map(|c| c.names()).transpose()?,
+        skip_missing: cfg.data.skip_bad_images,
+    };
+    let (train, _) = open_detection_with(&cfg.data.source, &opts)?;
+    check_anchors(&train, cfg)
 }
 
 /// Evaluates `model` on `dataset` (VOC and COCO-style), optionally on the first `max_images`.
@@ -227,6 +239,17 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
         };
         open_detection_with(&cfg.data.source, &opts)
     })?;
+    // The anchor check, on rank 0: printed before training, written to the run folder. It only
+    // reports, so a failure is reported too and training goes on.
+    let anchor_check = comm.is_root().then(|| match check_anchors(&train_ds, cfg) {
+        Ok(c) => c.to_text(),
+        Err(e) => format!("anchor check failed: {e:#}\n"),
+    });
+    if let Some(text) = &anchor_check
+        && !opts.quiet
+    {
+        eprint!("{text}");
+    }
     // Deterministic from the config and data, so the same on every rank; agreed all the same,
     // so that a failure on one rank cannot leave the others waiting.
     let (varmap, model, encoder, opt, loader, plan, names) = agree(
@@ -256,11 +279,12 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
                 shard_count: comm.size(),
                 ..LoaderConfig::new(cfg.train.batch_size, cfg.seed)
             };
-            let loader = DetectionLoader::new(
-                train_ds,
-                DetectionTransform::train(cfg.data.size, cfg.data.boxarea_th),
-                lc,
-            )?;
+            let transform = DetectionTransform {
+                augment: cfg.data.augment.augment(),
+                ..DetectionTransform::train(cfg.data.size, cfg.data.boxarea_th)
+            };
+            let loader =
+                DetectionLoader::multi_scale(train_ds, transform, cfg.data.augment.sizes(), lc)?;
             let per_epoch = loader.batches_per_epoch();
             if per_epoch == 0 {
                 bail!(
@@ -306,6 +330,10 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
             Ok(())
         },
     )?;
+    if let Some(text) = anchor_check {
+        let p = trainer.run.file("anchor-check.txt");
+        std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
+    }
     let eval_log = if comm.is_root() {
         Some(JsonLog::open(
             &trainer.run.eval_log(),
@@ -411,10 +439,12 @@ impl Task for DetectorTask<'_> {
 
     fn forward(&mut self, ctx: &StepContext, batch: DetectionBatch) -> Result<Forward> {
         let images = batch.images.to_device(ctx.device)?;
+        let (_, _, h, w) = images.dims4()?;
         let (cls, reg) = self.model.forward_t(&images, true)?;
+        // At this batch's size: multi-scale training changes it from batch to batch.
         let targets = self
             .encoder
-            .encode(&batch.labels, &batch.boxes)
+            .encode_at((h, w), &batch.labels, &batch.boxes)
             .with_context(|| format!("encoding batch {} of epoch {}", batch.batch, ctx.epoch))?;
         let (cls_t, reg_t) = targets.to_tensors(ctx.device)?;
         let loss = focal_loss_detection(&cls, &reg, &cls_t, &reg_t, &self.fl)?;
@@ -538,17 +568,43 @@ pub fn write_plots(run: &RunDir) -> Result<()> {
     Ok(())
 }
 
+/// The dotted keys at which two configs' TOML differ, with both values: `key: a vs b`.
+pub fn differing_keys<T: serde::Serialize>(prefix: &str, a: &T, b: &T) -> Vec<String> {
+    fn walk(prefix: &str, a: Option<&toml::Value>, b: Option<&toml::Value>, out: &mut Vec<String>) {
+        match (a, b) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys {
+                    walk(&format!("{prefix}.{k}"), x.get(k), y.get(k), out);
+                }
+            }
+            (x, y) if x != y => {
+                let show =
+                    |v: Option<&toml::Value>| v.map_or("(none)".to_string(), |v| v.to_string());
+                out.push(format!("{prefix} = {} vs {}", show(x), show(y)));
+            }
+            _ => {}
+        }
+    }
+    let (a, b) = (toml::Value::try_from(a).ok(), toml::Value::try_from(b).ok());
+    let mut out = Vec::new();
+    walk(prefix, a.as_ref(), b.as_ref(), &mut out);
+    out
+}
+
 fn check_compatible(
     old: &DetectorRunConfig,
     new: &DetectorRunConfig,
     old_names: &[String],
     new_names: &[String],
 ) -> Result<()> {
-    if old.model != new.model {
+    let model = differing_keys("model", &old.model, &new.model);
+    if !model.is_empty() {
         bail!(
-            "the checkpoint's model {:?} differs from the config's {:?}",
-            old.model,
-            new.model
+            "the checkpoint's model differs from the config's (checkpoint vs config): {}",
+            model.join("; ")
         );
     }
     if old_names != new_names {
@@ -563,6 +619,14 @@ fn check_compatible(
             old.data.size,
             old.train.batch_size,
             old.seed
+        );
+    }
+    // The augmentation fixes every later batch: a resumed run continues the same stream.
+    let augment = differing_keys("data.augment", &old.data.augment, &new.data.augment);
+    if !augment.is_empty() {
+        bail!(
+            "resuming needs the checkpoint's augmentation (checkpoint vs config): {}",
+            augment.join("; ")
         );
     }
     Ok(())

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use image::RgbImage;
-use image::imageops::FilterType;
 use retinanet_dataset::imageops::image_to_chw;
 use retinanet_dataset::{
     DetectionDataset, DetectionLoader, DetectionTransform, LoaderConfig, draw_detections, load_rgb,
@@ -15,23 +14,33 @@ use retinanet_encoder::{DecodeOptions, Detections, Encoder};
 use retinanet_eval::{Evaluator, Report};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DetectorEvalConfig, DetectorRunConfig};
+use crate::config::{DetectorEvalConfig, DetectorRunConfig, EvalMode};
 use crate::detect::{LoadedDetector, decode_options};
 use crate::progress::Progress;
 
-/// The loader evaluation reads a split with: in order, at `data.eval_size`, unreadable images
-/// skipped (and reported by the loader) with `data.skip_bad_images`.
+/// The transform evaluation makes its images with (`eval.mode`): the whole image with its
+/// shorter side at `data.eval_size` (the longer at most `data.eval_max_size`), or the tutorial's
+/// centre crop.
+pub fn eval_transform(cfg: &DetectorRunConfig) -> DetectionTransform {
+    let d = &cfg.data;
+    match cfg.eval.mode {
+        EvalMode::Whole => DetectionTransform::whole(d.eval_size, d.eval_max_size, d.boxarea_th),
+        EvalMode::CenterCrop => DetectionTransform {
+            max_size: d.eval_max_size,
+            ..DetectionTransform::eval(d.eval_size, d.boxarea_th)
+        },
+    }
+}
+
+/// The loader evaluation reads a split with: in order, made by [`eval_transform`], unreadable
+/// images skipped (and reported by the loader) with `data.skip_bad_images`.
 pub fn eval_loader(dataset: DetectionDataset, cfg: &DetectorRunConfig) -> Result<DetectionLoader> {
     let lc = LoaderConfig {
         shuffle: false,
         skip_bad: cfg.data.skip_bad_images,
         ..LoaderConfig::new(cfg.train.batch_size.clamp(1, 32), cfg.seed)
     };
-    Ok(DetectionLoader::new(
-        dataset,
-        DetectionTransform::eval(cfg.data.eval_size, cfg.data.boxarea_th),
-        lc,
-    )?)
+    Ok(DetectionLoader::new(dataset, eval_transform(cfg), lc)?)
 }
 
 /// Scores `model` on the batches of `loader` (VOC and COCO-style), on its first
@@ -58,7 +67,9 @@ pub fn evaluate_loader(
 }
 
 /// One evaluation image: its ground truth and detections, as evaluation scores them (and as a
-/// rank of a data-parallel run sends them to rank 0).
+/// rank of a data-parallel run sends them to rank 0). In whole-image evaluation both are in the
+/// image file's own pixels and the ground truth is the split's, every box; with the centre
+/// crop, in the crop's pixels, boxes outside it gone.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ImageResult {
     /// The image's index in its split.
@@ -77,6 +88,10 @@ pub struct ImageResult {
 
 /// Runs `model` on the batches of `loader` up to `limit` images: each image's ground truth and
 /// detections, its index being its dataset index plus `offset`.
+///
+/// Whole-image batches hold images of several sizes on one canvas: each run of equal sizes goes
+/// through the network cut to its own size, so an image's detections never depend on the
+/// images batched with it (and equal [`detect_file`]'s for the same file).
 #[allow(clippy::too_many_arguments)]
 pub fn detect_loader(
     model: &RetinaNet,
@@ -88,32 +103,113 @@ pub fn detect_loader(
     offset: usize,
     progress: &mut Progress,
 ) -> Result<Vec<ImageResult>> {
-    let size = cfg.data.eval_size as usize;
     let opts = decode_options(&cfg.eval);
+    let whole = loader.source().transform.item_size_varies();
+    let dataset = loader.dataset();
     let mut results = Vec::with_capacity(limit);
     for batch in loader.epoch(0) {
         let batch = batch?;
-        let (cls, reg) = model.infer(&batch.images.to_device(device)?)?;
-        let dets = encoder.decode_tensors(&cls, &reg, (size, size), &opts)?;
-        for (i, d) in dets.into_iter().enumerate() {
-            if results.len() == limit {
-                break;
+        let n = batch.indices.len().min(limit - results.len());
+        let mut k = 0;
+        while k < n {
+            // A run of images of one size.
+            let size = batch.sizes[k];
+            let end = (k..n).find(|&j| batch.sizes[j] != size).unwrap_or(n);
+            let images = crop_canvas(&batch.images, k, end - k, size)?;
+            let dets = run_network(model, encoder, &images, device, &opts)?;
+            for (j, d) in (k..end).zip(dets) {
+                let (gt_boxes, gt_labels, d) = if whole {
+                    let r = dataset.get(batch.indices[j]);
+                    let src = batch.source_sizes[j];
+                    (
+                        clamp_to(&r.boxes, src),
+                        r.labels.clone(),
+                        to_source(d, size, src),
+                    )
+                } else {
+                    (batch.boxes[j].clone(), batch.labels[j].clone(), d)
+                };
+                results.push(ImageResult {
+                    index: offset + batch.indices[j],
+                    gt_boxes,
+                    gt_labels,
+                    boxes: d.boxes.into_iter().map(collapse_inverted).collect(),
+                    labels: d.labels,
+                    scores: d.scores,
+                });
             }
-            results.push(ImageResult {
-                index: offset + batch.indices[i],
-                gt_boxes: batch.boxes[i].clone(),
-                gt_labels: batch.labels[i].clone(),
-                boxes: d.boxes.into_iter().map(collapse_inverted).collect(),
-                labels: d.labels,
-                scores: d.scores,
-            });
+            k = end;
         }
-        progress.inc(batch.boxes.len() as u64, "");
+        progress.inc(batch.indices.len() as u64, "");
         if results.len() == limit {
             break;
         }
     }
     Ok(results)
+}
+
+/// Images `start..start + n` of a `[B, 3, H, W]` canvas, cut to their `(h, w)`.
+fn crop_canvas(images: &Tensor, start: usize, n: usize, (h, w): (usize, usize)) -> Result<Tensor> {
+    let (b, _, ch, cw) = images.dims4()?;
+    if (start, n, h, w) == (0, b, ch, cw) {
+        return Ok(images.clone());
+    }
+    Ok(images
+        .narrow(0, start, n)?
+        .narrow(2, 0, h)?
+        .narrow(3, 0, w)?
+        .contiguous()?)
+}
+
+/// The network and the decoder on images `[n, 3, h, w]` of one size: detections in the input's
+/// pixels.
+fn run_network(
+    model: &RetinaNet,
+    encoder: &Encoder,
+    images: &Tensor,
+    device: &Device,
+    opts: &DecodeOptions,
+) -> Result<Vec<Detections>> {
+    let (_, _, h, w) = images.dims4()?;
+    let (cls, reg) = model.infer(&images.to_device(device)?)?;
+    Ok(encoder.decode_tensors(&cls, &reg, (h, w), opts)?)
+}
+
+/// Detections on an input of `input` `(h, w)` made from an image of `source` `(H, W)`, back in
+/// the image's pixels: the exact inverse of the box mapping of the transforms (a box covers
+/// the pixels `min..=max`, the extent `[min, max + 1)`, which scales), clamped to the image.
+pub fn to_source(mut d: Detections, input: (usize, usize), source: (usize, usize)) -> Detections {
+    let sy = source.0 as f32 / input.0 as f32;
+    let sx = source.1 as f32 / input.1 as f32;
+    if (sy, sx) == (1.0, 1.0) {
+        return d;
+    }
+    let (hmax, wmax) = (source.0 as f32 - 1.0, source.1 as f32 - 1.0);
+    for b in &mut d.boxes {
+        *b = [
+            (b[0] * sy).clamp(0.0, hmax),
+            (b[1] * sx).clamp(0.0, wmax),
+            ((b[2] + 1.0) * sy - 1.0).clamp(0.0, hmax),
+            ((b[3] + 1.0) * sx - 1.0).clamp(0.0, wmax),
+        ];
+    }
+    d
+}
+
+/// Ground-truth boxes clamped to an image of `(H, W)` (none dropped).
+fn clamp_to(boxes: &[[f32; 4]], (h, w): (usize, usize)) -> Vec<[f32; 4]> {
+    let (hmax, wmax) = (h as f32 - 1.0, w as f32 - 1.0);
+    boxes
+        .iter()
+        .map(|b| {
+            [
+                b[0].clamp(0.0, hmax),
+                b[1].clamp(0.0, wmax),
+                b[2].clamp(0.0, hmax),
+                b[3].clamp(0.0, wmax),
+            ]
+        })
+        .collect()
 }
 
 /// The VOC and COCO-style report of `results`, scored in index order (the order of the split,
@@ -207,43 +303,57 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Runs the detector on one image file: at its own size, or with its shorter side resized to
-/// `size`; boxes come back in the file's pixels.
+/// The size `inspect` runs an image at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageScale {
+    /// As the run's evaluation does: shorter side to `data.eval_size`, longer side at most
+    /// `data.eval_max_size` (so `inspect` and `evaluate` agree on an image).
+    Evaluation,
+    /// Shorter side to this many pixels (longer at most `data.eval_max_size`).
+    Shorter(u32),
+    /// The image's own size (the tutorial's inspect).
+    Own,
+}
+
+/// Runs the detector on one image file at `scale`; boxes come back in the file's pixels.
 pub fn detect_file(
     det: &LoadedDetector,
     path: &Path,
-    size: Option<u32>,
+    scale: ImageScale,
     opts: &DecodeOptions,
 ) -> Result<(RgbImage, ImageDetections)> {
     let img = load_rgb(path)?;
     let (w, h) = (img.width(), img.height());
-    let (net_img, sy, sx) = match size {
-        Some(s) if s.min(w).min(h) > 0 => {
-            let k = s as f64 / w.min(h) as f64;
-            let (nw, nh) = (
-                ((w as f64 * k).round() as u32).max(1),
-                ((h as f64 * k).round() as u32).max(1),
-            );
-            let r = image::imageops::resize(&img, nw, nh, FilterType::Triangle);
-            (r, h as f32 / nh as f32, w as f32 / nw as f32)
+    let d = &det.config.data;
+    let transform = match scale {
+        ImageScale::Evaluation => {
+            Some(DetectionTransform::whole(d.eval_size, d.eval_max_size, 0.0))
         }
-        _ => (img.clone(), 1.0, 1.0),
+        ImageScale::Shorter(s) => Some(DetectionTransform::whole(s, d.eval_max_size.max(s), 0.0)),
+        ImageScale::Own => None,
     };
-    let (nw, nh) = (net_img.width() as usize, net_img.height() as usize);
-    let x = Tensor::from_vec(image_to_chw(&net_img), (1, 3, nh, nw), &Device::Cpu)?
-        .to_device(&det.device)?;
-    let (cls, reg) = det
-        .model
-        .infer(&x)
-        .with_context(|| format!("running the network on {}", path.display()))?;
-    let mut d = det
-        .encoder
-        .decode_tensors(&cls, &reg, (nh, nw), opts)?
+    // The pixels evaluation makes from this image, by the same code.
+    let ((nh, nw), chw) = match transform {
+        Some(t) => {
+            let (nh, nw) = t.output_size(w, h);
+            let mut out = vec![0f32; 3 * nh * nw];
+            t.apply_into(
+                &img,
+                &[],
+                &[],
+                &mut retinanet_dataset::loader::item_rng(0, 0, 0),
+                &mut out,
+            );
+            ((nh, nw), out)
+        }
+        None => ((h as usize, w as usize), image_to_chw(&img)),
+    };
+    let x = Tensor::from_vec(chw, (1, 3, nh, nw), &Device::Cpu)?;
+    let d = run_network(&det.model, &det.encoder, &x, &det.device, opts)
+        .with_context(|| format!("running the network on {}", path.display()))?
         .pop()
         .unwrap_or_default();
-    for b in &mut d.boxes {
-        *b = [b[0] * sy, b[1] * sx, b[2] * sy, b[3] * sx];
-    }
+    let d = to_source(d, (nh, nw), (h as usize, w as usize));
     Ok((
         img,
         ImageDetections {

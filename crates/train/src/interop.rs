@@ -159,6 +159,8 @@ pub fn pair_layout(
             base_width,
             fpn_channels,
             head_channels,
+            // The tutorial's: checked against the heads' outputs by the caller.
+            anchors: Default::default(),
         },
         num_classes: cls_out / num_anchors,
         num_anchors,

@@ -8,6 +8,7 @@
 //! per step), `eval.jsonl` (one line per evaluation), `report.txt` / `report.json` (the final
 //! per-class table), `loss.png` and `map.png`.
 
+pub mod anchor_report;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -15,7 +15,8 @@ use retinanet_extractor::{ResNet, ResNetConfig, is_buffer};
 use crate::checkpoint::load_checkpoint;
 use crate::config::{ModelConfig, depth_of};
 
-/// The RetinaNet config of `model` for `num_classes` classes.
+/// The RetinaNet config of `model` for `num_classes` classes: its pyramid levels and anchors
+/// per cell follow `model.anchors`, as the encoder's do.
 pub fn retinanet_config(
     model: &ModelConfig,
     num_classes: usize,
@@ -24,6 +25,9 @@ pub fn retinanet_config(
     if num_classes == 0 {
         bail!("the data has no class");
     }
+    let anchors = model.anchors.layout()?;
+    let (first_level, num_levels) =
+        DetectorConfig::levels_for_stride(anchors.first_stride, anchors.scales)?;
     let extractor = ResNetConfig {
         depth: model.depth()?,
         base_width: model.base_width,
@@ -32,10 +36,13 @@ pub fn retinanet_config(
     };
     let detector = DetectorConfig {
         num_classes,
-        num_anchors: 3,
+        num_anchors: anchors.anchors_per_cell(),
         fpn_channels: model.fpn_channels,
         head_channels: model.head_channels,
         in_channels: extractor.out_channels(),
+        out2_channels: extractor.out2_channels(),
+        first_level,
+        num_levels,
     };
     Ok(RetinaNetConfig {
         extractor,

@@ -10,10 +10,16 @@ use std::path::Path;
 #[test]
 fn shipped_configs_parse() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-    for f in ["default.toml", "voc.toml"] {
+    for f in ["default.toml", "voc.toml", "small-objects.toml"] {
         let c: DetectorRunConfig = read_config(&root.join(f)).unwrap();
         c.train.lr.validate().unwrap();
+        retinanet_train::config::Validate::validate(&c).unwrap();
     }
+    // The small-object config: its own anchors from stride 4, whole-image evaluation.
+    let s: DetectorRunConfig = read_config(&root.join("small-objects.toml")).unwrap();
+    let a = s.model.anchors.layout().unwrap();
+    assert_eq!((a.first_stride, a.scales, a.anchors_per_cell()), (4, 3, 3));
+    assert_eq!(s.eval.mode, retinanet_train::config::EvalMode::Whole);
     for f in ["pretrain-default.toml", "pretrain-imagenet.toml"] {
         let c: PretrainRunConfig = read_config(&root.join(f)).unwrap();
         c.train.lr.validate().unwrap();
