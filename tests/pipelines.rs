@@ -342,3 +342,78 @@ fn own_anchors_and_augmentation_train_resume_and_infer() {
     }
     assert_eq!(full.report.unwrap().map, second.report.unwrap().map);
 }
+
+#[test]
+fn torchvision_variants_train_and_infer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runs, cache) = (dir.path().join("runs"), dir.path().join("cache"));
+    for variant in ["torchvision_v1", "torchvision_v2"] {
+        let text = tiny_detector_toml(&cache, variant, "cpu", "", 10, "[0.9]")
+            .replace(
+                "fpn_channels = 16\nhead_channels = 16\n",
+                &format!(
+                    "fpn_channels = 32\nhead_channels = 32\nvariant = \"{variant}\"\n[model.anchors]\nsizes = [8.0, 16.0, 32.0, 64.0, 128.0]\naspect_ratios = [0.5, 1.0, 2.0]\nscales_per_octave = 3\nfirst_stride = 8\nlevels = 5\n"
+                ),
+            )
+            .replace("size = 65\neval_size = 65\n", "size = 64\neval_size = 72\n")
+            .replace("lr = 0.01\n", "lr = 0.05\n");
+        let cfg: DetectorRunConfig = parse_config(&text).unwrap();
+        let s = train_detector(&cfg, &quiet(&runs)).unwrap();
+        assert_eq!(s.steps, 60);
+        // It learns: the loss of the last steps is below that of the first.
+        let log = std::fs::read_to_string(s.run.file("train.jsonl")).unwrap();
+        let losses: Vec<f64> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+            .collect();
+        assert_eq!(losses.len(), 60, "{variant}");
+        let first: f64 = losses[..6].iter().sum();
+        let last: f64 = losses[54..].iter().sum();
+        assert!(last < 0.8 * first, "{variant}: losses {losses:?}");
+        // The checkpoint is the variant by torchvision's names, and infers as evaluation does.
+        let det = load_detector(&s.run.checkpoint(), &Device::Cpu).unwrap();
+        assert_eq!(det.config.model.variant.name(), variant);
+        let ck = load_checkpoint(&s.run.checkpoint(), &Device::Cpu).unwrap();
+        assert!(
+            ck.tensors
+                .contains_key("detector.head.classification_head.cls_logits.weight")
+                && ck
+                    .tensors
+                    .contains_key("detector.fpn.extra_blocks.p7.weight"),
+            "{variant}"
+        );
+        assert_eq!(
+            ck.tensors
+                .contains_key("detector.head.regression_head.conv.0.1.weight"),
+            variant == "torchvision_v2"
+        );
+        let img = dir.path().join("scene.png");
+        image::RgbImage::from_fn(90, 70, |x, y| {
+            let inside = (20..50).contains(&x) && (10..40).contains(&y);
+            image::Rgb([(x * 2) as u8, (y * 3) as u8, if inside { 250 } else { 10 }])
+        })
+        .save(&img)
+        .unwrap();
+        let opts = retinanet_train::detect::decode_options(&det.config.eval);
+        let (_, d) = detect_file(&det, &img, ImageScale::Evaluation, &opts).unwrap();
+        let (h, w) = (d.size.0 as f32, d.size.1 as f32);
+        assert!(
+            d.detections.boxes.iter().all(|b| {
+                b.iter().all(|v| v.is_finite()) && b[0] >= 0.0 && b[2] <= h && b[3] <= w
+            })
+        );
+        assert!(s.report.unwrap().map.is_some_and(f64::is_finite));
+    }
+    // Sizes torchvision would pad are refused by key.
+    let text = tiny_detector_toml(&cache, "odd", "cpu", "", 1, "[0.9]").replace(
+        "fpn_channels = 16\nhead_channels = 16\n",
+        "fpn_channels = 32\nhead_channels = 32\nvariant = \"torchvision_v1\"\n[model.anchors]\nsizes = [8.0, 16.0, 32.0, 64.0, 128.0]\naspect_ratios = [1.0]\nscales_per_octave = 1\nfirst_stride = 8\nlevels = 5\n",
+    );
+    let cfg: DetectorRunConfig = parse_config(&text).unwrap();
+    let e = format!("{:#}", train_detector(&cfg, &quiet(&runs)).unwrap_err());
+    assert!(
+        e.contains("data.size = 65") && e.contains("multiples of 32"),
+        "{e}"
+    );
+}

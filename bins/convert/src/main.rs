@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! convert import --extractor net_e.pkl --detector net_d.pkl [--names names.txt] --out model.safetensors
+//! convert import --torchvision retinanet_resnet50_fpn_coco-eeacb38b.pth --out model.safetensors
 //! convert export --checkpoint runs/default/checkpoint.safetensors --to tutorial --out exported/
 //! convert export --checkpoint runs/default/checkpoint.safetensors --to torchvision --format pth --out exported/
 //! convert data --yolo data.yaml --out lists/                     # YOLO -> list files
@@ -9,8 +10,8 @@
 //! ```
 //!
 //! `import` writes a checkpoint of this project from the tutorial's two PyTorch state dicts (or
-//! a torchvision-named ResNet and the tutorial's detector), which `inspect`, `evaluate` and
-//! `train-detector` then use. `export` writes a checkpoint's weights under PyTorch names: the
+//! a torchvision-named ResNet and the tutorial's detector), or from torchvision's own
+//! `retinanet_resnet50_fpn` / `_v2`, which `inspect`, `evaluate` and `train-detector` then use. `export` writes a checkpoint's weights under PyTorch names: the
 //! tutorial's (`net_e` / `net_d`) or torchvision's ResNet (`resnet.*`, with
 //! `num_batches_tracked`) beside the tutorial's detector (`net_d`), as `.pth` files
 //! `torch.load` reads and / or safetensors. `data` converts between YOLO datasets and the
@@ -21,9 +22,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use clap::{Parser, Subcommand, ValueEnum};
-use retinanet_train::interop::{
-    Naming, export, load_state_dict_pair, save_as_checkpoint, write_pth,
-};
+use retinanet_train::interop::{Naming, export, save_as_checkpoint, write_pth};
 use retinanet_train::load_checkpoint;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -54,16 +53,25 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The tutorial's state dicts (or a torchvision ResNet + the tutorial's detector) to a
-    /// checkpoint of this project.
+    /// The tutorial's state dicts (or a torchvision ResNet + the tutorial's detector), or a
+    /// torchvision RetinaNet, to a checkpoint of this project.
     Import {
         /// The extractor state dict (`net_e.pkl`, or a torchvision ResNet `.pth`).
-        #[arg(long)]
-        extractor: PathBuf,
+        #[arg(long, requires = "detector", required_unless_present = "torchvision")]
+        extractor: Option<PathBuf>,
         /// The detector state dict (`net_d.pkl`).
-        #[arg(long)]
-        detector: PathBuf,
-        /// Class names (one per line); default for 20 classes: VOC's.
+        #[arg(long, requires = "extractor")]
+        detector: Option<PathBuf>,
+        /// A torchvision `retinanet_resnet50_fpn` / `retinanet_resnet50_fpn_v2` state dict
+        /// (`.pth` / `.safetensors`), instead of --extractor / --detector.
+        #[arg(long, conflicts_with_all = ["extractor", "detector"])]
+        torchvision: Option<PathBuf>,
+        /// The ResNet's BatchNorm eps for --torchvision (default: 0 for v1, as torchvision
+        /// sets for its COCO weights; 1e-5 for v2).
+        #[arg(long, requires = "torchvision")]
+        bn_eps: Option<f64>,
+        /// Class names (one per line); default for 20 classes: VOC's; for a torchvision
+        /// RetinaNet of 91: torchvision's COCO categories.
         #[arg(long)]
         names: Option<PathBuf>,
         /// The checkpoint to write.
@@ -112,9 +120,21 @@ fn main() -> Result<()> {
         Cmd::Import {
             extractor,
             detector,
+            torchvision,
+            bn_eps,
             names,
             out,
-        } => import(&extractor, &detector, names, &out),
+        } => {
+            let model = retinanet_train::cli::ModelArgs {
+                checkpoint: None,
+                extractor,
+                detector,
+                torchvision,
+                bn_eps,
+                runs_dir: PathBuf::new(),
+            };
+            import(&model, names, &out)
+        }
         Cmd::Export {
             checkpoint,
             to,
@@ -132,24 +152,17 @@ fn main() -> Result<()> {
 }
 
 fn import(
-    extractor: &std::path::Path,
-    detector: &std::path::Path,
+    model: &retinanet_train::cli::ModelArgs,
     names: Option<PathBuf>,
     out: &std::path::Path,
 ) -> Result<()> {
-    let names = names
-        .as_ref()
-        .map(|p| {
-            retinanet_train::data::read_names_file(p)
-                .with_context(|| format!("--names {}", p.display()))
-        })
-        .transpose()?;
-    let det = load_state_dict_pair(extractor, detector, names, &Device::Cpu)?;
+    let det = model.load(names.as_deref(), &Device::Cpu)?;
     save_as_checkpoint(&det, out)?;
     let m = &det.config.model;
     println!(
-        "wrote {} (ResNet-{} width {}, FPN {}, heads {}, {} classes)",
+        "wrote {} ({:?} RetinaNet, ResNet-{} width {}, FPN {}, heads {}, {} classes)",
         out.display(),
+        m.variant,
         m.depth,
         m.base_width,
         m.fpn_channels,

@@ -70,8 +70,10 @@ fn main() -> Result<()> {
         ev.finish()
     } else {
         let device = parse_device(&a.device)?;
-        if a.model.extractor.is_some() && a.config.is_none() {
-            bail!("--extractor / --detector: pass --config with the data to evaluate on");
+        if (a.model.extractor.is_some() || a.model.torchvision.is_some()) && a.config.is_none() {
+            bail!(
+                "--extractor / --detector / --torchvision: pass --config with the data to evaluate on"
+            );
         }
         let det = a.model.load(a.names.as_deref(), &device)?;
         let mut cfg: DetectorRunConfig = match &a.config {

@@ -42,6 +42,29 @@ pub struct AnchorConfig {
     /// Size factor of each level relative to the first (`scales` values, the first 1); `None`:
     /// `2^s`, the tutorial's.
     pub level_scales: Option<Vec<f64>>,
+    /// How the boxes of a cell are made and where the cells sit.
+    pub style: AnchorStyle,
+}
+
+/// How anchors are made from the layout.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum AnchorStyle {
+    /// The tutorial's: shapes `level_scale(s) * a_hw`, exact (f64, one rounding to f32), cells
+    /// every `first_stride * 2^s` pixels.
+    #[default]
+    Tutorial,
+    /// torchvision's `AnchorGenerator`: for each level its own sizes (`sizes[s]`, already
+    /// whole numbers as torchvision's `int(size * 2^(k / 3))`) times every aspect ratio `h / w`
+    /// (ratio-major order), the half-sides computed in f32 and rounded to whole pixels; the
+    /// cells of a level every `image side // grid side` pixels on each axis (torchvision's
+    /// stride, which for P6 and P7 is not always 64 and 128). `a_hw` holds the first level's
+    /// shapes in the same order.
+    Torchvision {
+        /// The sizes of each level.
+        sizes: Vec<Vec<f64>>,
+        /// Aspect ratios `h / w`.
+        aspect_ratios: Vec<f64>,
+    },
 }
 
 impl Default for AnchorConfig {
@@ -51,8 +74,22 @@ impl Default for AnchorConfig {
             scales: 4,
             first_stride: 8,
             level_scales: None,
+            style: AnchorStyle::Tutorial,
         }
     }
+}
+
+/// torchvision's RetinaNet anchor sizes: for each of 32, 64, 128, 256, 512 the sizes
+/// `int(x * 2^(k / 3))`, `k = 0, 1, 2` (truncated, as torchvision's `_default_anchorgen`).
+pub fn torchvision_retinanet_sizes() -> Vec<Vec<f64>> {
+    [32.0f64, 64.0, 128.0, 256.0, 512.0]
+        .iter()
+        .map(|&x| {
+            (0..3)
+                .map(|k| (x * (k as f64 / 3.0).exp2()).trunc())
+                .collect()
+        })
+        .collect()
 }
 
 /// The shapes `(h, w)` of one cell: for each base shape, each of `scales_per_octave` octave
@@ -138,9 +175,95 @@ impl AnchorConfig {
             scales: sizes.len(),
             first_stride,
             level_scales: (!doubling).then_some(scales),
+            style: AnchorStyle::Tutorial,
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// torchvision's `AnchorGenerator(sizes, aspect_ratios)` on levels from `first_stride`
+    /// (one level per entry of `sizes`; every level the same number of sizes).
+    pub fn torchvision(
+        sizes: Vec<Vec<f64>>,
+        aspect_ratios: Vec<f64>,
+        first_stride: usize,
+    ) -> Result<Self, AnchorConfigError> {
+        let Some(first) = sizes.first() else {
+            return Err(AnchorConfigError("sizes is empty".into()));
+        };
+        if let Some(i) = sizes
+            .iter()
+            .position(|l| l.len() != first.len() || l.is_empty())
+        {
+            return Err(AnchorConfigError(format!(
+                "sizes[{i}] has {} sizes, sizes[0] {}: every level needs as many (and at least one)",
+                sizes[i].len(),
+                first.len()
+            )));
+        }
+        for (i, l) in sizes.iter().enumerate() {
+            if let Some(s) = l.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+                return Err(AnchorConfigError(format!(
+                    "sizes[{i}] holds {s}: sizes must be finite and positive"
+                )));
+            }
+        }
+        if aspect_ratios.is_empty() {
+            return Err(AnchorConfigError("aspect_ratios is empty".into()));
+        }
+        if let Some(r) = aspect_ratios.iter().find(|r| !(r.is_finite() && **r > 0.0)) {
+            return Err(AnchorConfigError(format!(
+                "aspect ratio {r} must be finite and positive"
+            )));
+        }
+        let mut cfg = Self {
+            a_hw: Vec::new(),
+            scales: sizes.len(),
+            first_stride,
+            level_scales: None,
+            style: AnchorStyle::Torchvision {
+                sizes,
+                aspect_ratios,
+            },
+        };
+        cfg.a_hw = cfg.level_shapes(0);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// torchvision's `retinanet_resnet50_fpn` anchors: 9 per cell on P3..P7.
+    pub fn torchvision_retinanet() -> Self {
+        Self::torchvision(torchvision_retinanet_sizes(), vec![0.5, 1.0, 2.0], 8)
+            .expect("a valid layout")
+    }
+
+    /// The boxes `[y0, x0, y1, x1]` of one cell of level `s` relative to its point.
+    pub fn cell_boxes(&self, level: usize) -> Vec<[f64; 4]> {
+        match &self.style {
+            AnchorStyle::Tutorial => self
+                .level_shapes(level)
+                .iter()
+                .map(|&[h, w]| [-h / 2.0, -w / 2.0, h / 2.0, w / 2.0])
+                .collect(),
+            AnchorStyle::Torchvision {
+                sizes,
+                aspect_ratios,
+            } => {
+                // torchvision's arithmetic, in f32: h_ratio = sqrt(r), w_ratio = 1 / h_ratio,
+                // half-sides (ratio * size) / 2 rounded half to even.
+                let mut out = Vec::with_capacity(aspect_ratios.len() * sizes[level].len());
+                for &r in aspect_ratios {
+                    let hr = (r as f32).sqrt();
+                    let wr = 1.0 / hr;
+                    for &s in &sizes[level] {
+                        let (w, h) = (wr * s as f32, hr * s as f32);
+                        let (hw, hh) = ((w / 2.0).round_ties_even(), (h / 2.0).round_ties_even());
+                        out.push([-hh as f64, -hw as f64, hh as f64, hw as f64]);
+                    }
+                }
+                out
+            }
+        }
     }
 
     /// The size factor of level `s` relative to the first: `2^s` unless `level_scales` says
@@ -155,6 +278,13 @@ impl AnchorConfig {
 
     /// The anchor shapes `(h, w)` of level `s`.
     pub fn level_shapes(&self, level: usize) -> Vec<[f64; 2]> {
+        if let AnchorStyle::Torchvision { .. } = self.style {
+            return self
+                .cell_boxes(level)
+                .iter()
+                .map(|b| [b[2] - b[0], b[3] - b[1]])
+                .collect();
+        }
         let f = self.level_scale(level);
         self.a_hw.iter().map(|hw| [f * hw[0], f * hw[1]]).collect()
     }
@@ -162,6 +292,15 @@ impl AnchorConfig {
     /// Checks that the config describes real anchors: at least one shape, finite positive
     /// sizes, at least one level and a non-zero stride.
     pub fn validate(&self) -> Result<(), AnchorConfigError> {
+        if let AnchorStyle::Torchvision { sizes, .. } = &self.style
+            && sizes.len() != self.scales
+        {
+            return Err(AnchorConfigError(format!(
+                "{} levels of sizes for {} levels",
+                sizes.len(),
+                self.scales
+            )));
+        }
         if self.a_hw.is_empty() {
             return Err(AnchorConfigError("a_hw is empty".into()));
         }
@@ -289,6 +428,30 @@ pub fn gen_anchors(cfg: &AnchorConfig, img_size: (usize, usize)) -> Anchors {
     let mut level_ranges = Vec::with_capacity(cfg.scales);
     for (s, (fh, fw)) in cfg.grid_sizes(img_size).into_iter().enumerate() {
         let start = yxyx.len();
+        if let AnchorStyle::Torchvision { .. } = cfg.style {
+            // torchvision: integer strides `image // grid` per axis, boxes in f32 (whole
+            // numbers, exact), centre and size as its box coder takes them.
+            let (ty, tx) = (img_size.0 / fh.max(1), img_size.1 / fw.max(1));
+            let cell: Vec<[f32; 4]> = cfg
+                .cell_boxes(s)
+                .iter()
+                .map(|b| b.map(|v| v as f32))
+                .collect();
+            for h in 0..fh {
+                let ay = (h * ty) as f32;
+                for w in 0..fw {
+                    let ax = (w * tx) as f32;
+                    for b in &cell {
+                        let bb = [ay + b[0], ax + b[1], ay + b[2], ax + b[3]];
+                        let (bh, bw) = (bb[2] - bb[0], bb[3] - bb[1]);
+                        yxyx.push(bb);
+                        yxhw.push([bb[0] + 0.5 * bh, bb[1] + 0.5 * bw, bh, bw]);
+                    }
+                }
+            }
+            level_ranges.push((start, yxyx.len()));
+            continue;
+        }
         let t = cfg.stride(s) as f64;
         let scale = cfg.level_scale(s);
         for h in 0..fh {

@@ -40,6 +40,7 @@ fn reference_cases() {
             scales: case["scales"].as_u64().unwrap() as usize,
             first_stride: case["first_stride"].as_u64().unwrap() as usize,
             level_scales: None,
+            style: Default::default(),
         };
         let size = (
             case["img_size"][0].as_u64().unwrap() as usize,

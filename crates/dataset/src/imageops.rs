@@ -162,9 +162,24 @@ impl Axis {
     /// centre falls outside `0..len` get no tap (black padding, as PIL's `crop` pads).
     /// Taps are restricted to source pixels `clip.0..clip.1` (the crop window when cropping
     /// precedes resizing, the whole image when resizing precedes cropping).
-    fn new(lo: f64, hi: f64, out: usize, len: usize, clip: (usize, usize), flip: bool) -> Axis {
+    /// Without `antialias` the filter keeps its one-pixel support when downscaling: plain
+    /// bilinear interpolation, as PyTorch's `interpolate(mode="bilinear",
+    /// align_corners=False)`.
+    fn new(
+        lo: f64,
+        hi: f64,
+        out: usize,
+        len: usize,
+        clip: (usize, usize),
+        flip: bool,
+        antialias: bool,
+    ) -> Axis {
         let scale = out as f64 / (hi - lo);
-        let support = if scale < 1.0 { 1.0 / scale } else { 1.0 };
+        let support = if scale < 1.0 && antialias {
+            1.0 / scale
+        } else {
+            1.0
+        };
         let taps = (2.0 * support).ceil() as usize + 2;
         let mut start = vec![0usize; out];
         let mut count = vec![0usize; out];
@@ -248,6 +263,26 @@ pub fn resample_planar_into(
     offset: [f32; 3],
     out: &mut [f32],
 ) {
+    resample_planar_into_with(
+        src, rect, out_w, out_h, flip, crop_first, scale, offset, out, true,
+    )
+}
+
+/// [`resample_planar_into`], antialiased (PIL's filter) or not (PyTorch's bilinear
+/// interpolation, which torchvision's detection models resize with).
+#[allow(clippy::too_many_arguments)]
+pub fn resample_planar_into_with(
+    src: &RgbImage,
+    rect: SrcRect,
+    out_w: usize,
+    out_h: usize,
+    flip: bool,
+    crop_first: bool,
+    scale: [f32; 3],
+    offset: [f32; 3],
+    out: &mut [f32],
+    antialias: bool,
+) {
     assert_eq!(
         out.len(),
         3 * out_w * out_h,
@@ -264,8 +299,24 @@ pub fn resample_planar_into(
             (0, len)
         }
     };
-    let ax = Axis::new(rect.x0, rect.x1, out_w, w, clip(rect.x0, rect.x1, w), flip);
-    let ay = Axis::new(rect.y0, rect.y1, out_h, h, clip(rect.y0, rect.y1, h), false);
+    let ax = Axis::new(
+        rect.x0,
+        rect.x1,
+        out_w,
+        w,
+        clip(rect.x0, rect.x1, w),
+        flip,
+        antialias,
+    );
+    let ay = Axis::new(
+        rect.y0,
+        rect.y1,
+        out_h,
+        h,
+        clip(rect.y0, rect.y1, h),
+        false,
+        antialias,
+    );
     let (r0, r1) = ay.row_range();
     let rows = r1 - r0;
     let raw = src.as_raw();

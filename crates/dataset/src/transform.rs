@@ -4,7 +4,8 @@ use image::RgbImage;
 use rand::Rng;
 
 use crate::imageops::{
-    SrcRect, normalisation_factors, normalize_chw, resample_planar_into, round_half_even,
+    SrcRect, normalisation_factors, normalize_chw, resample_planar_into, resample_planar_into_with,
+    round_half_even,
 };
 
 /// An item after geometric transformation, before normalisation.
@@ -112,6 +113,10 @@ pub enum EvalResize {
     /// The whole image, shorter side to `size` unless the longer side would exceed `max_size`:
     /// no crop, so no object is cut off (as VOC and COCO evaluate).
     Whole,
+    /// torchvision's `GeneralizedRCNNTransform` resize: the whole image scaled by
+    /// `min(size / shorter, max_size / longer)`, each side `floor(side * scale)`, bilinear
+    /// interpolation without antialiasing.
+    Torchvision,
 }
 
 /// Detection item transform: the tutorial's training augmentation or evaluation resize.
@@ -199,6 +204,15 @@ impl DetectionTransform {
         }
     }
 
+    /// torchvision's detection resize of the whole image ([`EvalResize::Torchvision`]).
+    pub fn torchvision(size: u32, max_size: u32, boxarea_th: f32) -> Self {
+        DetectionTransform {
+            max_size,
+            eval_resize: EvalResize::Torchvision,
+            ..Self::eval(size, boxarea_th)
+        }
+    }
+
     /// Whole-image evaluation: shorter side to `size`, longer side at most `max_size`.
     pub fn whole(size: u32, max_size: u32, boxarea_th: f32) -> Self {
         DetectionTransform {
@@ -216,7 +230,7 @@ impl DetectionTransform {
 
     /// Whether items of images of different sizes differ in size (whole-image evaluation).
     pub fn item_size_varies(&self) -> bool {
-        !self.train && self.eval_resize == EvalResize::Whole
+        !self.train && self.eval_resize != EvalResize::CenterCrop
     }
 
     /// The eval scale of a `w x h` image: shorter side to `size`, longer at most `max_size`.
@@ -231,7 +245,15 @@ impl DetectionTransform {
 
     /// `(height, width)` of the item made from a `width x height` image.
     pub fn output_size(&self, width: u32, height: u32) -> (usize, usize) {
-        if self.item_size_varies() {
+        if self.item_size_varies() && self.eval_resize == EvalResize::Torchvision {
+            // As torchvision: the scale in double precision, sides floored.
+            let (w, h) = (width as f64, height as f64);
+            let s = (self.size as f64 / w.min(h)).min(self.max_size as f64 / w.max(h));
+            (
+                ((h * s).floor() as usize).max(1),
+                ((w * s).floor() as usize).max(1),
+            )
+        } else if self.item_size_varies() {
             let (w, h) = (width as f64, height as f64);
             let s = self.eval_scale(w, h);
             (
@@ -329,8 +351,17 @@ impl DetectionTransform {
         offset: [f32; 3],
         out: &mut [f32],
     ) {
-        resample_planar_into(
-            img, p.rect, p.out_w, p.out_h, p.flip, self.train, scale, offset, out,
+        resample_planar_into_with(
+            img,
+            p.rect,
+            p.out_w,
+            p.out_h,
+            p.flip,
+            self.train,
+            scale,
+            offset,
+            out,
+            self.eval_resize != EvalResize::Torchvision || self.train,
         );
         if p.vflip || p.turns > 0 {
             // Training items are square: flips and turns keep the size.
@@ -448,7 +479,7 @@ impl DetectionTransform {
                     ));
                 }
                 (rect, flip, size, size, mapped)
-            } else if self.eval_resize == EvalResize::Whole {
+            } else if self.eval_resize != EvalResize::CenterCrop {
                 let (oh, ow) = self.output_size(width, height);
                 let (sx, sy) = (ow as f64 / w, oh as f64 / h);
                 let rect = SrcRect {

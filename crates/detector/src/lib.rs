@@ -60,6 +60,10 @@ use std::path::Path;
 
 pub use retinanet_extractor::{Depth, ResNet as Extractor, ResNetConfig, is_buffer, weights};
 
+pub mod torchvision;
+use torchvision::TvParts;
+pub use torchvision::{P6From, TvOptions};
+
 /// Configuration of a [`Detector`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DetectorConfig {
@@ -81,6 +85,8 @@ pub struct DetectorConfig {
     pub first_level: usize,
     /// Pyramid levels from the first (4: P3..P6, the tutorial's); the last may be P7 at most.
     pub num_levels: usize,
+    /// The tutorial's FPN and heads, or torchvision's.
+    pub style: DetectorStyle,
 }
 
 /// The highest pyramid level a [`Detector`] builds (P7, stride 128).
@@ -99,6 +105,7 @@ impl DetectorConfig {
             out2_channels: in_channels[0] / 2,
             first_level: 3,
             num_levels: 4,
+            style: DetectorStyle::Tutorial,
         }
     }
 
@@ -133,7 +140,7 @@ impl DetectorConfig {
 }
 
 /// Prior probability of an object at initialisation: the last `cls` bias is `-ln((1 - π) / π)`.
-const PRIOR: f64 = 0.01;
+pub(crate) const PRIOR: f64 = 0.01;
 
 /// A 3x3 (padding 1) or 1x1 convolution with bias, initialised as the tutorial: N(0, 0.01)
 /// weights and a constant bias.
@@ -200,9 +207,9 @@ impl Head {
     }
 }
 
-/// The FPN and the two shared heads.
+/// The tutorial's FPN and the two shared heads.
 #[derive(Debug, Clone)]
-pub struct Detector {
+struct TutorialDetector {
     conv_out6: Option<Conv2d>,
     conv_out7: Option<Conv2d>,
     prj_5: Conv2d,
@@ -217,10 +224,8 @@ pub struct Detector {
     cfg: DetectorConfig,
 }
 
-impl Detector {
-    /// Builds the detector from `vb` (new variables: weights N(0, 0.01), biases 0, the last
-    /// `cls` bias `-ln(99)`).
-    pub fn new(vb: VarBuilder, cfg: &DetectorConfig) -> Result<Self> {
+impl TutorialDetector {
+    fn new(vb: VarBuilder, cfg: &DetectorConfig) -> Result<Self> {
         let DetectorConfig {
             num_classes,
             num_anchors,
@@ -230,6 +235,7 @@ impl Detector {
             out2_channels: c2,
             first_level: first,
             num_levels,
+            style: _,
         } = *cfg;
         if num_classes == 0 || num_anchors == 0 || f == 0 || h == 0 {
             bail!("detector: classes, anchors and channel counts must be positive: {cfg:?}")
@@ -268,8 +274,7 @@ impl Detector {
         })
     }
 
-    /// A copy with the same weights not tracked for backprop (see [`ResNet::detached`]).
-    pub fn detached(&self) -> Self {
+    fn detached(&self) -> Self {
         let d = |c: &Option<Conv2d>| c.as_ref().map(detach_conv);
         Self {
             conv_out6: d(&self.conv_out6),
@@ -287,14 +292,7 @@ impl Detector {
         }
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &DetectorConfig {
-        &self.cfg
-    }
-
-    /// The pyramid levels `P{first_level}..` (after their ReLUs) from the extractor's
-    /// `[out2, out3, out4, out5]` (`out2` is read only for P2).
-    pub fn pyramid_levels(&self, feats: [&Tensor; 4]) -> Result<Vec<Tensor>> {
+    fn pyramid_levels(&self, feats: [&Tensor; 4]) -> Result<Vec<Tensor>> {
         let [o2, o3, o4, o5] = feats;
         let (first, last) = (self.cfg.first_level, self.cfg.last_level());
         let lateral = |p: &Tensor, c: &Option<Conv2d>, o: &Tensor| -> Result<Tensor> {
@@ -338,7 +336,106 @@ impl Detector {
         Ok(out)
     }
 
-    /// Pyramid levels `[P3, P4, P5, P6]` (after their ReLUs) of the tutorial's layout.
+    fn heads(&self, levels: &[Tensor]) -> Result<(Tensor, Tensor)> {
+        let mut cls = Vec::with_capacity(levels.len());
+        let mut reg = Vec::with_capacity(levels.len());
+        for p in levels {
+            cls.push(self.cls.forward(p, self.cfg.num_classes)?);
+            reg.push(self.reg.forward(p, 4)?);
+        }
+        Ok((Tensor::cat(&cls, 1)?, Tensor::cat(&reg, 1)?))
+    }
+}
+
+/// Which FPN and heads a [`Detector`] has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectorStyle {
+    /// The tutorial's (names `conv_out6`, `prj_5`, ..., `conv_cls.{0,2,4,6}`).
+    #[default]
+    Tutorial,
+    /// torchvision's RetinaNet (names `fpn.*`, `head.*`; levels P3..P7; see [`torchvision`]).
+    Torchvision(TvOptions),
+}
+
+#[derive(Debug, Clone)]
+enum Parts {
+    Tutorial(Box<TutorialDetector>),
+    Torchvision(Box<TvParts>),
+}
+
+/// The FPN and the two shared heads: the tutorial's, or torchvision's
+/// ([`DetectorConfig::style`]).
+#[derive(Debug, Clone)]
+pub struct Detector {
+    parts: Parts,
+    cfg: DetectorConfig,
+}
+
+impl Detector {
+    /// Builds the detector from `vb` (new variables: the tutorial's weights N(0, 0.01), biases
+    /// 0, the last `cls` bias `-ln(99)`; torchvision's initialisation for its layers).
+    pub fn new(vb: VarBuilder, cfg: &DetectorConfig) -> Result<Self> {
+        let parts = match cfg.style {
+            DetectorStyle::Tutorial => Parts::Tutorial(Box::new(TutorialDetector::new(vb, cfg)?)),
+            DetectorStyle::Torchvision(opts) => {
+                if (cfg.first_level, cfg.num_levels) != (3, 5) {
+                    bail!(
+                        "detector: torchvision's RetinaNet has the levels P3..P7, not P{}..P{}",
+                        cfg.first_level,
+                        cfg.last_level()
+                    )
+                }
+                if cfg.head_channels != cfg.fpn_channels {
+                    bail!(
+                        "detector: torchvision's heads run at the FPN's width: head_channels {} must equal fpn_channels {}",
+                        cfg.head_channels,
+                        cfg.fpn_channels
+                    )
+                }
+                if cfg.num_classes == 0 || cfg.num_anchors == 0 || cfg.fpn_channels == 0 {
+                    bail!("detector: classes, anchors and channel counts must be positive: {cfg:?}")
+                }
+                Parts::Torchvision(Box::new(TvParts::new(
+                    vb,
+                    cfg.num_classes,
+                    cfg.num_anchors,
+                    cfg.fpn_channels,
+                    cfg.in_channels,
+                    opts,
+                )?))
+            }
+        };
+        Ok(Self { parts, cfg: *cfg })
+    }
+
+    /// A copy with the same weights not tracked for backprop (see [`ResNet::detached`]).
+    pub fn detached(&self) -> Self {
+        let parts = match &self.parts {
+            Parts::Tutorial(t) => Parts::Tutorial(Box::new(t.detached())),
+            Parts::Torchvision(t) => Parts::Torchvision(Box::new(t.detached())),
+        };
+        Self {
+            parts,
+            cfg: self.cfg,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DetectorConfig {
+        &self.cfg
+    }
+
+    /// The pyramid levels `P{first_level}..` from the extractor's `[out2, out3, out4, out5]`
+    /// (`out2` is read only for P2): after their ReLUs for the tutorial's, as they are for
+    /// torchvision's.
+    pub fn pyramid_levels(&self, feats: [&Tensor; 4]) -> Result<Vec<Tensor>> {
+        match &self.parts {
+            Parts::Tutorial(t) => t.pyramid_levels(feats),
+            Parts::Torchvision(t) => t.pyramid(feats[1], feats[2], feats[3]),
+        }
+    }
+
+    /// Pyramid levels (`[P3, P4, P5, P6]` for the tutorial's layout) from `(out3, out4, out5)`.
     pub fn pyramid(&self, feats: (&Tensor, &Tensor, &Tensor)) -> Result<Vec<Tensor>> {
         if self.cfg.first_level == 2 {
             bail!("detector: a pyramid from P2 needs out2: use pyramid_levels")
@@ -349,27 +446,23 @@ impl Detector {
     }
 
     /// `(cls [B, A, C] logits, reg [B, A, 4])` from the extractor's `[out2, out3, out4, out5]`,
-    /// `A` in the anchors' order.
+    /// `A` in the anchors' order, `reg` as `(dy, dx, dh, dw)`.
     pub fn forward_features(&self, feats: [&Tensor; 4]) -> Result<(Tensor, Tensor)> {
         let levels = self.pyramid_levels(feats)?;
-        self.heads(&levels)
+        match &self.parts {
+            Parts::Tutorial(t) => t.heads(&levels),
+            Parts::Torchvision(t) => t.heads(&levels),
+        }
     }
 
     /// `(cls [B, A, C] logits, reg [B, A, 4])` from `(out3, out4, out5)`, `A` in the anchors'
     /// order (a pyramid from P2 needs [`Detector::forward_features`]).
     pub fn forward(&self, feats: (&Tensor, &Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
-        let levels = self.pyramid(feats)?;
-        self.heads(&levels)
-    }
-
-    fn heads(&self, levels: &[Tensor]) -> Result<(Tensor, Tensor)> {
-        let mut cls = Vec::with_capacity(levels.len());
-        let mut reg = Vec::with_capacity(levels.len());
-        for p in levels {
-            cls.push(self.cls.forward(p, self.cfg.num_classes)?);
-            reg.push(self.reg.forward(p, 4)?);
+        let (o3, o4, o5) = feats;
+        if self.cfg.first_level == 2 {
+            bail!("detector: a pyramid from P2 needs out2: use forward_features")
         }
-        Ok((Tensor::cat(&cls, 1)?, Tensor::cat(&reg, 1)?))
+        self.forward_features([o3, o3, o4, o5])
     }
 }
 
@@ -457,7 +550,7 @@ impl RetinaNet {
 }
 
 /// A copy of `c` whose weights share storage but are not tracked for backprop.
-fn detach_conv(c: &Conv2d) -> Conv2d {
+pub(crate) fn detach_conv(c: &Conv2d) -> Conv2d {
     Conv2d::new(
         c.weight().detach(),
         c.bias().map(Tensor::detach),

@@ -28,6 +28,7 @@ fn layout(first_level: usize, num_levels: usize, anchors: usize) -> AnchorConfig
         scales: num_levels,
         first_stride: 1 << first_level,
         level_scales: None,
+        style: Default::default(),
     }
 }
 

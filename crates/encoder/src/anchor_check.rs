@@ -173,6 +173,7 @@ pub fn match_stats(
         iou_th,
         train_size: first.size,
         num_classes: None,
+        postprocess: Default::default(),
     })?;
     let per_image: Vec<MatchStats> = images
         .par_iter()
@@ -347,6 +348,7 @@ pub fn fit_anchors(
         scales: levels,
         first_stride,
         level_scales: None,
+        style: Default::default(),
     };
     let mut best: Option<(f64, f64, f64)> = None;
     for i in -6..=6 {

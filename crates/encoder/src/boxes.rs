@@ -98,6 +98,18 @@ pub(crate) fn nms_sorted(
     threshold: f32,
     mode: NmsMode,
 ) -> Vec<usize> {
+    nms_sorted_eps(boxes, order, threshold, mode, EPS)
+}
+
+/// [`nms_sorted`] with `eps` added to the sides: the tutorial's [`EPS`], or 0 as torchvision's
+/// `nms` (where two empty boxes have IoU 0 / 0, NaN, and neither suppresses the other).
+pub(crate) fn nms_sorted_eps(
+    boxes: &[Bbox],
+    order: &[u32],
+    threshold: f32,
+    mode: NmsMode,
+    eps: f32,
+) -> Vec<usize> {
     let n = order.len();
     let mut y0 = Vec::with_capacity(n);
     let mut x0 = Vec::with_capacity(n);
@@ -110,7 +122,7 @@ pub(crate) fn nms_sorted(
         x0.push(b[1]);
         y1.push(b[2]);
         x1.push(b[3]);
-        ar.push(area(b));
+        ar.push((b[2] - b[0] + eps) * (b[3] - b[1] + eps));
     }
     // 1 = suppressed. u8 rather than bool so the inner loop can OR without branches.
     let mut dead = vec![0u8; n];
@@ -132,8 +144,8 @@ pub(crate) fn nms_sorted(
         match mode {
             NmsMode::Union => {
                 for (((((&ry0, &rx0), &ry1), &rx1), &ra), d) in it {
-                    let h = (ry1.min(by1) - ry0.max(by0) + EPS).max(0.0);
-                    let w = (rx1.min(bx1) - rx0.max(bx0) + EPS).max(0.0);
+                    let h = (ry1.min(by1) - ry0.max(by0) + eps).max(0.0);
+                    let w = (rx1.min(bx1) - rx0.max(bx0) + eps).max(0.0);
                     let inter = h * w;
                     let ovr = inter / (ba + ra - inter);
                     *d |= (ovr > threshold) as u8;
@@ -141,8 +153,8 @@ pub(crate) fn nms_sorted(
             }
             NmsMode::Min => {
                 for (((((&ry0, &rx0), &ry1), &rx1), &ra), d) in it {
-                    let h = (ry1.min(by1) - ry0.max(by0) + EPS).max(0.0);
-                    let w = (rx1.min(bx1) - rx0.max(bx0) + EPS).max(0.0);
+                    let h = (ry1.min(by1) - ry0.max(by0) + eps).max(0.0);
+                    let w = (rx1.min(bx1) - rx0.max(bx0) + eps).max(0.0);
                     let ovr = h * w / ra.min(ba);
                     *d |= (ovr > threshold) as u8;
                 }

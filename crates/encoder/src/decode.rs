@@ -2,8 +2,11 @@
 
 use rayon::prelude::*;
 
-use crate::boxes::{Bbox, NmsMode, nms_sorted};
-use crate::{EncodeError, Encoder};
+use crate::boxes::{Bbox, NmsMode, nms_sorted, nms_sorted_eps};
+use crate::{EncodeError, Encoder, Postprocess};
+
+/// torchvision's `bbox_xform_clip`: size deltas above `ln(1000 / 16)` are clamped.
+pub const TORCHVISION_DELTA_CLIP: f32 = 4.135_166_556_742_356_f64 as f32;
 
 /// How [`Encoder::decode`] turns outputs into detections.
 ///
@@ -92,6 +95,20 @@ impl Encoder {
         img_size: (usize, usize),
         opts: &DecodeOptions,
     ) -> Result<Detections, EncodeError> {
+        self.decode_valid(cls, reg, num_classes, img_size, img_size, opts)
+    }
+
+    /// [`Encoder::decode`] for an input of `img_size` whose image fills only its top-left
+    /// `valid` `(h, w)` (the rest padding): boxes are clamped to the valid part.
+    pub fn decode_valid(
+        &self,
+        cls: &[f32],
+        reg: &[f32],
+        num_classes: usize,
+        img_size: (usize, usize),
+        valid: (usize, usize),
+        opts: &DecodeOptions,
+    ) -> Result<Detections, EncodeError> {
         let anchors = self.anchors_for(img_size);
         let an = anchors.len();
         if num_classes == 0 {
@@ -123,6 +140,16 @@ impl Encoder {
             )));
         }
 
+        if self.config().postprocess == Postprocess::Torchvision {
+            return Ok(decode_torchvision(
+                cls,
+                reg,
+                num_classes,
+                &anchors,
+                valid,
+                opts,
+            ));
+        }
         // Candidates: anchors whose best sigmoid score passes the threshold. Sigmoid is monotone,
         // so the best logit finds them; the label is the first class reaching that score.
         let mut cand: Vec<u32> = Vec::new();
@@ -200,7 +227,7 @@ impl Encoder {
             keep.truncate(m);
         }
 
-        let (hmax, wmax) = (img_size.0 as f32 - 1.0, img_size.1 as f32 - 1.0);
+        let (hmax, wmax) = (valid.0 as f32 - 1.0, valid.1 as f32 - 1.0);
         let mut out = Detections {
             boxes: Vec::with_capacity(keep.len()),
             labels: Vec::with_capacity(keep.len()),
@@ -228,6 +255,28 @@ impl Encoder {
         img_size: (usize, usize),
         opts: &DecodeOptions,
     ) -> Result<Vec<Detections>, EncodeError> {
+        self.decode_batch_valid(cls, reg, batch, num_classes, img_size, &[], opts)
+    }
+
+    /// [`Encoder::decode_batch`] with each image's valid `(h, w)` (see
+    /// [`Encoder::decode_valid`]; empty: every image fills the input).
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_batch_valid(
+        &self,
+        cls: &[f32],
+        reg: &[f32],
+        batch: usize,
+        num_classes: usize,
+        img_size: (usize, usize),
+        valid: &[(usize, usize)],
+        opts: &DecodeOptions,
+    ) -> Result<Vec<Detections>, EncodeError> {
+        if !valid.is_empty() && valid.len() != batch {
+            return Err(EncodeError::Shape(format!(
+                "decode: {} valid sizes for {batch} images",
+                valid.len()
+            )));
+        }
         if batch == 0 {
             return Ok(Vec::new());
         }
@@ -240,7 +289,101 @@ impl Encoder {
         }
         cls.par_chunks(cls.len() / batch)
             .zip(reg.par_chunks(reg.len() / batch))
-            .map(|(c, r)| self.decode(c, r, num_classes, img_size, opts))
+            .enumerate()
+            .map(|(i, (c, r))| {
+                let v = valid.get(i).copied().unwrap_or(img_size);
+                self.decode_valid(c, r, num_classes, img_size, v, opts)
+            })
             .collect()
+    }
+}
+
+/// torchvision's `RetinaNet.postprocess_detections` for one image (outputs already checked):
+/// per level the (anchor, class) pairs scoring above the threshold, the best `pre_nms_top_k`
+/// of them, boxes decoded with clamped size deltas and clipped to the valid image, NMS (per
+/// class unless class-agnostic), the best `max_detections`.
+fn decode_torchvision(
+    cls: &[f32],
+    reg: &[f32],
+    num_classes: usize,
+    anchors: &crate::Anchors,
+    valid: (usize, usize),
+    opts: &DecodeOptions,
+) -> Detections {
+    let (vh, vw) = (valid.0 as f32, valid.1 as f32);
+    let mut boxes: Vec<Bbox> = Vec::new();
+    let mut scores: Vec<f32> = Vec::new();
+    let mut labels: Vec<u32> = Vec::new();
+    for &(lo, hi) in &anchors.level_ranges {
+        let mut lvl: Vec<(u32, f32)> = cls[lo * num_classes..hi * num_classes]
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &x)| {
+                let p = sigmoid(x);
+                (p > opts.score_th).then_some((i as u32, p))
+            })
+            .collect();
+        if let Some(k) = opts.pre_nms_top_k
+            && lvl.len() > k
+        {
+            // Highest scores first; equal scores in index order.
+            lvl.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            lvl.truncate(k);
+        }
+        for (i, p) in lvl {
+            let a = lo + i as usize / num_classes;
+            let [ay, ax, ah, aw] = anchors.yxhw[a];
+            let d = &reg[a * 4..a * 4 + 4];
+            let (y, x) = (d[0] * ah + ay, d[1] * aw + ax);
+            let h = d[2].min(TORCHVISION_DELTA_CLIP).exp() * ah;
+            let w = d[3].min(TORCHVISION_DELTA_CLIP).exp() * aw;
+            let (hh, hw) = (0.5 * h, 0.5 * w);
+            boxes.push([
+                (y - hh).clamp(0.0, vh),
+                (x - hw).clamp(0.0, vw),
+                (y + hh).clamp(0.0, vh),
+                (x + hw).clamp(0.0, vw),
+            ]);
+            scores.push(p);
+            labels.push((i as usize % num_classes) as u32 + 1);
+        }
+    }
+    let mut order: Vec<u32> = (0..boxes.len() as u32).collect();
+    order.sort_by(|&i, &j| {
+        scores[j as usize]
+            .total_cmp(&scores[i as usize])
+            .then(i.cmp(&j))
+    });
+    let mut keep: Vec<usize> = if opts.class_agnostic {
+        nms_sorted_eps(&boxes, &order, opts.nms_th, opts.nms_mode, 0.0)
+            .into_iter()
+            .map(|k| order[k] as usize)
+            .collect()
+    } else {
+        let mut keep = Vec::new();
+        for c in 1..=num_classes as u32 {
+            let sub: Vec<u32> = order
+                .iter()
+                .copied()
+                .filter(|&i| labels[i as usize] == c)
+                .collect();
+            if !sub.is_empty() {
+                keep.extend(
+                    nms_sorted_eps(&boxes, &sub, opts.nms_th, opts.nms_mode, 0.0)
+                        .into_iter()
+                        .map(|k| sub[k] as usize),
+                );
+            }
+        }
+        keep.sort_by(|&i, &j| scores[j].total_cmp(&scores[i]).then(i.cmp(&j)));
+        keep
+    };
+    if let Some(m) = opts.max_detections {
+        keep.truncate(m);
+    }
+    Detections {
+        boxes: keep.iter().map(|&i| boxes[i]).collect(),
+        labels: keep.iter().map(|&i| labels[i]).collect(),
+        scores: keep.iter().map(|&i| scores[i]).collect(),
     }
 }

@@ -20,6 +20,22 @@ pub struct EncoderConfig {
     pub train_size: (usize, usize),
     /// Number of object classes `C`; when set, labels are checked to lie in `1..=C`.
     pub num_classes: Option<usize>,
+    /// How network outputs become detections.
+    pub postprocess: Postprocess,
+}
+
+/// How [`Encoder::decode`] turns network outputs into detections (the thresholds and counts are
+/// in [`crate::DecodeOptions`]).
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub enum Postprocess {
+    /// The tutorial's: one candidate per anchor (its best class), boxes from unclamped deltas,
+    /// NMS, then corners clamped to `[0, H - 1] x [0, W - 1]`.
+    #[default]
+    Tutorial,
+    /// torchvision's RetinaNet `postprocess_detections`: every (anchor, class) pair above the
+    /// score threshold is a candidate, the size deltas are clamped at `ln(1000 / 16)`, boxes
+    /// are clipped to `[0, H] x [0, W]` of the image's valid part before NMS.
+    Torchvision,
 }
 
 impl Default for EncoderConfig {
@@ -29,6 +45,7 @@ impl Default for EncoderConfig {
             iou_th: (0.3, 0.5),
             train_size: (257, 257),
             num_classes: None,
+            postprocess: Postprocess::Tutorial,
         }
     }
 }

@@ -35,8 +35,8 @@ mod tensors;
 
 pub use boxes::{Bbox, EPS, NmsMode, box_iou, box_nms, iou, validate_boxes};
 pub use decode::{DecodeOptions, Detections};
-pub use encode::{BoxMatch, Encoder, EncoderConfig, Targets};
-pub use retinanet_anchors::{AnchorCache, AnchorConfig, Anchors, gen_anchors};
+pub use encode::{BoxMatch, Encoder, EncoderConfig, Postprocess, Targets};
+pub use retinanet_anchors::{AnchorCache, AnchorConfig, AnchorStyle, Anchors, gen_anchors};
 
 /// What can go wrong in the box math; every variant names the offending value.
 #[derive(Debug, thiserror::Error)]

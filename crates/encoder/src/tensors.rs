@@ -25,6 +25,19 @@ impl Encoder {
         img_size: (usize, usize),
         opts: &DecodeOptions,
     ) -> Result<Vec<Detections>, EncodeError> {
+        self.decode_tensors_valid(cls, reg, img_size, &[], opts)
+    }
+
+    /// [`Encoder::decode_tensors`] with each image's valid `(h, w)` (see
+    /// [`Encoder::decode_valid`]; empty: every image fills the input).
+    pub fn decode_tensors_valid(
+        &self,
+        cls: &Tensor,
+        reg: &Tensor,
+        img_size: (usize, usize),
+        valid: &[(usize, usize)],
+        opts: &DecodeOptions,
+    ) -> Result<Vec<Detections>, EncodeError> {
         let an = self.anchors_for(img_size).len();
         let (b, a, c) = cls.dims3().map_err(|_| {
             EncodeError::Shape(format!(
@@ -52,6 +65,6 @@ impl Encoder {
                 .flatten_all()?
                 .to_vec1()?)
         };
-        self.decode_batch(&host(cls)?, &host(reg)?, b, c, img_size, opts)
+        self.decode_batch_valid(&host(cls)?, &host(reg)?, b, c, img_size, valid, opts)
     }
 }

@@ -30,6 +30,7 @@ fn a_layout() -> impl Strategy<Value = AnchorConfig> {
                 }
                 f
             }),
+            style: Default::default(),
         })
 }
 
@@ -175,6 +176,7 @@ fn grid16() -> AnchorConfig {
         scales: 1,
         first_stride: 16,
         level_scales: None,
+        style: Default::default(),
     }
 }
 

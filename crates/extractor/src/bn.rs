@@ -64,6 +64,11 @@ impl BatchNorm2d {
         self.sync = reducer;
     }
 
+    /// Sets `eps` (PyTorch's default 1e-5; torchvision's COCO RetinaNet v1 weights expect 0).
+    pub fn set_eps(&mut self, eps: f64) {
+        self.eps = eps;
+    }
+
     /// The running mean (a detached view).
     pub fn running_mean(&self) -> Tensor {
         self.running_mean.as_detached_tensor()

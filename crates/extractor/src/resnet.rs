@@ -373,6 +373,19 @@ impl ResNet {
         }
     }
 
+    /// Sets every BatchNorm's `eps` (see [`crate::BatchNorm2d::set_eps`]).
+    pub fn set_bn_eps(&mut self, eps: f64) {
+        self.bn1.set_eps(eps);
+        for block in self.stages.iter_mut().flatten() {
+            for (_, bn) in &mut block.convs {
+                bn.set_eps(eps);
+            }
+            if let Some(d) = &mut block.downsample {
+                d.bn.set_eps(eps);
+            }
+        }
+    }
+
     /// Whether BatchNorm is frozen (see [`ResNet::set_freeze_bn`]).
     pub fn freeze_bn(&self) -> bool {
         self.freeze_bn

@@ -98,7 +98,7 @@ pub fn training_boxes(
 
 /// Runs the check on the training split `ds` of `cfg`.
 pub fn check_anchors(ds: &DetectionDataset, cfg: &DetectorRunConfig) -> Result<AnchorCheck> {
-    let current = cfg.model.anchors.layout()?;
+    let current = cfg.model.anchor_layout()?;
     let th = (cfg.train.iou_th[0], cfg.train.iou_th[1]);
     let (images, unreadable) = training_boxes(ds, cfg, CHECK_IMAGES);
     let stats = match_stats(&current, th, &images)?;

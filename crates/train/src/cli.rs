@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::de::DeserializeOwned;
 
 use crate::dist::{Communicator, is_agreed};
@@ -139,7 +139,7 @@ pub fn main_on_ranks(body: impl FnOnce(Arc<dyn Communicator>) -> Result<()>) -> 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Detector checkpoint; default: the latest `train-detector` run.
-    #[arg(long, conflicts_with_all = ["extractor", "detector"])]
+    #[arg(long, conflicts_with_all = ["extractor", "detector", "torchvision"])]
     pub checkpoint: Option<PathBuf>,
     /// The tutorial's extractor state dict (`net_e.pkl`, or a torchvision-named ResNet `.pth` /
     /// `.safetensors`), with --detector.
@@ -148,6 +148,14 @@ pub struct ModelArgs {
     /// The tutorial's detector state dict (`net_d.pkl`), with --extractor.
     #[arg(long, requires = "extractor")]
     pub detector: Option<PathBuf>,
+    /// A torchvision `retinanet_resnet50_fpn` / `retinanet_resnet50_fpn_v2` state dict
+    /// (`.pth` / `.safetensors`): run with torchvision's transform and post-processing.
+    #[arg(long, conflicts_with_all = ["extractor", "detector"])]
+    pub torchvision: Option<PathBuf>,
+    /// The ResNet's BatchNorm eps for --torchvision (default: 0 for v1, as torchvision sets for
+    /// its COCO weights; 1e-5 for v2).
+    #[arg(long, requires = "torchvision")]
+    pub bn_eps: Option<f64>,
     /// Folder of run folders (to find the latest run).
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
@@ -161,14 +169,29 @@ impl ModelArgs {
         names: Option<&std::path::Path>,
         device: &candle_core::Device,
     ) -> Result<crate::LoadedDetector> {
-        if let (Some(e), Some(d)) = (&self.extractor, &self.detector) {
-            let names = names
+        let read_names = || {
+            names
                 .map(|p| {
                     crate::data::read_names_file(p)
                         .with_context(|| format!("--names {}", p.display()))
                 })
-                .transpose()?;
-            return crate::interop::load_state_dict_pair(e, d, names, device);
+                .transpose()
+        };
+        if let Some(t) = &self.torchvision {
+            if let Some(e) = self.bn_eps
+                && !(e.is_finite() && (0.0..=1.0).contains(&e))
+            {
+                bail!("--bn-eps {e}: must lie in [0, 1]");
+            }
+            return crate::interop::load_torchvision_retinanet(
+                t,
+                read_names()?,
+                self.bn_eps,
+                device,
+            );
+        }
+        if let (Some(e), Some(d)) = (&self.extractor, &self.detector) {
+            return crate::interop::load_state_dict_pair(e, d, read_names()?, device);
         }
         let ck = match &self.checkpoint {
             Some(p) => p.clone(),
@@ -179,6 +202,9 @@ impl ModelArgs {
 
     /// The model's files, for messages.
     pub fn describe(&self) -> String {
+        if let Some(t) = &self.torchvision {
+            return format!("--torchvision {}", t.display());
+        }
         match (&self.checkpoint, &self.extractor, &self.detector) {
             (_, Some(e), Some(d)) => {
                 format!("--extractor {} --detector {}", e.display(), d.display())

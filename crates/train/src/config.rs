@@ -28,6 +28,139 @@ pub struct ModelConfig {
     /// Optional (added after the first release): the tutorial's.
     #[serde(default)]
     pub anchors: AnchorsConfig,
+    /// The architecture (optional): the tutorial's RetinaNet (default) or torchvision's.
+    #[serde(default, skip_serializing_if = "Variant::is_tutorial")]
+    pub variant: Variant,
+    /// The ResNet's BatchNorm `eps` (optional, PyTorch's 1e-5; torchvision's COCO weights of
+    /// `retinanet_resnet50_fpn` expect 0, which `convert import --torchvision` sets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bn_eps: Option<f64>,
+}
+
+/// `model.variant`: which RetinaNet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    /// The tutorial's FPN (P3..P6 by default) and heads, its anchors and post-processing.
+    #[default]
+    Tutorial,
+    /// torchvision's `retinanet_resnet50_fpn`: FPN P3..P7 with P6 from P5, heads without
+    /// normalisation, its anchors (`[model.anchors]` as `sizes` with `aspect_ratios` and
+    /// `scales_per_octave`, sizes truncated as torchvision's), box coder and post-processing.
+    TorchvisionV1,
+    /// torchvision's `retinanet_resnet50_fpn_v2`: as v1 with P6 from C5 and GroupNorm (32
+    /// groups) in the heads.
+    TorchvisionV2,
+}
+
+impl Variant {
+    fn is_tutorial(&self) -> bool {
+        *self == Variant::Tutorial
+    }
+
+    /// The detector style of the variant.
+    pub fn detector_style(&self) -> retinanet_detector::DetectorStyle {
+        use retinanet_detector::{DetectorStyle, TvOptions};
+        match self {
+            Variant::Tutorial => DetectorStyle::Tutorial,
+            Variant::TorchvisionV1 => DetectorStyle::Torchvision(TvOptions::V1),
+            Variant::TorchvisionV2 => DetectorStyle::Torchvision(TvOptions::V2),
+        }
+    }
+
+    /// The config value.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Variant::Tutorial => "tutorial",
+            Variant::TorchvisionV1 => "torchvision_v1",
+            Variant::TorchvisionV2 => "torchvision_v2",
+        }
+    }
+
+    /// Whether the variant is torchvision's.
+    pub fn is_torchvision(&self) -> bool {
+        !self.is_tutorial()
+    }
+}
+
+impl ModelConfig {
+    /// The anchor layout of the model: `[model.anchors]` as the variant reads it.
+    pub fn anchor_layout(&self) -> Result<retinanet_anchors::AnchorConfig> {
+        if !self.variant.is_torchvision() {
+            return self.anchors.layout();
+        }
+        let a = &self.anchors;
+        let (Some(sizes), Some(ratios)) = (&a.sizes, &a.aspect_ratios) else {
+            bail!(
+                "model.variant = torchvision_*: give [model.anchors] as sizes with aspect_ratios (torchvision's: sizes = [32.0, 64.0, 128.0, 256.0, 512.0], aspect_ratios = [0.5, 1.0, 2.0], scales_per_octave = 3, first_stride = 8, levels = 5), not a_hw"
+            );
+        };
+        if a.a_hw.is_some() {
+            bail!("model.variant = torchvision_*: [model.anchors] takes sizes, not a_hw");
+        }
+        if (a.first_stride, a.levels) != (8, 5) {
+            bail!(
+                "model.variant = torchvision_*: the pyramid is P3..P7, so model.anchors.first_stride = 8 and model.anchors.levels = 5 (not {} and {})",
+                a.first_stride,
+                a.levels
+            );
+        }
+        if sizes.len() != a.levels {
+            bail!(
+                "model.anchors.sizes = {sizes:?} has {} values for model.anchors.levels = {}",
+                sizes.len(),
+                a.levels
+            );
+        }
+        if !(1..=8).contains(&a.scales_per_octave) {
+            bail!(
+                "model.anchors.scales_per_octave = {}: must lie in 1..=8",
+                a.scales_per_octave
+            );
+        }
+        // torchvision's sizes per level: int(size * 2^(k / n)).
+        let n = a.scales_per_octave;
+        let per_level: Vec<Vec<f64>> = sizes
+            .iter()
+            .map(|&x| {
+                (0..n)
+                    .map(|k| (x * (k as f64 / n as f64).exp2()).trunc())
+                    .collect()
+            })
+            .collect();
+        retinanet_anchors::AnchorConfig::torchvision(per_level, ratios.clone(), 8).map_err(|e| {
+            anyhow::anyhow!(
+                "{}",
+                e.to_string()
+                    .replace("invalid anchor config: ", "model.anchors.")
+            )
+        })
+    }
+
+    /// torchvision's `retinanet_resnet50_fpn` (`v2`: `_v2`) of `depth`: width 64, 256 channels,
+    /// its anchors.
+    pub fn torchvision(depth: usize, v2: bool, bn_eps: Option<f64>) -> Self {
+        Self {
+            depth,
+            base_width: 64,
+            fpn_channels: 256,
+            head_channels: 256,
+            anchors: AnchorsConfig {
+                a_hw: None,
+                sizes: Some(vec![32.0, 64.0, 128.0, 256.0, 512.0]),
+                aspect_ratios: Some(vec![0.5, 1.0, 2.0]),
+                scales_per_octave: 3,
+                first_stride: 8,
+                levels: 5,
+            },
+            variant: if v2 {
+                Variant::TorchvisionV2
+            } else {
+                Variant::TorchvisionV1
+            },
+            bn_eps,
+        }
+    }
 }
 
 /// `[model.anchors]`: the anchor layout. Either `a_hw` (the shapes `[h, w]` of the first level,
@@ -119,6 +252,7 @@ impl AnchorsConfig {
                     scales: self.levels,
                     first_stride: self.first_stride,
                     level_scales: None,
+                    style: Default::default(),
                 };
                 c.validate().map_err(named)?;
                 c
@@ -711,7 +845,27 @@ impl Validate for ModelConfig {
         at_least("model.base_width", self.base_width, 1)?;
         at_least("model.fpn_channels", self.fpn_channels, 1)?;
         at_least("model.head_channels", self.head_channels, 1)?;
-        self.anchors.layout().map(|_| ())
+        if let Some(e) = self.bn_eps
+            && !(e.is_finite() && (0.0..=1.0).contains(&e))
+        {
+            bail!("model.bn_eps = {e}: must lie in [0, 1]");
+        }
+        if self.variant.is_torchvision() {
+            if self.head_channels != self.fpn_channels {
+                bail!(
+                    "model.head_channels = {} with model.variant = torchvision_*: torchvision's heads run at the FPN's width, so it must equal model.fpn_channels = {}",
+                    self.head_channels,
+                    self.fpn_channels
+                );
+            }
+            if self.variant == Variant::TorchvisionV2 && !self.fpn_channels.is_multiple_of(32) {
+                bail!(
+                    "model.fpn_channels = {} with model.variant = torchvision_v2: its GroupNorm has 32 groups, so a multiple of 32",
+                    self.fpn_channels
+                );
+            }
+        }
+        self.anchor_layout().map(|_| ())
     }
 }
 
@@ -815,6 +969,25 @@ impl Validate for DetectorRunConfig {
             );
         }
         d.augment.validate()?;
+        if self.model.variant.is_torchvision() {
+            // torchvision pads every input to a multiple of 32 and lays its P6 / P7 anchors out
+            // by the padded size: training items of such sizes need no padding and see the
+            // anchors evaluation uses.
+            let mut sizes = vec![("data.size", d.size)];
+            if let Some(m) = &d.augment.multi_scale {
+                sizes.extend(
+                    m.sizes()
+                        .into_iter()
+                        .map(|s| ("data.augment.multi_scale", s)),
+                );
+            }
+            if let Some((k, s)) = sizes.into_iter().find(|(_, s)| s % 32 != 0) {
+                bail!(
+                    "{k} = {s} with model.variant = {}: training sizes must be multiples of 32 (torchvision pads its inputs to them)",
+                    self.model.variant.name()
+                );
+            }
+        }
         if let Some(ClassList::Names(n)) = &d.classes {
             if n.is_empty() || n.iter().any(|c| c.trim().is_empty()) {
                 bail!("data.classes = {n:?}: must name at least one class, none empty");

@@ -11,7 +11,7 @@ use retinanet_dataset::{
     DetectionBatch, DetectionDataset, DetectionLoader, DetectionTransform, LoaderConfig,
 };
 use retinanet_detector::RetinaNet;
-use retinanet_encoder::{DecodeOptions, Encoder, EncoderConfig};
+use retinanet_encoder::{DecodeOptions, Encoder, EncoderConfig, Postprocess};
 use retinanet_eval::Report;
 use retinanet_loss::{FocalLossConfig, focal_loss_detection};
 use serde_json::{Map, Value, json};
@@ -79,10 +79,15 @@ pub fn decode_options(e: &DetectorEvalConfig) -> DecodeOptions {
 /// The encoder and decoder of a run: its anchors, IoU thresholds and training size.
 pub fn encoder_for(cfg: &DetectorRunConfig, num_classes: usize) -> Result<Encoder> {
     Ok(Encoder::new(EncoderConfig {
-        anchors: cfg.model.anchors.layout()?,
+        anchors: cfg.model.anchor_layout()?,
         iou_th: (cfg.train.iou_th[0], cfg.train.iou_th[1]),
         train_size: (cfg.data.size as usize, cfg.data.size as usize),
         num_classes: Some(num_classes),
+        postprocess: if cfg.model.variant.is_torchvision() {
+            Postprocess::Torchvision
+        } else {
+            Postprocess::Tutorial
+        },
     })?)
 }
 
@@ -262,6 +267,9 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
             let num_classes = names.len();
             let rcfg = retinanet_config(&cfg.model, num_classes, cfg.train.frozen_stages)?;
             let (varmap, mut model) = build_retinanet(&rcfg, cfg.seed, &device)?;
+            if let Some(e) = cfg.model.bn_eps {
+                model.extractor.set_bn_eps(e);
+            }
             model.extractor.set_freeze_bn(cfg.train.freeze_bn);
             model
                 .extractor
@@ -646,7 +654,10 @@ pub fn load_detector(path: &Path, device: &Device) -> Result<LoadedDetector> {
         .with_context(|| format!("{}: the stored config", path.display()))?;
     let names = ck.meta.class_names.clone();
     let rcfg = retinanet_config(&config.model, names.len(), 0)?;
-    let (varmap, model) = build_retinanet(&rcfg, 0, device)?;
+    let (varmap, mut model) = build_retinanet(&rcfg, 0, device)?;
+    if let Some(e) = config.model.bn_eps {
+        model.extractor.set_bn_eps(e);
+    }
     assign_from(&varmap, &ck.tensors, path)?;
     let encoder = encoder_for(&config, names.len())?;
     Ok(LoadedDetector {

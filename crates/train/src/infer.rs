@@ -10,7 +10,7 @@ use retinanet_dataset::{
     DetectionDataset, DetectionLoader, DetectionTransform, LoaderConfig, draw_detections, load_rgb,
 };
 use retinanet_detector::RetinaNet;
-use retinanet_encoder::{DecodeOptions, Detections, Encoder};
+use retinanet_encoder::{DecodeOptions, Detections, Encoder, Postprocess};
 use retinanet_eval::{Evaluator, Report};
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,10 @@ use crate::progress::Progress;
 pub fn eval_transform(cfg: &DetectorRunConfig) -> DetectionTransform {
     let d = &cfg.data;
     match cfg.eval.mode {
+        // torchvision's models are scored on the images torchvision's transform makes.
+        EvalMode::Whole if cfg.model.variant.is_torchvision() => {
+            DetectionTransform::torchvision(d.eval_size, d.eval_max_size, d.boxarea_th)
+        }
         EvalMode::Whole => DetectionTransform::whole(d.eval_size, d.eval_max_size, d.boxarea_th),
         EvalMode::CenterCrop => DetectionTransform {
             max_size: d.eval_max_size,
@@ -124,7 +128,7 @@ pub fn detect_loader(
                     (
                         clamp_to(&r.boxes, src),
                         r.labels.clone(),
-                        to_source(d, size, src),
+                        to_source_for(encoder, d, size, src),
                     )
                 } else {
                     (batch.boxes[j].clone(), batch.labels[j].clone(), d)
@@ -170,9 +174,39 @@ fn run_network(
     device: &Device,
     opts: &DecodeOptions,
 ) -> Result<Vec<Detections>> {
-    let (_, _, h, w) = images.dims4()?;
-    let (cls, reg) = model.infer(&images.to_device(device)?)?;
-    Ok(encoder.decode_tensors(&cls, &reg, (h, w), opts)?)
+    let (n, _, h, w) = images.dims4()?;
+    if encoder.config().postprocess != Postprocess::Torchvision {
+        let (cls, reg) = model.infer(&images.to_device(device)?)?;
+        return Ok(encoder.decode_tensors(&cls, &reg, (h, w), opts)?);
+    }
+    // torchvision pads a batch with zeros (after normalisation) to a multiple of 32 and clips
+    // the boxes to each image's own part.
+    let (ph, pw) = (h.div_ceil(32) * 32, w.div_ceil(32) * 32);
+    let x = images
+        .to_device(device)?
+        .pad_with_zeros(2, 0, ph - h)?
+        .pad_with_zeros(3, 0, pw - w)?;
+    let (cls, reg) = model.infer(&x)?;
+    Ok(encoder.decode_tensors_valid(&cls, &reg, (ph, pw), &vec![(h, w); n], opts)?)
+}
+
+/// [`to_source`], or for torchvision's models its `resize_boxes`: coordinates times
+/// `source / input` (f32) per axis, continuous boxes.
+pub fn to_source_for(
+    encoder: &Encoder,
+    mut d: Detections,
+    input: (usize, usize),
+    source: (usize, usize),
+) -> Detections {
+    if encoder.config().postprocess != Postprocess::Torchvision {
+        return to_source(d, input, source);
+    }
+    let ry = source.0 as f32 / input.0 as f32;
+    let rx = source.1 as f32 / input.1 as f32;
+    for b in &mut d.boxes {
+        *b = [b[0] * ry, b[1] * rx, b[2] * ry, b[3] * rx];
+    }
+    d
 }
 
 /// Detections on an input of `input` `(h, w)` made from an image of `source` `(H, W)`, back in
@@ -325,11 +359,14 @@ pub fn detect_file(
     let img = load_rgb(path)?;
     let (w, h) = (img.width(), img.height());
     let d = &det.config.data;
+    let whole = if det.config.model.variant.is_torchvision() {
+        DetectionTransform::torchvision
+    } else {
+        DetectionTransform::whole
+    };
     let transform = match scale {
-        ImageScale::Evaluation => {
-            Some(DetectionTransform::whole(d.eval_size, d.eval_max_size, 0.0))
-        }
-        ImageScale::Shorter(s) => Some(DetectionTransform::whole(s, d.eval_max_size.max(s), 0.0)),
+        ImageScale::Evaluation => Some(whole(d.eval_size, d.eval_max_size, 0.0)),
+        ImageScale::Shorter(s) => Some(whole(s, d.eval_max_size.max(s), 0.0)),
         ImageScale::Own => None,
     };
     // The pixels evaluation makes from this image, by the same code.
@@ -353,7 +390,7 @@ pub fn detect_file(
         .with_context(|| format!("running the network on {}", path.display()))?
         .pop()
         .unwrap_or_default();
-    let d = to_source(d, (nh, nw), (h as usize, w as usize));
+    let d = to_source_for(&det.encoder, d, (nh, nw), (h as usize, w as usize));
     Ok((
         img,
         ImageDetections {

@@ -51,6 +51,103 @@ pub const VOC_CLASSES: [&str; 20] = [
     "tvmonitor",
 ];
 
+/// torchvision's COCO category names of its detection models, by label (91: `__background__`
+/// at 0, `N/A` for the ids COCO left unused), the names a 91-class torchvision RetinaNet gets
+/// when none are given; label `k` is COCO's category id `k`.
+pub const TORCHVISION_COCO_CATEGORIES: [&str; 91] = [
+    "__background__",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "N/A",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "N/A",
+    "backpack",
+    "umbrella",
+    "N/A",
+    "N/A",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "N/A",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "N/A",
+    "dining table",
+    "N/A",
+    "N/A",
+    "toilet",
+    "N/A",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "N/A",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
+];
+
 /// The detector tensors a state dict must hold (the tutorial's names), without `.weight` /
 /// `.bias`.
 const DETECTOR_LAYERS: [&str; 14] = [
@@ -161,6 +258,8 @@ pub fn pair_layout(
             head_channels,
             // The tutorial's: checked against the heads' outputs by the caller.
             anchors: Default::default(),
+            variant: Default::default(),
+            bn_eps: None,
         },
         num_classes: cls_out / num_anchors,
         num_anchors,
@@ -592,4 +691,198 @@ mod tests {
             .to_string();
         assert!(e.contains("1 names") && e.contains("3 classes"), "{e}");
     }
+}
+
+/// What a torchvision RetinaNet state dict describes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TorchvisionLayout {
+    /// The model (its variant from the tensors: v2 when the heads have GroupNorm and P6 comes
+    /// from C5).
+    pub model: ModelConfig,
+    /// Classes of `cls_logits` (torchvision's COCO models: 91, the background's label 0
+    /// included).
+    pub num_classes: usize,
+}
+
+/// Reads a torchvision `retinanet_resnet50_fpn` / `_v2` state dict's layout (`backbone.body.*`
+/// ResNet, `backbone.fpn.*`, `head.*`).
+pub fn torchvision_layout(sd: &HashMap<String, Tensor>, path: &Path) -> Result<TorchvisionLayout> {
+    let dims = |k: &str| -> Result<&[usize]> {
+        sd.get(k).map(|t| t.dims()).with_context(|| {
+            format!(
+                "{}: no tensor `{k}`: not a torchvision RetinaNet state dict (backbone.body.*, backbone.fpn.*, head.*)",
+                path.display()
+            )
+        })
+    };
+    let body: Vec<(&str, &[usize])> = sd
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("backbone.body.")?, v.dims())))
+        .collect();
+    let layout = resnet_layout(body.iter().copied())
+        .with_context(|| format!("{}: no ResNet under backbone.body.", path.display()))?;
+    let depth = layout.depth().with_context(|| {
+        format!(
+            "{}: backbone.body is {}, not a ResNet-18/34/50/101",
+            path.display(),
+            layout.describe()
+        )
+    })?;
+    let base_width = layout
+        .base_width
+        .with_context(|| format!("{}: no backbone.body.conv1.weight", path.display()))?;
+    let fpn = dims("backbone.fpn.inner_blocks.0.0.weight")?[0];
+    let p6_in = dims("backbone.fpn.extra_blocks.p6.weight")?[1];
+    let group_norm = sd.contains_key("head.classification_head.conv.0.1.weight");
+    let v2 = match (p6_in == fpn, group_norm) {
+        (true, false) => false,
+        (false, true) => true,
+        (from_p5, gn) => bail!(
+            "{}: P6 from {} with{} GroupNorm in the heads is neither retinanet_resnet50_fpn (P6 from P5, no GroupNorm) nor _v2 (P6 from C5, GroupNorm)",
+            path.display(),
+            if from_p5 { "P5" } else { "C5" },
+            if gn { "" } else { "out" }
+        ),
+    };
+    let a4 = dims("head.regression_head.bbox_reg.weight")?[0];
+    let ac = dims("head.classification_head.cls_logits.weight")?[0];
+    if a4 != 36 {
+        bail!(
+            "{}: bbox_reg has {a4} outputs, not 4 for each of torchvision's 9 anchors per cell",
+            path.display()
+        );
+    }
+    if ac == 0 || ac % 9 != 0 {
+        bail!(
+            "{}: cls_logits has {ac} outputs, not a multiple of 9 anchors per cell",
+            path.display()
+        );
+    }
+    let mut model = ModelConfig::torchvision(depth, v2, None);
+    model.base_width = base_width;
+    model.fpn_channels = fpn;
+    model.head_channels = fpn;
+    Ok(TorchvisionLayout {
+        model,
+        num_classes: ac / 9,
+    })
+}
+
+/// A torchvision `retinanet_resnet50_fpn` (v1) or `retinanet_resnet50_fpn_v2` state dict
+/// (`.pth` or `.safetensors`, by torchvision's names; `module.` prefixes allowed) as a detector
+/// for inference, with torchvision's transform (shorter side 800, longer at most 1333) and
+/// post-processing (score > 0.05, 1000 candidates per level, per-class NMS at 0.5, 300
+/// detections). `names`: the class names by label (default for 91 classes: torchvision's COCO
+/// categories); `bn_eps`: the ResNet's BatchNorm eps (default: 0 for v1, as torchvision sets for
+/// its COCO weights, 1e-5 for v2).
+pub fn load_torchvision_retinanet(
+    path: &Path,
+    names: Option<Vec<String>>,
+    bn_eps: Option<f64>,
+    device: &Device,
+) -> Result<LoadedDetector> {
+    let sd = read_state_dict(path)
+        .with_context(|| format!("the torchvision RetinaNet {}", path.display()))?;
+    let sd = torchvision_current_names(sd);
+    let layout = torchvision_layout(&sd, path)?;
+    let class_names = match names {
+        Some(n) if n.len() == layout.num_classes => n,
+        Some(n) => bail!(
+            "the names file has {} names, {} predicts {} classes",
+            n.len(),
+            path.display(),
+            layout.num_classes
+        ),
+        None if layout.num_classes == TORCHVISION_COCO_CATEGORIES.len() => {
+            TORCHVISION_COCO_CATEGORIES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        }
+        None => bail!(
+            "{} predicts {} classes: pass their names (--names FILE, one per line, label 0 first)",
+            path.display(),
+            layout.num_classes
+        ),
+    };
+    let mut config: DetectorRunConfig = parse_config(DEFAULT_DETECTOR_TOML)?;
+    config.name = "torchvision".into();
+    config.model = layout.model;
+    let v2 = config.model.variant == crate::config::Variant::TorchvisionV2;
+    config.model.bn_eps = Some(bn_eps.unwrap_or(if v2 { 1e-5 } else { 0.0 }));
+    torchvision_inference_settings(&mut config);
+    crate::config::Validate::validate(&config.model)?;
+    let rcfg = retinanet_config(&config.model, class_names.len(), 0)?;
+    let (varmap, mut model) = build_retinanet(&rcfg, 0, device)?;
+    if let Some(e) = config.model.bn_eps {
+        model.extractor.set_bn_eps(e);
+    }
+    // torchvision's names onto ours; BatchNorm's step counters are not weights.
+    let mut mapped: HashMap<String, Tensor> = HashMap::new();
+    for (k, v) in &sd {
+        if k.ends_with("num_batches_tracked") {
+            continue;
+        }
+        let ours = if let Some(r) = k.strip_prefix("backbone.body.") {
+            format!("extractor.{r}")
+        } else if let Some(r) = k.strip_prefix("backbone.fpn.") {
+            format!("detector.fpn.{r}")
+        } else if let Some(r) = k.strip_prefix("head.") {
+            format!("detector.head.{r}")
+        } else {
+            bail!(
+                "{}: tensor `{k}` is not part of torchvision's RetinaNet (backbone.body.*, backbone.fpn.*, head.*)",
+                path.display()
+            );
+        };
+        mapped.insert(ours, v.to_dtype(DType::F32)?);
+    }
+    retinanet_extractor::weights::assign_strict(&varmap, &mapped, "", path)?;
+    let encoder = encoder_for(&config, class_names.len())?;
+    Ok(LoadedDetector {
+        model,
+        varmap,
+        encoder,
+        class_names,
+        config,
+        device: device.clone(),
+    })
+}
+
+/// torchvision's RetinaNet transform and post-processing in a run config: shorter side 800
+/// (longer at most 1333), score > 0.05, 1000 candidates per level, per-class NMS at 0.5, 300
+/// detections, whole images.
+pub fn torchvision_inference_settings(config: &mut DetectorRunConfig) {
+    config.data.eval_size = 800;
+    config.data.eval_max_size = 1333;
+    config.eval.mode = crate::config::EvalMode::Whole;
+    config.eval.score_th = 0.05;
+    config.eval.nms_th = 0.5;
+    config.eval.class_agnostic = false;
+    config.eval.pre_nms_top_k = 1000;
+    config.eval.max_detections = 300;
+}
+
+/// torchvision's heads before its version 2 (the COCO v1 weights file) named the four head
+/// convolutions `conv.0`, `conv.2`, `conv.4`, `conv.6`; since then `conv.{i}.0`. Renames the
+/// old ones, as torchvision's `_load_from_state_dict` does.
+fn torchvision_current_names(sd: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    sd.into_iter()
+        .map(|(k, v)| {
+            for head in [
+                "head.classification_head.conv.",
+                "head.regression_head.conv.",
+            ] {
+                if let Some(rest) = k.strip_prefix(head)
+                    && let Some((n, leaf)) = rest.split_once('.')
+                    && (leaf == "weight" || leaf == "bias")
+                    && let Ok(n) = n.parse::<usize>()
+                    && n % 2 == 0
+                {
+                    return (format!("{head}{}.0.{leaf}", n / 2), v);
+                }
+            }
+            (k, v)
+        })
+        .collect()
 }

@@ -25,7 +25,7 @@ pub fn retinanet_config(
     if num_classes == 0 {
         bail!("the data has no class");
     }
-    let anchors = model.anchors.layout()?;
+    let anchors = model.anchor_layout()?;
     let (first_level, num_levels) =
         DetectorConfig::levels_for_stride(anchors.first_stride, anchors.scales)?;
     let extractor = ResNetConfig {
@@ -43,6 +43,7 @@ pub fn retinanet_config(
         out2_channels: extractor.out2_channels(),
         first_level,
         num_levels,
+        style: model.variant.detector_style(),
     };
     Ok(RetinaNetConfig {
         extractor,
@@ -104,7 +105,9 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
         let leaf = name.rsplit('.').next().unwrap_or("");
         let is_bn = name.contains(".bn")
             || name.starts_with("extractor.bn")
-            || name.contains("downsample.1.");
+            || name.contains("downsample.1.")
+            // torchvision v2's head GroupNorms: `head.*.conv.{i}.1.*`.
+            || (name.starts_with("detector.head.") && name.contains(".1."));
         let values: Vec<f32> = if leaf == "running_mean" {
             vec![0.0; n]
         } else if leaf == "running_var" {
@@ -130,6 +133,11 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
             // Conv weight [out, in, kh, kw]: std = sqrt(2 / fan_out).
             let fan_out = dims[0] * dims[2..].iter().product::<usize>();
             normal(&mut rng, n, (2.0 / fan_out as f64).sqrt())
+        } else if name.starts_with("detector.fpn.") {
+            // torchvision's FPN: kaiming_uniform_(a = 1), bound sqrt(3 / fan_in).
+            let fan_in: usize = dims[1..].iter().product();
+            let b = (3.0 / fan_in as f32).sqrt();
+            (0..n).map(|_| rng.random_range(-b..b)).collect()
         } else {
             normal(&mut rng, n, 0.01)
         };
@@ -146,6 +154,10 @@ fn normal(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
 
 /// `detector.conv_cls.<last>.bias`: the classification head's output bias.
 fn last_cls_bias_name(data: &HashMap<String, Var>) -> Option<String> {
+    const TV: &str = "detector.head.classification_head.cls_logits.bias";
+    if data.contains_key(TV) {
+        return Some(TV.into());
+    }
     data.keys()
         .filter_map(|k| {
             let rest = k
