@@ -5,6 +5,7 @@
 //! convert import --torchvision retinanet_resnet50_fpn_coco-eeacb38b.pth --out model.safetensors
 //! convert export --checkpoint runs/default/checkpoint.safetensors --to tutorial --out exported/
 //! convert export --checkpoint runs/default/checkpoint.safetensors --to torchvision --format pth --out exported/
+//! convert onnx --checkpoint runs/default/checkpoint.safetensors --out model.onnx [--opset 17] [--check-data check.safetensors]
 //! convert data --yolo data.yaml --out lists/                     # YOLO -> list files
 //! convert data --list train.txt --names names.txt --image-root images --out yolo/   # list -> YOLO
 //! ```
@@ -14,7 +15,10 @@
 //! `retinanet_resnet50_fpn` / `_v2`, which `inspect`, `evaluate` and `train-detector` then use. `export` writes a checkpoint's weights under PyTorch names: the
 //! tutorial's (`net_e` / `net_d`) or torchvision's ResNet (`resnet.*`, with
 //! `num_batches_tracked`) beside the tutorial's detector (`net_d`), as `.pth` files
-//! `torch.load` reads and / or safetensors. `data` converts between YOLO datasets and the
+//! `torch.load` reads and / or safetensors. `onnx` writes the inference graph (BatchNorm folded,
+//! outputs `cls`, `reg`, `anchors`, `cls_logits`, any image size) as an ONNX file, and with
+//! `--check-data` inputs and the project's outputs on them for `crates/train/scripts/check_onnx.py`
+//! (see `docs/interop.md`). `data` converts between YOLO datasets and the
 //! tutorial's list files.
 
 use std::path::PathBuf;
@@ -22,8 +26,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use clap::{Parser, Subcommand, ValueEnum};
+use retinanet_train::cli::ModelArgs;
 use retinanet_train::interop::{Naming, export, save_as_checkpoint, write_pth};
 use retinanet_train::load_checkpoint;
+use retinanet_train::onnx::{DEFAULT_OPSET, export_onnx, write_check_data};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum To {
@@ -93,6 +99,29 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A detector's inference graph to an ONNX file (BatchNorm folded; outputs `cls` scores,
+    /// `reg` deltas, `anchors` and `cls_logits` for any image size).
+    Onnx {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Class names of a --extractor/--detector pair (one per line); default for 20
+        /// classes: VOC's.
+        #[arg(long)]
+        names: Option<PathBuf>,
+        /// The ONNX file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// ONNX opset (13 to 18).
+        #[arg(long, default_value_t = DEFAULT_OPSET)]
+        opset: i64,
+        /// Also write inputs and the project's outputs on them (safetensors) for
+        /// `crates/train/scripts/check_onnx.py`.
+        #[arg(long)]
+        check_data: Option<PathBuf>,
+        /// Sizes `HxW` of the check inputs, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "97x130,160x96")]
+        check_sizes: Vec<String>,
+    },
     /// A YOLO dataset to list files (one per split, and a names file), or a list file to a
     /// YOLO dataset (images linked or copied, labels, data.yaml).
     Data {
@@ -141,6 +170,14 @@ fn main() -> Result<()> {
             format,
             out,
         } => export_checkpoint(&checkpoint, to, format, &out),
+        Cmd::Onnx {
+            model,
+            names,
+            out,
+            opset,
+            check_data,
+            check_sizes,
+        } => onnx(&model, names, &out, opset, check_data, &check_sizes),
         Cmd::Data {
             yolo,
             list,
@@ -179,6 +216,27 @@ fn export_checkpoint(
     out: &std::path::Path,
 ) -> Result<()> {
     let c = load_checkpoint(checkpoint, &Device::Cpu)?;
+    let variant = if c.meta.kind == "detector" {
+        let cfg: retinanet_train::DetectorRunConfig = retinanet_train::parse_config(&c.meta.config)
+            .with_context(|| format!("{}: the stored config", checkpoint.display()))?;
+        cfg.model.variant
+    } else {
+        Default::default()
+    };
+    if variant.is_torchvision() {
+        // One state dict by torchvision's names, as its RetinaNet loads it.
+        if to != To::Torchvision {
+            bail!(
+                "{} is torchvision's RetinaNet (model.variant = {}): export it with --to torchvision",
+                checkpoint.display(),
+                variant.name()
+            );
+        }
+        let v2 = variant == retinanet_train::config::Variant::TorchvisionV2;
+        let dict = retinanet_train::interop::export_torchvision_retinanet(&c.tensors, v2)
+            .with_context(|| checkpoint.display().to_string())?;
+        return write_dicts(&[("retinanet", &dict)], "pth", format, out);
+    }
     let naming = match to {
         To::Tutorial => Naming::Tutorial,
         To::Torchvision => Naming::Torchvision,
@@ -188,15 +246,28 @@ fn export_checkpoint(
         To::Tutorial => "net_e",
         To::Torchvision => "resnet",
     };
+    // The tutorial saves with torch.save under `.pkl`.
+    let pth = if to == To::Tutorial { "pkl" } else { "pth" };
+    write_dicts(&[(ext_name, &ext), ("net_d", &det)], pth, format, out)
+}
+
+/// Writes each non-empty state dict as `<stem>.<pth>` and / or `<stem>.safetensors` in `out`.
+fn write_dicts(
+    dicts: &[(
+        &str,
+        &std::collections::BTreeMap<String, candle_core::Tensor>,
+    )],
+    pth: &str,
+    format: Format,
+    out: &std::path::Path,
+) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    for (stem, dict) in [(ext_name, &ext), ("net_d", &det)] {
+    for &(stem, dict) in dicts {
         if dict.is_empty() {
             continue;
         }
         if matches!(format, Format::Pth | Format::Both) {
-            // The tutorial saves with torch.save under `.pkl`.
-            let ext = if to == To::Tutorial { "pkl" } else { "pth" };
-            let p = out.join(format!("{stem}.{ext}"));
+            let p = out.join(format!("{stem}.{pth}"));
             write_pth(&p, dict)?;
             println!("wrote {}", p.display());
         }
@@ -210,6 +281,58 @@ fn export_checkpoint(
         }
     }
     Ok(())
+}
+
+fn onnx(
+    model: &ModelArgs,
+    names: Option<PathBuf>,
+    out: &std::path::Path,
+    opset: i64,
+    check_data: Option<PathBuf>,
+    check_sizes: &[String],
+) -> Result<()> {
+    let sizes = check_sizes
+        .iter()
+        .map(|s| parse_size(s).with_context(|| format!("--check-sizes {s}")))
+        .collect::<Result<Vec<_>>>()?;
+    let det = model
+        .load(names.as_deref(), &Device::Cpu)
+        .with_context(|| format!("loading {}", model.describe()))?;
+    let s =
+        export_onnx(&det, out, opset).with_context(|| format!("exporting {}", model.describe()))?;
+    let d = det.model.detector.config();
+    println!(
+        "wrote {} (opset {opset}, {} nodes, {} parameters, {} bytes; P{}..P{}, {} anchors per cell, {} classes)",
+        out.display(),
+        s.nodes,
+        s.parameters,
+        s.bytes,
+        d.first_level,
+        d.last_level(),
+        d.num_anchors,
+        d.num_classes
+    );
+    if let Some(p) = check_data {
+        write_check_data(&det, &sizes, &p)?;
+        println!(
+            "wrote {} ({} inputs and their outputs)",
+            p.display(),
+            sizes.len()
+        );
+    }
+    Ok(())
+}
+
+/// `HxW` (e.g. `97x130`) as `(H, W)`.
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let (h, w) = s
+        .split_once(['x', 'X'])
+        .context("expected HxW, e.g. 97x130")?;
+    let (h, w): (usize, usize) = (h.trim().parse()?, w.trim().parse()?);
+    if h == 0 || w == 0 {
+        bail!("sizes must be positive");
+    }
+    Ok((h, w))
 }
 
 fn data(

@@ -3,7 +3,8 @@
 //! after the first release, which are optional with the old behaviour as their default, so that
 //! older configs and the configs stored in older checkpoints keep loading: `train.sync_bn`,
 //! `data.classes`, `data.eval_max_size`, the `[model.anchors]` and `[data.augment]` tables,
-//! `eval.mode`, and the synthetic source's `min_objects` and `background`.
+//! `eval.mode`, the synthetic source's `min_objects` and `background`, `model.variant` and
+//! `model.bn_eps`.
 
 use std::path::{Path, PathBuf};
 

@@ -436,6 +436,11 @@ pub fn export(
             }
             ext.insert(name, v);
         } else if let Some(n) = k.strip_prefix("detector.") {
+            if n.starts_with("fpn.") || n.starts_with("head.") {
+                bail!(
+                    "tensor `{k}` is torchvision's RetinaNet: export it with export_torchvision_retinanet (convert export --to torchvision)"
+                );
+            }
             det.insert(n.to_string(), v);
         }
     }
@@ -885,4 +890,45 @@ fn torchvision_current_names(sd: HashMap<String, Tensor>) -> HashMap<String, Ten
             (k, v)
         })
         .collect()
+}
+
+/// A torchvision-variant checkpoint's weights as one torchvision RetinaNet state dict
+/// (`backbone.body.*`, `backbone.fpn.*`, `head.*`), as `retinanet_resnet50_fpn` (`v2`:
+/// `_v2`, whose BatchNorms also carry `num_batches_tracked`) loads it strictly.
+pub fn export_torchvision_retinanet(
+    tensors: &HashMap<String, Tensor>,
+    v2: bool,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for (k, v) in tensors {
+        let v = v.to_device(&Device::Cpu)?;
+        let name = if let Some(n) = k.strip_prefix("extractor.") {
+            if n.starts_with("fc.") {
+                continue;
+            }
+            if v2 && n.ends_with(".running_var") {
+                let counter = n.trim_end_matches("running_var").to_string() + "num_batches_tracked";
+                out.insert(
+                    format!("backbone.body.{counter}"),
+                    Tensor::new(0i64, &Device::Cpu)?,
+                );
+            }
+            format!("backbone.body.{n}")
+        } else if let Some(n) = k.strip_prefix("detector.fpn.") {
+            format!("backbone.fpn.{n}")
+        } else if let Some(n) = k.strip_prefix("detector.head.") {
+            format!("head.{n}")
+        } else if k.starts_with("detector.") {
+            bail!(
+                "tensor `{k}` is not part of torchvision's RetinaNet: is the checkpoint the tutorial's model?"
+            )
+        } else {
+            continue;
+        };
+        out.insert(name, v);
+    }
+    if !out.keys().any(|k| k.starts_with("head.")) {
+        bail!("the checkpoint has no torchvision RetinaNet heads");
+    }
+    Ok(out)
 }

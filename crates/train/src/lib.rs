@@ -1,7 +1,7 @@
 //! What the RetinaNet binaries share: run configs, device selection, SGD with momentum and
 //! weight decay, learning-rate schedules, atomic checkpoints, run folders and logs, progress
-//! bars, plots, and the training / evaluation loops themselves — so `pretrain`,
-//! `train-detector`, `inspect` and `evaluate` stay thin.
+//! bars, plots, ONNX export ([`onnx`]), and the training / evaluation loops themselves — so
+//! `pretrain`, `train-detector`, `inspect`, `evaluate` and `convert` stay thin.
 //!
 //! A detector run leaves in `runs/<name>/`: `checkpoint.safetensors` (weights, momentum buffers,
 //! step, epoch, position, seed, config and class names), `config.toml`, `train.jsonl` (one line
@@ -20,6 +20,7 @@ pub mod engine;
 pub mod infer;
 pub mod interop;
 pub mod model;
+pub mod onnx;
 pub mod onnx_proto;
 pub mod optim;
 pub mod plot;

@@ -168,7 +168,9 @@ pub fn node(
     m
 }
 
-/// A whole `ModelProto`: one graph at `opset` of the default domain.
+/// A whole `ModelProto`: one graph at `opset` of the default domain, with `metadata`
+/// (`metadata_props`, key / value strings runtimes show to users).
+#[allow(clippy::too_many_arguments)]
 pub fn model(
     graph_name: &str,
     nodes: &[Msg],
@@ -177,6 +179,7 @@ pub fn model(
     outputs: &[Msg],
     opset: i64,
     doc: &str,
+    metadata: &[(&str, String)],
 ) -> Vec<u8> {
     let mut g = Msg::default();
     for n in nodes {
@@ -202,6 +205,11 @@ pub fn model(
         .str(3, env!("CARGO_PKG_VERSION"))
         .msg(7, &g)
         .msg(8, &op);
+    for (k, v) in metadata {
+        let mut e = Msg::default();
+        e.str(1, k).str(2, v);
+        m.msg(14, &e);
+    }
     m.0
 }
 

@@ -10,7 +10,12 @@ use std::path::Path;
 #[test]
 fn shipped_configs_parse() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-    for f in ["default.toml", "voc.toml", "small-objects.toml"] {
+    for f in [
+        "default.toml",
+        "voc.toml",
+        "small-objects.toml",
+        "torchvision-v2.toml",
+    ] {
         let c: DetectorRunConfig = read_config(&root.join(f)).unwrap();
         c.train.lr.validate().unwrap();
         retinanet_train::config::Validate::validate(&c).unwrap();
@@ -20,6 +25,14 @@ fn shipped_configs_parse() {
     let a = s.model.anchors.layout().unwrap();
     assert_eq!((a.first_stride, a.scales, a.anchors_per_cell()), (4, 3, 3));
     assert_eq!(s.eval.mode, retinanet_train::config::EvalMode::Whole);
+    // torchvision's v2: its anchors (9 per cell on P3..P7), not the tutorial's.
+    let tv: DetectorRunConfig = read_config(&root.join("torchvision-v2.toml")).unwrap();
+    assert_eq!(
+        tv.model.variant,
+        retinanet_train::config::Variant::TorchvisionV2
+    );
+    let a = tv.model.anchor_layout().unwrap();
+    assert_eq!((a.first_stride, a.scales, a.anchors_per_cell()), (8, 5, 9));
     for f in ["pretrain-default.toml", "pretrain-imagenet.toml"] {
         let c: PretrainRunConfig = read_config(&root.join(f)).unwrap();
         c.train.lr.validate().unwrap();

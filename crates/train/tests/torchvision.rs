@@ -16,7 +16,10 @@ use retinanet_train::LoadedDetector;
 use retinanet_train::config::Variant;
 use retinanet_train::detect::decode_options;
 use retinanet_train::infer::{ImageScale, detect_file};
-use retinanet_train::interop::{load_torchvision_retinanet, save_as_checkpoint};
+use retinanet_train::interop::{
+    export_torchvision_retinanet, load_torchvision_retinanet, save_as_checkpoint,
+};
+use retinanet_train::model::varmap_tensors;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torchvision")
@@ -265,4 +268,71 @@ fn damaged_or_foreign_files_are_refused_by_name() {
     let tut = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interop/net_d.pkl");
     let m = err(&tut);
     assert!(m.contains("net_d.pkl"), "{m}");
+}
+
+#[test]
+fn exports_by_torchvisions_names_load_back() {
+    let dir = tempfile::tempdir().unwrap();
+    for (tag, v2) in [("v1", false), ("v2", true)] {
+        let det = model(tag);
+        let out = export_torchvision_retinanet(&varmap_tensors(&det.varmap), v2).unwrap();
+        // The fixture's keys (v1's old head names in today's form): torchvision's own state dict.
+        let fixture = read_tensors(&fixtures().join(format!("tv_{tag}.safetensors"))).unwrap();
+        let mut want: Vec<String> = fixture
+            .keys()
+            .map(|k| {
+                let parts: Vec<&str> = k.split('.').collect();
+                match parts.as_slice() {
+                    ["head", h, "conv", n, leaf] => {
+                        format!("head.{h}.conv.{}.0.{leaf}", n.parse::<usize>().unwrap() / 2)
+                    }
+                    _ => k.clone(),
+                }
+            })
+            .collect();
+        want.sort();
+        let got: Vec<String> = out.keys().cloned().collect();
+        assert_eq!(got, want, "{tag}");
+        for (k, t) in &out {
+            if !k.ends_with("num_batches_tracked") {
+                let f = fixture
+                    .iter()
+                    .find(|(fk, _)| {
+                        **fk == *k
+                            || (k.contains(".conv.") && k.starts_with("head.") && {
+                                let p: Vec<&str> = fk.split('.').collect();
+                                p.len() == 5
+                                    && format!(
+                                        "head.{}.conv.{}.0.{}",
+                                        p[1],
+                                        p[3].parse::<usize>().unwrap_or(1) / 2,
+                                        p[4]
+                                    ) == *k
+                            })
+                    })
+                    .unwrap()
+                    .1;
+                assert_eq!(f32s(t), f32s(f), "{tag}: {k}");
+            }
+        }
+        let p = dir.path().join(format!("{tag}.safetensors"));
+        let map: HashMap<&String, Tensor> = out.iter().map(|(k, v)| (k, v.clone())).collect();
+        candle_core::safetensors::save(&map, &p).unwrap();
+        let mut back = load_torchvision_retinanet(&p, Some(names()), None, &Device::Cpu).unwrap();
+        back.config.data = det.config.data.clone();
+        back.config.eval = det.config.eval.clone();
+        assert_detections_match(&back, tag);
+    }
+}
+
+#[test]
+fn the_onnx_export_refuses_the_variant_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tv.onnx");
+    let e = format!(
+        "{:#}",
+        retinanet_train::onnx::export_onnx(&model("v2"), &p, 17).unwrap_err()
+    );
+    assert!(e.contains("tv.onnx") && e.contains("torchvision_v2"), "{e}");
+    assert!(!p.exists());
 }
