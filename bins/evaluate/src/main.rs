@@ -19,7 +19,8 @@ struct Args {
     #[command(flatten)]
     model: ModelArgs,
     /// Take the data (and evaluation settings) from this run config instead of the checkpoint's
-    /// (needed with --extractor / --detector).
+    /// (needed with --extractor / --detector and --torchvision, whose model is read from the
+    /// files; its [model] table is then not used).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Evaluate on at most this many images (0: all).
@@ -81,7 +82,12 @@ fn main() -> Result<()> {
             None => det.config.clone(),
         };
         // The checkpoint's model is what runs: a config describing another (anchors included)
-        // would be scored as if it were.
+        // would be scored as if it were. State dicts carry no run config: the model is the
+        // one read from their tensors, the config gives the data and the evaluation settings.
+        let from_state_dicts = a.model.extractor.is_some() || a.model.torchvision.is_some();
+        if from_state_dicts {
+            cfg.model = det.config.model.clone();
+        }
         let diff = differing_keys("model", &det.config.model, &cfg.model);
         if !diff.is_empty() {
             bail!(

@@ -38,16 +38,16 @@ struct Args {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
-    /// Score threshold, in [0, 1].
-    #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
-    score_th: f32,
-    /// NMS IoU threshold, in [0, 1].
-    #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
-    nms_th: f32,
-    /// NMS within each class instead of across classes.
+    /// Score threshold, in [0, 1] (default 0.5; for --torchvision models torchvision's 0.05).
+    #[arg(long, value_parser = unit_interval)]
+    score_th: Option<f32>,
+    /// NMS IoU threshold, in [0, 1] (default 0.5).
+    #[arg(long, value_parser = unit_interval)]
+    nms_th: Option<f32>,
+    /// NMS within each class instead of across classes (torchvision's models always).
     #[arg(long)]
     per_class: bool,
-    /// Keep at most this many detections per image.
+    /// Keep at most this many detections per image (default: all; torchvision's models 300).
     #[arg(long)]
     max_detections: Option<usize>,
     /// cpu, cuda or cuda:N.
@@ -80,13 +80,27 @@ fn main() -> Result<()> {
     let det = a.model.load(a.names.as_deref(), &device)?;
     // The per-level pre-NMS top-k stays on, as in evaluation: without it a large photo and a
     // low threshold send hundreds of thousands of boxes to NMS.
-    let opts = inference_options(
-        &det.config.eval,
-        a.score_th,
-        a.nms_th,
-        !a.per_class,
-        a.max_detections,
-    );
+    // torchvision's models default to torchvision's own post-processing (their [eval]), so
+    // inspect shows what torchvision would; the tutorial's to its display settings.
+    let e = &det.config.eval;
+    let opts = if det.config.model.variant.is_torchvision() {
+        inference_options(
+            e,
+            a.score_th.unwrap_or(e.score_th),
+            a.nms_th.unwrap_or(e.nms_th),
+            e.class_agnostic && !a.per_class,
+            a.max_detections
+                .or((e.max_detections > 0).then_some(e.max_detections)),
+        )
+    } else {
+        inference_options(
+            e,
+            a.score_th.unwrap_or(0.5),
+            a.nms_th.unwrap_or(0.5),
+            !a.per_class,
+            a.max_detections,
+        )
+    };
     let inputs = expand_inputs(&a.inputs)?;
     let out_dir = match &a.out {
         Some(o) if inputs.len() > 1 || o.is_dir() => {

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::boxes::{Bbox, NmsMode, nms_sorted, nms_sorted_eps};
+use crate::boxes::{Bbox, EPS, NmsMode, nms_sorted_eps};
 use crate::{EncodeError, Encoder, Postprocess};
 
 /// torchvision's `bbox_xform_clip`: size deltas above `ln(1000 / 16)` are clamped.
@@ -198,35 +198,7 @@ impl Encoder {
         // Descending score; ties keep anchor order.
         let mut order: Vec<u32> = (0..cand.len() as u32).collect();
         order.sort_by(|&i, &j| scores[j as usize].total_cmp(&scores[i as usize]));
-        let mut keep: Vec<usize> = if opts.class_agnostic {
-            nms_sorted(&boxes, &order, opts.nms_th, opts.nms_mode)
-                .into_iter()
-                .map(|k| order[k] as usize)
-                .collect()
-        } else {
-            let mut keep = Vec::new();
-            for c in 1..=num_classes as u32 {
-                let sub: Vec<u32> = order
-                    .iter()
-                    .copied()
-                    .filter(|&i| labels[i as usize] == c)
-                    .collect();
-                if sub.is_empty() {
-                    continue;
-                }
-                keep.extend(
-                    nms_sorted(&boxes, &sub, opts.nms_th, opts.nms_mode)
-                        .into_iter()
-                        .map(|k| sub[k] as usize),
-                );
-            }
-            keep.sort_by(|&i, &j| scores[j].total_cmp(&scores[i]).then(i.cmp(&j)));
-            keep
-        };
-        if let Some(m) = opts.max_detections {
-            keep.truncate(m);
-        }
-
+        let keep = nms_keep(&boxes, &scores, &labels, &order, num_classes, opts, EPS);
         let (hmax, wmax) = (valid.0 as f32 - 1.0, valid.1 as f32 - 1.0);
         let mut out = Detections {
             boxes: Vec::with_capacity(keep.len()),
@@ -354,8 +326,28 @@ fn decode_torchvision(
             .total_cmp(&scores[i as usize])
             .then(i.cmp(&j))
     });
+    let keep = nms_keep(&boxes, &scores, &labels, &order, num_classes, opts, 0.0);
+    Detections {
+        boxes: keep.iter().map(|&i| boxes[i]).collect(),
+        labels: keep.iter().map(|&i| labels[i]).collect(),
+        scores: keep.iter().map(|&i| scores[i]).collect(),
+    }
+}
+
+/// The candidates NMS keeps (class-agnostic or per class, `eps` on the sides as
+/// [`nms_sorted_eps`]), by descending score (ties in index order), at most
+/// `max_detections`. `order` is every candidate by descending score.
+fn nms_keep(
+    boxes: &[Bbox],
+    scores: &[f32],
+    labels: &[u32],
+    order: &[u32],
+    num_classes: usize,
+    opts: &DecodeOptions,
+    eps: f32,
+) -> Vec<usize> {
     let mut keep: Vec<usize> = if opts.class_agnostic {
-        nms_sorted_eps(&boxes, &order, opts.nms_th, opts.nms_mode, 0.0)
+        nms_sorted_eps(boxes, order, opts.nms_th, opts.nms_mode, eps)
             .into_iter()
             .map(|k| order[k] as usize)
             .collect()
@@ -369,7 +361,7 @@ fn decode_torchvision(
                 .collect();
             if !sub.is_empty() {
                 keep.extend(
-                    nms_sorted_eps(&boxes, &sub, opts.nms_th, opts.nms_mode, 0.0)
+                    nms_sorted_eps(boxes, &sub, opts.nms_th, opts.nms_mode, eps)
                         .into_iter()
                         .map(|k| sub[k] as usize),
                 );
@@ -381,9 +373,5 @@ fn decode_torchvision(
     if let Some(m) = opts.max_detections {
         keep.truncate(m);
     }
-    Detections {
-        boxes: keep.iter().map(|&i| boxes[i]).collect(),
-        labels: keep.iter().map(|&i| labels[i]).collect(),
-        scores: keep.iter().map(|&i| scores[i]).collect(),
-    }
+    keep
 }
