@@ -7,9 +7,10 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use retinanet_train::cli::ModelArgs;
 use retinanet_train::config::DetectorRunConfig;
+use retinanet_train::config::EvalMode;
 use retinanet_train::data::{OpenOptions, open_eval_detection};
 use retinanet_train::detect::differing_keys;
-use retinanet_train::infer::{eval_loader, evaluate_loader};
+use retinanet_train::infer::{CocoIds, eval_loader, evaluate_loader_results};
 use retinanet_train::{parse_device, read_config};
 
 /// Evaluate a detector checkpoint, or score a detections file.
@@ -40,9 +41,14 @@ struct Args {
     /// against --coco-gt instead of running a model.
     #[arg(long, requires = "coco_gt", conflicts_with = "detections")]
     coco_results: Option<PathBuf>,
-    /// The COCO instances file for --coco-results.
+    /// The COCO instances file for --coco-results, or whose ids --write-coco-results uses
+    /// (images by file name, classes by name; without it images are numbered in split order).
     #[arg(long)]
     coco_gt: Option<PathBuf>,
+    /// Also write the model's detections on the split as a COCO results file (whole-image
+    /// evaluation: boxes in the images' own pixels).
+    #[arg(long, conflicts_with_all = ["coco_results", "detections"])]
+    write_coco_results: Option<PathBuf>,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -109,8 +115,30 @@ fn main() -> Result<()> {
             skip_missing: cfg.data.skip_bad_images,
         };
         let eval_ds = open_eval_detection(&cfg.data.source, &opts)?;
+        if a.write_coco_results.is_some() && cfg.eval.mode != EvalMode::Whole {
+            bail!(
+                "--write-coco-results needs eval.mode = \"whole\": with the centre crop the boxes are in the crop's pixels, not the images'"
+            );
+        }
         let loader = eval_loader(eval_ds, &cfg)?;
-        let report = evaluate_loader(&det.model, &det.encoder, &loader, &cfg, &device, a.quiet)?;
+        let (report, results) =
+            evaluate_loader_results(&det.model, &det.encoder, &loader, &cfg, &device, a.quiet)?;
+        if let Some(out) = &a.write_coco_results {
+            let ds = loader.dataset();
+            let paths: Vec<PathBuf> = results.iter().map(|r| ds.image_path(r.index)).collect();
+            let ids = CocoIds::for_model(&det, a.coco_gt.as_deref(), &paths)?;
+            let mut entries = Vec::new();
+            for (k, r) in results.iter().enumerate() {
+                entries.extend(ids.results(k, &r.detections()));
+            }
+            retinanet_eval::coco_results::write_results(out, &entries)?;
+            eprintln!(
+                "wrote {} detections of {} images to {}",
+                entries.len(),
+                results.len(),
+                out.display()
+            );
+        }
         // Every skipped file (missing when the split was opened, or unreadable) once, and the
         // total: the scores leave them out.
         if let Some(summary) = loader.skip_summary() {

@@ -110,10 +110,9 @@ fn main() -> Result<()> {
         _ => None,
     };
     // The ids are resolved before any image is run: a mismatch is found at once.
-    let ids = match (&a.coco_results, &a.coco_gt) {
-        (Some(_), Some(gt)) => Some(CocoIds::from_instances(gt, &inputs, &det.class_names)?),
-        (Some(_), None) => Some(CocoIds::numbered(inputs.len(), det.class_names.len())),
-        _ => None,
+    let ids = match &a.coco_results {
+        Some(_) => Some(CocoIds::for_model(&det, a.coco_gt.as_deref(), &inputs)?),
+        None => None,
     };
     let scale = match (a.size, a.own_size) {
         (_, true) => ImageScale::Own,

@@ -59,6 +59,18 @@ pub fn evaluate_loader(
     device: &Device,
     quiet: bool,
 ) -> Result<Report> {
+    Ok(evaluate_loader_results(model, encoder, loader, cfg, device, quiet)?.0)
+}
+
+/// [`evaluate_loader`], with each image's result (ground truth and detections, by index).
+pub fn evaluate_loader_results(
+    model: &RetinaNet,
+    encoder: &Encoder,
+    loader: &DetectionLoader,
+    cfg: &DetectorRunConfig,
+    device: &Device,
+    quiet: bool,
+) -> Result<(Report, Vec<ImageResult>)> {
     let dataset = loader.dataset();
     let n = match cfg.eval.max_images {
         0 => dataset.len(),
@@ -67,7 +79,8 @@ pub fn evaluate_loader(
     let mut progress = Progress::new("eval", n as u64, quiet);
     let mut results = detect_loader(model, encoder, loader, cfg, device, n, 0, &mut progress)?;
     progress.finish();
-    score(&mut results, dataset.class_names())
+    let report = score(&mut results, dataset.class_names())?;
+    Ok((report, results))
 }
 
 /// One evaluation image: its ground truth and detections, as evaluation scores them (and as a
@@ -88,6 +101,17 @@ pub struct ImageResult {
     pub labels: Vec<u32>,
     /// Their scores.
     pub scores: Vec<f32>,
+}
+
+impl ImageResult {
+    /// The detections alone.
+    pub fn detections(&self) -> Detections {
+        Detections {
+            boxes: self.boxes.clone(),
+            labels: self.labels.clone(),
+            scores: self.scores.clone(),
+        }
+    }
 }
 
 /// Runs `model` on the batches of `loader` up to `limit` images: each image's ground truth and
@@ -432,6 +456,9 @@ pub struct CocoIds {
     pub images: Vec<u64>,
     /// Per label `1..=C`.
     pub categories: Vec<u64>,
+    /// Boxes are continuous (torchvision's: width `x1 - x0`), not this project's inclusive
+    /// pixel boxes (width `x1 - x0 + 1`).
+    pub continuous: bool,
 }
 
 impl CocoIds {
@@ -440,7 +467,35 @@ impl CocoIds {
         Self {
             images: (1..=n as u64).collect(),
             categories: (1..=classes as u64).collect(),
+            continuous: false,
         }
+    }
+
+    /// The ids for `det`'s detections on `images`: from the instances file `gt` when given
+    /// (else numbered). torchvision's COCO models (its 91 labels) use their labels as COCO's
+    /// category ids, and their boxes are continuous.
+    pub fn for_model(det: &LoadedDetector, gt: Option<&Path>, images: &[PathBuf]) -> Result<Self> {
+        let tv_coco = det.config.model.variant.is_torchvision()
+            && det.class_names.len() == crate::interop::TORCHVISION_COCO_CATEGORIES.len()
+            && det
+                .class_names
+                .iter()
+                .zip(crate::interop::TORCHVISION_COCO_CATEGORIES)
+                .all(|(a, b)| a == b);
+        let mut ids = match gt {
+            Some(gt) if tv_coco => Self {
+                categories: (0..det.class_names.len() as u64).collect(),
+                ..Self::from_instances(gt, images, &[])?
+            },
+            Some(gt) => Self::from_instances(gt, images, &det.class_names)?,
+            None if tv_coco => Self {
+                categories: (0..det.class_names.len() as u64).collect(),
+                ..Self::numbered(images.len(), 0)
+            },
+            None => Self::numbered(images.len(), det.class_names.len()),
+        };
+        ids.continuous = det.config.model.variant.is_torchvision();
+        Ok(ids)
     }
 
     /// The ids of an instances file: each image by its file name (or its last component, when
@@ -466,7 +521,11 @@ impl CocoIds {
                     .with_context(|| format!("class {n:?} is not a category of {}", gt.display()))
             })
             .collect::<Result<_>>()?;
-        Ok(Self { images, categories })
+        Ok(Self {
+            images,
+            categories,
+            continuous: false,
+        })
     }
 
     /// The results entries of image `k`'s detections.
@@ -477,12 +536,18 @@ impl CocoIds {
     ) -> Vec<retinanet_eval::coco_results::CocoDetection> {
         (0..d.len())
             .map(|i| {
-                retinanet_eval::coco_results::CocoDetection::from_yxyx(
+                let mut c = retinanet_eval::coco_results::CocoDetection::from_yxyx(
                     self.images[k],
                     self.categories[d.labels[i] as usize - 1],
                     &d.boxes[i],
                     d.scores[i],
-                )
+                );
+                if self.continuous {
+                    let b = &d.boxes[i];
+                    c.bbox[2] = (b[3] as f64 - b[1] as f64).max(0.0);
+                    c.bbox[3] = (b[2] as f64 - b[0] as f64).max(0.0);
+                }
+                c
             })
             .collect()
     }

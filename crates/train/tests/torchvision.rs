@@ -336,3 +336,23 @@ fn the_onnx_export_refuses_the_variant_by_name() {
     assert!(e.contains("tv.onnx") && e.contains("torchvision_v2"), "{e}");
     assert!(!p.exists());
 }
+
+#[test]
+fn coco_results_of_the_variant_have_torchvisions_boxes() {
+    let det = model("v1");
+    let path = fixtures().join("tv_image0.png");
+    let opts = decode_options(&det.config.eval);
+    let (_, d) = detect_file(&det, &path, ImageScale::Evaluation, &opts).unwrap();
+    let ids = retinanet_train::infer::CocoIds::for_model(&det, None, &[path]).unwrap();
+    let e = ids.results(0, &d.detections);
+    assert_eq!(e.len(), d.detections.len());
+    for (c, b) in e.iter().zip(&d.detections.boxes) {
+        // Continuous boxes: [x0, y0, x1 - x0, y1 - y0], as torchvision's COCO evaluation.
+        let want = [b[1], b[0], b[3] - b[1], b[2] - b[0]].map(|v| v as f64);
+        for (x, y) in c.bbox.iter().zip(want) {
+            assert!((x - y).abs() < 1e-4, "{:?} vs {want:?}", c.bbox);
+        }
+        assert_eq!(c.image_id, 1);
+        assert!((1..=5).contains(&c.category_id));
+    }
+}

@@ -225,3 +225,82 @@ fn detections_map_back_by_the_transforms_pixel_convention() {
     );
     assert_eq!(to_source(d.clone(), (24, 48), (24, 48)), d);
 }
+
+#[test]
+fn an_evaluation_writes_coco_results_with_the_instances_ids() {
+    use retinanet_eval::coco_results::{
+        CocoGroundTruth, read_results, score_results, write_results,
+    };
+    use retinanet_train::infer::{CocoIds, evaluate_loader_results};
+    let dir = tempfile::tempdir().unwrap();
+    let src = split(dir.path());
+    let cfg = tiny(EvalMode::Whole);
+    let det = detector(&cfg);
+    // An instances file with ids of its own, images listed in another order.
+    let images: Vec<String> = (0..IMAGES.len())
+        .rev()
+        .map(|i| {
+            let (w, h) = IMAGES[i];
+            format!(
+                r#"{{"id": {}, "file_name": "{i}.png", "width": {w}, "height": {h}}}"#,
+                100 + 7 * i
+            )
+        })
+        .collect();
+    let gt_path = dir.path().join("instances.json");
+    std::fs::write(
+        &gt_path,
+        format!(
+            r#"{{"images": [{}], "annotations": [{{"id": 1, "image_id": 100, "category_id": 9, "bbox": [0, 5, 13, 41], "area": 533, "iscrowd": 0}}], "categories": [{{"id": 9, "name": "b"}}, {{"id": 3, "name": "a"}}]}}"#,
+            images.join(", ")
+        ),
+    )
+    .unwrap();
+    let ds = open_eval_detection(&src, &OpenOptions::default()).unwrap();
+    let loader = eval_loader(ds, &cfg).unwrap();
+    let (_, results) =
+        evaluate_loader_results(&det.model, &det.encoder, &loader, &cfg, &Device::Cpu, true)
+            .unwrap();
+    let paths: Vec<std::path::PathBuf> = results
+        .iter()
+        .map(|r| loader.dataset().image_path(r.index))
+        .collect();
+    let ids = CocoIds::for_model(&det, Some(&gt_path), &paths).unwrap();
+    let mut entries = Vec::new();
+    for (k, r) in results.iter().enumerate() {
+        let e = ids.results(k, &r.detections());
+        assert_eq!(e.len(), r.boxes.len());
+        for (j, c) in e.iter().enumerate() {
+            assert_eq!(c.image_id, 100 + 7 * r.index as u64, "by file name");
+            assert_eq!(
+                c.category_id,
+                if r.labels[j] == 1 { 3 } else { 9 },
+                "by name"
+            );
+            let b = r.boxes[j];
+            let want = [b[1], b[0], b[3] - b[1] + 1.0, b[2] - b[0] + 1.0].map(|v| v as f64);
+            for (x, y) in c.bbox.iter().zip(want) {
+                assert!((x - y).abs() < 1e-4, "{:?} vs {want:?}", c.bbox);
+            }
+        }
+        entries.extend(e);
+    }
+    assert!(!entries.is_empty());
+    let out = dir.path().join("results.json");
+    write_results(&out, &entries).unwrap();
+    let back = read_results(&out).unwrap();
+    assert_eq!(back.len(), entries.len());
+    let gt = CocoGroundTruth::read(&gt_path).unwrap();
+    let report = score_results(&gt, &back, &out).unwrap();
+    assert_eq!(report.n_images, IMAGES.len());
+    // A class the instances file lacks is named.
+    let mut other = det;
+    other.class_names = vec!["a".into(), "zebra".into()];
+    let e = format!(
+        "{:#}",
+        CocoIds::for_model(&other, Some(&gt_path), &paths)
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("zebra") && e.contains("instances.json"), "{e}");
+}
