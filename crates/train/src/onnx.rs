@@ -37,7 +37,7 @@ use retinanet_detector::{Depth, DetectorConfig};
 
 use crate::detect::LoadedDetector;
 use crate::model::varmap_tensors;
-use crate::onnx_proto::{Attr, Dim, FLOAT, Msg, model, node, tensor_f32, tensor_i64};
+use crate::onnx_proto::{Attr, Dim, FLOAT, INT64, Msg, model, node, tensor_f32, tensor_i64};
 
 /// The opset `convert onnx` writes by default (tract and onnxruntime both run it).
 pub const DEFAULT_OPSET: i64 = 17;
@@ -94,34 +94,49 @@ pub fn onnx_model(det: &LoadedDetector, opset: i64) -> Result<(Vec<u8>, usize, u
             OPSETS.end()
         );
     }
-    if det.config.model.variant.is_torchvision() {
-        bail!(
-            "model.variant = {}: the ONNX export writes the tutorial's RetinaNet; torchvision's variant is exported by torchvision itself (torch.onnx.export of its model after `convert export`)",
-            det.config.model.variant.name()
-        );
-    }
     let ecfg = *det.model.extractor.config();
     let dcfg = *det.model.detector.config();
     let anchors = det.config.model.anchor_layout()?;
     check_anchors(&anchors, &dcfg)?;
     let tensors = varmap_tensors(&det.varmap);
     let mut g = Graph::new(&tensors);
+    g.bn_eps = det.config.model.bn_eps.unwrap_or(BN_EPS);
 
     let feats = g.extractor(INPUT, ecfg.depth)?;
-    let levels = g.pyramid(&feats, &dcfg)?;
     let (c, k) = (dcfg.num_classes, dcfg.num_anchors);
-    let mut cls = Vec::with_capacity(levels.len());
-    let mut reg = Vec::with_capacity(levels.len());
-    for p in &levels {
-        cls.push(g.head(p, "detector.conv_cls", c)?);
-        reg.push(g.head(p, "detector.conv_reg", 4)?);
+    let mut cls = Vec::new();
+    let mut reg = Vec::new();
+    let tv = match dcfg.style {
+        retinanet_detector::DetectorStyle::Torchvision(o) => Some(o),
+        retinanet_detector::DetectorStyle::Tutorial => None,
+    };
+    if let Some(o) = tv {
+        for p in &g.tv_pyramid(&feats, o)? {
+            let hc = "detector.head.classification_head";
+            let hr = "detector.head.regression_head";
+            cls.push(g.tv_head(p, hc, "cls_logits", c, o.head_group_norm)?);
+            reg.push(g.tv_head(p, hr, "bbox_reg", 4, o.head_group_norm)?);
+        }
+    } else {
+        for p in &g.pyramid(&feats, &dcfg)? {
+            cls.push(g.head(p, "detector.conv_cls", c)?);
+            reg.push(g.head(p, "detector.conv_reg", 4)?);
+        }
     }
     let cls_refs: Vec<&str> = cls.iter().map(String::as_str).collect();
     let reg_refs: Vec<&str> = reg.iter().map(String::as_str).collect();
     g.node_to("Concat", CLS_LOGITS, &cls_refs, &[("axis", Attr::Int(1))]);
-    g.node_to("Concat", REG, &reg_refs, &[("axis", Attr::Int(1))]);
+    if tv.is_some() {
+        // torchvision predicts (dx, dy, dw, dh); the project's order is (dy, dx, dh, dw).
+        let r = g.op("Concat", "reg", &reg_refs, &[("axis", Attr::Int(1))]);
+        let yx = g.i64s(&[4], &[1, 0, 3, 2]);
+        g.node_to("Gather", REG, &[&r, &yx], &[("axis", Attr::Int(2))]);
+        g.tv_anchors(INPUT, &anchors, ANCHORS);
+    } else {
+        g.node_to("Concat", REG, &reg_refs, &[("axis", Attr::Int(1))]);
+        g.anchors(INPUT, &anchors, ANCHORS);
+    }
     g.node_to("Sigmoid", CLS, &[CLS_LOGITS], &[]);
-    g.anchors(INPUT, &anchors, ANCHORS);
 
     let f32s = |name: &str, shape: &[Dim]| crate::onnx_proto::value_info(name, FLOAT, shape);
     let a = Dim::Named("A");
@@ -231,6 +246,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// The graph being built: nodes, initialisers, and the weights they come from.
 struct Graph<'a> {
     tensors: &'a HashMap<String, Tensor>,
+    /// The ResNet's BatchNorm eps (`model.bn_eps`).
+    bn_eps: f64,
     nodes: Vec<Msg>,
     inits: Vec<Msg>,
     /// Initialisers made already (the heads' weights are shared by every level).
@@ -243,6 +260,7 @@ impl<'a> Graph<'a> {
     fn new(tensors: &'a HashMap<String, Tensor>) -> Self {
         Self {
             tensors,
+            bn_eps: BN_EPS,
             nodes: Vec::new(),
             inits: Vec::new(),
             made: HashSet::new(),
@@ -361,7 +379,7 @@ impl<'a> Graph<'a> {
         let mut wf = Vec::with_capacity(w.len());
         let mut bf = Vec::with_capacity(b.len());
         for o in 0..b.len() {
-            let s = gamma[o] as f64 / (var[o] as f64 + BN_EPS).sqrt();
+            let s = gamma[o] as f64 / (var[o] as f64 + self.bn_eps).sqrt();
             wf.extend(
                 w[o * per..(o + 1) * per]
                     .iter()
@@ -550,6 +568,200 @@ impl<'a> Graph<'a> {
         );
         let shape = self.i64s(&[3], &[0, -1, per_anchor as i64]);
         Ok(self.op("Reshape", name, &[&t, &shape], &[]))
+    }
+
+    /// PyTorch's `interpolate(mode="nearest")` of `p` to the spatial size of `like`: source
+    /// index `floor(dst * (in / out))` in f32, at most `in - 1`, by Gather on each axis.
+    fn nearest_like(&mut self, p: &str, like: &str) -> String {
+        let mut y = p.to_string();
+        for axis in [2i64, 3] {
+            let n_in = self.dim(p, axis);
+            let n_out = self.dim(like, axis);
+            let fin = self.op("Cast", "n_in", &[&n_in], &[("to", Attr::Int(FLOAT))]);
+            let fout = self.op("Cast", "n_out", &[&n_out], &[("to", Attr::Int(FLOAT))]);
+            let scale = self.op("Div", "nearest", &[&fin, &fout], &[]);
+            let o = self.iota(&n_out);
+            let src = self.op("Mul", "nearest", &[&o, &scale], &[]);
+            let src = self.op("Floor", "nearest", &[&src], &[]);
+            let src = self.op("Cast", "nearest", &[&src], &[("to", Attr::Int(INT64))]);
+            let one = self.i64s(&[], &[1]);
+            let last = self.op("Sub", "nearest", &[&n_in, &one], &[]);
+            let idx = self.op("Min", "nearest", &[&src, &last], &[]);
+            y = self.op(
+                "Gather",
+                "nearest",
+                &[&y, &idx],
+                &[("axis", Attr::Int(axis))],
+            );
+        }
+        y
+    }
+
+    /// torchvision's FPN: P3..P7 from C3..C5 (`feats[1..]`).
+    fn tv_pyramid(
+        &mut self,
+        feats: &[String; 4],
+        o: retinanet_detector::TvOptions,
+    ) -> Result<Vec<String>> {
+        let f = "detector.fpn";
+        let c = [&feats[1], &feats[2], &feats[3]];
+        let mut last = self.conv(c[2], &format!("{f}.inner_blocks.2.0"), 1, None, false)?;
+        let mut out = vec![self.conv(&last, &format!("{f}.layer_blocks.2.0"), 1, None, false)?];
+        for i in (0..2).rev() {
+            let lat = self.conv(c[i], &format!("{f}.inner_blocks.{i}.0"), 1, None, false)?;
+            let up = self.nearest_like(&last, &lat);
+            last = self.op("Add", "fpn", &[&lat, &up], &[]);
+            let p = self.conv(&last, &format!("{f}.layer_blocks.{i}.0"), 1, None, false)?;
+            out.insert(0, p);
+        }
+        let p6_in = match o.p6_from {
+            retinanet_detector::P6From::P5 => out[2].clone(),
+            retinanet_detector::P6From::C5 => c[2].clone(),
+        };
+        let p6 = self.conv(&p6_in, &format!("{f}.extra_blocks.p6"), 2, None, false)?;
+        let r6 = self.op("Relu", "fpn", &[&p6], &[]);
+        let p7 = self.conv(&r6, &format!("{f}.extra_blocks.p7"), 2, None, false)?;
+        out.push(p6);
+        out.push(p7);
+        Ok(out)
+    }
+
+    /// GroupNorm `name` (`name.weight`, `name.bias`) with `groups` groups and eps 1e-5, as
+    /// InstanceNormalization over `[1, groups, C / groups * H * W]` and the per-channel affine.
+    fn group_norm(&mut self, x: &str, name: &str, groups: usize) -> Result<String> {
+        let (gdims, gamma) = self.weight(&format!("{name}.weight"))?;
+        let (_, beta) = self.weight(&format!("{name}.bias"))?;
+        let ch = gdims[0];
+        let shape = self.op("Shape", "gn", &[x], &[]);
+        let grouped = self.i64s(&[3], &[0, groups as i64, -1]);
+        let r = self.op("Reshape", "gn", &[x, &grouped], &[]);
+        let ones = self.f32s(&[groups], &vec![1.0; groups]);
+        let zeros = self.f32s(&[groups], &vec![0.0; groups]);
+        let n = self.op(
+            "InstanceNormalization",
+            "gn",
+            &[&r, &ones, &zeros],
+            &[("epsilon", Attr::Float(1e-5))],
+        );
+        let n = self.op("Reshape", "gn", &[&n, &shape], &[]);
+        let g = self.f32s(&[ch, 1, 1], &gamma);
+        let b = self.f32s(&[ch, 1, 1], &beta);
+        self.parameters += 2 * ch;
+        let y = self.op("Mul", "gn", &[&n, &g], &[]);
+        Ok(self.op("Add", "gn", &[&y, &b], &[]))
+    }
+
+    /// A torchvision head on level `p`: four 3x3 convolutions (each with ReLU, after GroupNorm
+    /// in v2), the output convolution `out`, then `[1, h * w * K, per_anchor]`.
+    fn tv_head(
+        &mut self,
+        p: &str,
+        name: &str,
+        out: &str,
+        per_anchor: usize,
+        groups: Option<usize>,
+    ) -> Result<String> {
+        let mut y = p.to_string();
+        for i in 0..4 {
+            let conv = format!("{name}.conv.{i}.0");
+            y = match groups {
+                None => self.conv(&y, &conv, 1, None, true)?,
+                Some(gr) => {
+                    let c = self.conv(&y, &conv, 1, None, false)?;
+                    let n = self.group_norm(&c, &format!("{name}.conv.{i}.1"), gr)?;
+                    self.op("Relu", name, &[&n], &[])
+                }
+            };
+        }
+        let y = self.conv(&y, &format!("{name}.{out}"), 1, None, false)?;
+        let t = self.op(
+            "Transpose",
+            name,
+            &[&y],
+            &[("perm", Attr::Ints(vec![0, 2, 3, 1]))],
+        );
+        let shape = self.i64s(&[3], &[0, -1, per_anchor as i64]);
+        Ok(self.op("Reshape", name, &[&t, &shape], &[]))
+    }
+
+    /// torchvision's anchors `(y, x, h, w)` of the input `x`'s size into `out`, as
+    /// `gen_anchors` makes them for [`retinanet_anchors::AnchorStyle::Torchvision`]: level `s`
+    /// has a `((H - 1) / t + 1)`-row grid at the stride `H // rows` (and so for the columns),
+    /// its cell boxes whole pixels.
+    fn tv_anchors(&mut self, x: &str, cfg: &AnchorConfig, out: &str) {
+        let (h, w) = (self.dim(x, 2), self.dim(x, 3));
+        let k = cfg.anchors_per_cell();
+        let one = self.i64s(&[], &[1]);
+        let vec1 = self.i64s(&[1], &[1]);
+        let k1 = self.i64s(&[1], &[k as i64]);
+        let mut levels = Vec::with_capacity(cfg.scales);
+        for s in 0..cfg.scales {
+            let t = self.i64s(&[], &[cfg.stride(s) as i64]);
+            let centres = |g: &mut Self, side: &str, shape: [i64; 4]| {
+                let m = g.op("Sub", "anchors", &[side, &one], &[]);
+                let n = g.op("Div", "anchors", &[&m, &t], &[]);
+                let n = g.op("Add", "anchors", &[&n, &one], &[]);
+                // side // rows through f32 (exact below 2^16 pixels): tract cannot divide
+                // symbolic sizes by symbolic grid sizes.
+                let fs = g.op("Cast", "anchors", &[side], &[("to", Attr::Int(FLOAT))]);
+                let fn_ = g.op("Cast", "anchors", &[&n], &[("to", Attr::Int(FLOAT))]);
+                let q = g.op("Div", "anchors", &[&fs, &fn_], &[]);
+                let q = g.op("Floor", "anchors", &[&q], &[]);
+                let stride = g.op("Cast", "anchors", &[&q], &[("to", Attr::Int(INT64))]);
+                let (zero, step) = (g.i64s(&[], &[0]), g.i64s(&[], &[1]));
+                let r = g.op("Range", "anchors", &[&zero, &n, &step], &[]);
+                let c = g.op("Mul", "anchors", &[&r, &stride], &[]);
+                let c = g.op("Cast", "anchors", &[&c], &[("to", Attr::Int(FLOAT))]);
+                let sh = g.i64s(&[4], &shape);
+                let c = g.op("Reshape", "anchors", &[&c, &sh], &[]);
+                let n1 = g.op("Reshape", "anchors", &[&n, &vec1], &[]);
+                (c, n1)
+            };
+            let (ys, fh) = centres(self, &h, [-1, 1, 1, 1]);
+            let (xs, fw) = centres(self, &w, [1, -1, 1, 1]);
+            let grid4 = self.i64s(&[1], &[4]);
+            let grid = self.op(
+                "Concat",
+                "anchors",
+                &[&fh, &fw, &k1, &grid4],
+                &[("axis", Attr::Int(0))],
+            );
+            // Per cell box: (y offset of its centre, x offset, h, w), exact in f32.
+            let cell: Vec<f32> = cfg
+                .cell_boxes(s)
+                .iter()
+                .flat_map(|b| {
+                    let (bh, bw) = ((b[2] - b[0]) as f32, (b[3] - b[1]) as f32);
+                    [b[0] as f32 + 0.5 * bh, b[1] as f32 + 0.5 * bw, bh, bw]
+                })
+                .collect();
+            let cell = self.f32s(&[1, 1, k, 4], &cell);
+            let zero = self.f32s(&[1, 1, 1, 1], &[0.0]);
+            // [ys, xs, 0, 0] + cell, broadcast over the grid.
+            let ysb = self.op("Expand", "anchors", &[&ys, &grid], &[]);
+            let xsb = self.op("Expand", "anchors", &[&xs, &grid], &[]);
+            let zb = self.op("Expand", "anchors", &[&zero, &grid], &[]);
+            let sel = |g: &mut Self, v: &str, c: i64| {
+                let st = g.i64s(&[1], &[c]);
+                let en = g.i64s(&[1], &[c + 1]);
+                let ax = g.i64s(&[1], &[3]);
+                g.op("Slice", "anchors", &[v, &st, &en, &ax], &[])
+            };
+            let y0 = sel(self, &ysb, 0);
+            let x0 = sel(self, &xsb, 0);
+            let z2 = sel(self, &zb, 0);
+            let base = self.op(
+                "Concat",
+                "anchors",
+                &[&y0, &x0, &z2, &z2],
+                &[("axis", Attr::Int(3))],
+            );
+            let a = self.op("Add", "anchors", &[&base, &cell], &[]);
+            let flat = self.i64s(&[2], &[-1, 4]);
+            levels.push(self.op("Reshape", "anchors", &[&a, &flat], &[]));
+        }
+        let refs: Vec<&str> = levels.iter().map(String::as_str).collect();
+        self.node_to("Concat", out, &refs, &[("axis", Attr::Int(0))]);
     }
 
     /// The anchors `(y, x, h, w)` of the input `x`'s size into `out`, as `gen_anchors`: level

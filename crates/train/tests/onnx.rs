@@ -25,7 +25,10 @@ fn detector(model: ModelConfig, classes: usize, seed: u64) -> LoadedDetector {
     let mut config: DetectorRunConfig = parse_config(DEFAULT_DETECTOR_TOML).unwrap();
     config.model = model;
     let rcfg = retinanet_config(&config.model, classes, 0).unwrap();
-    let (varmap, net) = build_retinanet(&rcfg, seed, &Device::Cpu).unwrap();
+    let (varmap, mut net) = build_retinanet(&rcfg, seed, &Device::Cpu).unwrap();
+    if let Some(e) = config.model.bn_eps {
+        net.extractor.set_bn_eps(e);
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     {
         let data = varmap.data().lock().unwrap();
@@ -155,7 +158,7 @@ fn check(case: &str, det: &LoadedDetector, sizes: &[(usize, usize)], opset: i64,
     }
     assert!(summary.parameters > 0 && summary.bytes > 4 * summary.parameters);
     let plan = tract_plan(&path);
-    let layout = det.config.model.anchors.layout().unwrap();
+    let layout = det.config.model.anchor_layout().unwrap();
     let c = det.class_names.len();
     let mut worst = 0f32;
     for (i, &(h, w)) in sizes.iter().enumerate() {
@@ -380,5 +383,25 @@ fn the_tutorials_pytorch_pair_exports_to_a_graph_giving_pytorchs_outputs() {
         let (dc, dr) = (max_abs(&out[3].1, &cls), max_abs(&out[1].1, &reg));
         eprintln!("image {i}: max |tract - PyTorch| logits {dc:.2e} reg {dr:.2e}");
         assert!(dc <= 1e-4 && dr <= 1e-4, "image {i}: {dc} {dr}");
+    }
+}
+
+#[test]
+fn torchvisions_variants_run_in_tract_as_in_the_project() {
+    for (v2, eps) in [(false, 0.0), (true, 1e-5)] {
+        let mut m = ModelConfig::torchvision(50, v2, Some(eps));
+        m.base_width = 4;
+        m.fpn_channels = 32;
+        m.head_channels = 32;
+        let det = detector(m, 3, 11 + v2 as u64);
+        // Padded sizes as torchvision feeds them, and one it would pad (strides image // grid).
+        let worst = check(
+            if v2 { "tv_v2" } else { "tv_v1" },
+            &det,
+            &[(96, 160), (64, 64), (70, 97)],
+            DEFAULT_OPSET,
+            5,
+        );
+        assert!(worst <= 1e-4);
     }
 }
