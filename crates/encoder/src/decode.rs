@@ -79,6 +79,15 @@ impl Detections {
     }
 }
 
+/// The box of deltas `d` `(dy, dx, dh, dw)` on the anchor `(y, x, h, w)`: centre `d * size +
+/// centre`, sides `exp(min(d, max_log)) * size` (`max_log` infinite: unclamped).
+#[inline(always)]
+fn delta_box(&[ay, ax, ah, aw]: &[f32; 4], d: &[f32], max_log: f32) -> Bbox {
+    let (y, x) = (d[0] * ah + ay, d[1] * aw + ax);
+    let (h, w) = (d[2].min(max_log).exp() * ah, d[3].min(max_log).exp() * aw);
+    [y - h / 2.0, x - w / 2.0, y + h / 2.0, x + w / 2.0]
+}
+
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
@@ -187,11 +196,7 @@ impl Encoder {
             .iter()
             .map(|&a| {
                 let a = a as usize;
-                let [ay, ax, ah, aw] = anchors.yxhw[a];
-                let d = &reg[a * 4..a * 4 + 4];
-                let (y, x) = (d[0] * ah + ay, d[1] * aw + ax);
-                let (h, w) = (d[2].exp() * ah, d[3].exp() * aw);
-                [y - h / 2.0, x - w / 2.0, y + h / 2.0, x + w / 2.0]
+                delta_box(&anchors.yxhw[a], &reg[a * 4..a * 4 + 4], f32::INFINITY)
             })
             .collect();
 
@@ -304,17 +309,16 @@ fn decode_torchvision(
         }
         for (i, p) in lvl {
             let a = lo + i as usize / num_classes;
-            let [ay, ax, ah, aw] = anchors.yxhw[a];
-            let d = &reg[a * 4..a * 4 + 4];
-            let (y, x) = (d[0] * ah + ay, d[1] * aw + ax);
-            let h = d[2].min(TORCHVISION_DELTA_CLIP).exp() * ah;
-            let w = d[3].min(TORCHVISION_DELTA_CLIP).exp() * aw;
-            let (hh, hw) = (0.5 * h, 0.5 * w);
+            let b = delta_box(
+                &anchors.yxhw[a],
+                &reg[a * 4..a * 4 + 4],
+                TORCHVISION_DELTA_CLIP,
+            );
             boxes.push([
-                (y - hh).clamp(0.0, vh),
-                (x - hw).clamp(0.0, vw),
-                (y + hh).clamp(0.0, vh),
-                (x + hw).clamp(0.0, vw),
+                b[0].clamp(0.0, vh),
+                b[1].clamp(0.0, vw),
+                b[2].clamp(0.0, vh),
+                b[3].clamp(0.0, vw),
             ]);
             scores.push(p);
             labels.push((i as usize % num_classes) as u32 + 1);

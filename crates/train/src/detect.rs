@@ -25,9 +25,7 @@ use crate::engine::{
     Budget, Ending, Forward, Plan, StepContext, Task, Trainer, rank_device, sync_bn_reducer,
 };
 use crate::infer::{ImageResult, detect_loader, eval_loader, score};
-use crate::model::{
-    assign_from, build_retinanet, load_pretrained_extractor, retinanet_config, trainable_vars,
-};
+use crate::model::{assign_from, build_model, load_pretrained_extractor, trainable_vars};
 use crate::optim::Sgd;
 use crate::plot::{Series, plot_lines};
 use crate::progress::Progress;
@@ -265,11 +263,13 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
             }
             let names = train_ds.class_names().to_vec();
             let num_classes = names.len();
-            let rcfg = retinanet_config(&cfg.model, num_classes, cfg.train.frozen_stages)?;
-            let (varmap, mut model) = build_retinanet(&rcfg, cfg.seed, &device)?;
-            if let Some(e) = cfg.model.bn_eps {
-                model.extractor.set_bn_eps(e);
-            }
+            let (varmap, mut model) = build_model(
+                &cfg.model,
+                num_classes,
+                cfg.train.frozen_stages,
+                cfg.seed,
+                &device,
+            )?;
             model.extractor.set_freeze_bn(cfg.train.freeze_bn);
             model
                 .extractor
@@ -653,11 +653,7 @@ pub fn load_detector(path: &Path, device: &Device) -> Result<LoadedDetector> {
     let config: DetectorRunConfig = parse_config(&ck.meta.config)
         .with_context(|| format!("{}: the stored config", path.display()))?;
     let names = ck.meta.class_names.clone();
-    let rcfg = retinanet_config(&config.model, names.len(), 0)?;
-    let (varmap, mut model) = build_retinanet(&rcfg, 0, device)?;
-    if let Some(e) = config.model.bn_eps {
-        model.extractor.set_bn_eps(e);
-    }
+    let (varmap, model) = build_model(&config.model, names.len(), 0, 0, device)?;
     assign_from(&varmap, &ck.tensors, path)?;
     let encoder = encoder_for(&config, names.len())?;
     Ok(LoadedDetector {

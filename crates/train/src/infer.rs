@@ -24,15 +24,26 @@ use crate::progress::Progress;
 pub fn eval_transform(cfg: &DetectorRunConfig) -> DetectionTransform {
     let d = &cfg.data;
     match cfg.eval.mode {
-        // torchvision's models are scored on the images torchvision's transform makes.
-        EvalMode::Whole if cfg.model.variant.is_torchvision() => {
-            DetectionTransform::torchvision(d.eval_size, d.eval_max_size, d.boxarea_th)
-        }
-        EvalMode::Whole => DetectionTransform::whole(d.eval_size, d.eval_max_size, d.boxarea_th),
+        EvalMode::Whole => whole_image_transform(cfg, d.eval_size, d.eval_max_size, d.boxarea_th),
         EvalMode::CenterCrop => DetectionTransform {
             max_size: d.eval_max_size,
             ..DetectionTransform::eval(d.eval_size, d.boxarea_th)
         },
+    }
+}
+
+/// The whole-image transform of `cfg`'s model at `size` (the shorter side) and `max_size`:
+/// torchvision's models see the images torchvision's transform makes.
+fn whole_image_transform(
+    cfg: &DetectorRunConfig,
+    size: u32,
+    max_size: u32,
+    boxarea_th: f32,
+) -> DetectionTransform {
+    if cfg.model.variant.is_torchvision() {
+        DetectionTransform::torchvision(size, max_size, boxarea_th)
+    } else {
+        DetectionTransform::whole(size, max_size, boxarea_th)
     }
 }
 
@@ -383,14 +394,19 @@ pub fn detect_file(
     let img = load_rgb(path)?;
     let (w, h) = (img.width(), img.height());
     let d = &det.config.data;
-    let whole = if det.config.model.variant.is_torchvision() {
-        DetectionTransform::torchvision
-    } else {
-        DetectionTransform::whole
-    };
     let transform = match scale {
-        ImageScale::Evaluation => Some(whole(d.eval_size, d.eval_max_size, 0.0)),
-        ImageScale::Shorter(s) => Some(whole(s, d.eval_max_size.max(s), 0.0)),
+        ImageScale::Evaluation => Some(whole_image_transform(
+            &det.config,
+            d.eval_size,
+            d.eval_max_size,
+            0.0,
+        )),
+        ImageScale::Shorter(s) => Some(whole_image_transform(
+            &det.config,
+            s,
+            d.eval_max_size.max(s),
+            0.0,
+        )),
         ImageScale::Own => None,
     };
     // The pixels evaluation makes from this image, by the same code.

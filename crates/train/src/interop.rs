@@ -24,32 +24,11 @@ use retinanet_extractor::weights::{
 use crate::checkpoint::{CheckpointMeta, FORMAT, save_checkpoint};
 use crate::config::{DEFAULT_DETECTOR_TOML, DetectorRunConfig, ModelConfig, parse_config, to_toml};
 use crate::detect::{LoadedDetector, encoder_for};
-use crate::model::{build_retinanet, retinanet_config, varmap_tensors};
+use crate::model::{build_model, varmap_tensors};
 
-/// The 20 Pascal VOC classes, in the tutorial's order (its `VOC_LABEL_NAMES` without the
-/// background): the names a 20-class pair of state dicts gets when none are given.
-pub const VOC_CLASSES: [&str; 20] = [
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-];
+/// The 20 Pascal VOC classes (the tutorial's `VOC_LABEL_NAMES` without the background): the
+/// names a 20-class pair of state dicts gets when none are given.
+pub use retinanet_dataset::VOC_CLASSES;
 
 /// torchvision's COCO category names of its detection models, by label (91: `__background__`
 /// at 0, `N/A` for the ids COCO left unused), the names a 91-class torchvision RetinaNet gets
@@ -269,17 +248,27 @@ pub fn pair_layout(
 /// The class names for a model of `num_classes`: `names` when given (they must be as many),
 /// else the VOC classes for 20.
 pub fn class_names_for(num_classes: usize, names: Option<Vec<String>>) -> Result<Vec<String>> {
+    names_or_default(num_classes, names, &VOC_CLASSES, "the detector", "")
+}
+
+/// `names` when given (as many as `num_classes`), else `default` when it has that many; the
+/// errors say what `model` predicts (`hint`: more on the names file's form).
+fn names_or_default(
+    num_classes: usize,
+    names: Option<Vec<String>>,
+    default: &[&str],
+    model: &str,
+    hint: &str,
+) -> Result<Vec<String>> {
     match names {
         Some(n) if n.len() == num_classes => Ok(n),
         Some(n) => bail!(
-            "the names file has {} names, the detector predicts {num_classes} classes",
+            "the names file has {} names, {model} predicts {num_classes} classes",
             n.len()
         ),
-        None if num_classes == VOC_CLASSES.len() => {
-            Ok(VOC_CLASSES.iter().map(|s| s.to_string()).collect())
-        }
+        None if num_classes == default.len() => Ok(default.iter().map(|s| s.to_string()).collect()),
         None => bail!(
-            "the detector predicts {num_classes} classes: pass their names (--names FILE, one per line)"
+            "{model} predicts {num_classes} classes: pass their names (--names FILE, one per line{hint})"
         ),
     }
 }
@@ -309,8 +298,7 @@ pub fn load_state_dict_pair(
     let mut config: DetectorRunConfig = parse_config(DEFAULT_DETECTOR_TOML)?;
     config.name = "imported".into();
     config.model = layout.model.clone();
-    let rcfg = retinanet_config(&config.model, class_names.len(), 0)?;
-    let (varmap, model) = build_retinanet(&rcfg, 0, device)?;
+    let (varmap, model) = build_model(&config.model, class_names.len(), 0, 0, device)?;
     load_resnet(&varmap, extractor_path, "extractor.", true)
         .with_context(|| format!("the extractor state dict {}", extractor_path.display()))?;
     // The detector strictly: every layer present with its shape, nothing left over.
@@ -790,26 +778,13 @@ pub fn load_torchvision_retinanet(
         .with_context(|| format!("the torchvision RetinaNet {}", path.display()))?;
     let sd = torchvision_current_names(sd);
     let layout = torchvision_layout(&sd, path)?;
-    let class_names = match names {
-        Some(n) if n.len() == layout.num_classes => n,
-        Some(n) => bail!(
-            "the names file has {} names, {} predicts {} classes",
-            n.len(),
-            path.display(),
-            layout.num_classes
-        ),
-        None if layout.num_classes == TORCHVISION_COCO_CATEGORIES.len() => {
-            TORCHVISION_COCO_CATEGORIES
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        }
-        None => bail!(
-            "{} predicts {} classes: pass their names (--names FILE, one per line, label 0 first)",
-            path.display(),
-            layout.num_classes
-        ),
-    };
+    let class_names = names_or_default(
+        layout.num_classes,
+        names,
+        &TORCHVISION_COCO_CATEGORIES,
+        &path.display().to_string(),
+        ", label 0 first",
+    )?;
     let mut config: DetectorRunConfig = parse_config(DEFAULT_DETECTOR_TOML)?;
     config.name = "torchvision".into();
     config.model = layout.model;
@@ -817,11 +792,7 @@ pub fn load_torchvision_retinanet(
     config.model.bn_eps = Some(bn_eps.unwrap_or(if v2 { 1e-5 } else { 0.0 }));
     torchvision_inference_settings(&mut config);
     crate::config::Validate::validate(&config.model)?;
-    let rcfg = retinanet_config(&config.model, class_names.len(), 0)?;
-    let (varmap, mut model) = build_retinanet(&rcfg, 0, device)?;
-    if let Some(e) = config.model.bn_eps {
-        model.extractor.set_bn_eps(e);
-    }
+    let (varmap, model) = build_model(&config.model, class_names.len(), 0, 0, device)?;
     // torchvision's names onto ours; BatchNorm's step counters are not weights.
     let mut mapped: HashMap<String, Tensor> = HashMap::new();
     for (k, v) in &sd {

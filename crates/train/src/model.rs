@@ -64,6 +64,23 @@ pub fn build_retinanet(
     Ok((varmap, model))
 }
 
+/// The RetinaNet of a run's `model` for `num_classes` classes, seeded, with the model's
+/// options that are not part of the layer shapes (the ResNet's BatchNorm eps) applied.
+pub fn build_model(
+    model: &ModelConfig,
+    num_classes: usize,
+    frozen_stages: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<(VarMap, RetinaNet)> {
+    let cfg = retinanet_config(model, num_classes, frozen_stages)?;
+    let (varmap, mut net) = build_retinanet(&cfg, seed, device)?;
+    if let Some(e) = model.bn_eps {
+        net.extractor.set_bn_eps(e);
+    }
+    Ok((varmap, net))
+}
+
 /// A ResNet with a classification head, seeded.
 pub fn build_classifier(
     depth: usize,

@@ -131,11 +131,10 @@ pub fn onnx_model(det: &LoadedDetector, opset: i64) -> Result<(Vec<u8>, usize, u
         let r = g.op("Concat", "reg", &reg_refs, &[("axis", Attr::Int(1))]);
         let yx = g.i64s(&[4], &[1, 0, 3, 2]);
         g.node_to("Gather", REG, &[&r, &yx], &[("axis", Attr::Int(2))]);
-        g.tv_anchors(INPUT, &anchors, ANCHORS);
     } else {
         g.node_to("Concat", REG, &reg_refs, &[("axis", Attr::Int(1))]);
-        g.anchors(INPUT, &anchors, ANCHORS);
     }
+    g.anchors(INPUT, &anchors, ANCHORS);
     g.node_to("Sigmoid", CLS, &[CLS_LOGITS], &[]);
 
     let f32s = |name: &str, shape: &[Dim]| crate::onnx_proto::value_info(name, FLOAT, shape);
@@ -684,11 +683,15 @@ impl<'a> Graph<'a> {
         Ok(self.op("Reshape", name, &[&t, &shape], &[]))
     }
 
-    /// torchvision's anchors `(y, x, h, w)` of the input `x`'s size into `out`, as
-    /// `gen_anchors` makes them for [`retinanet_anchors::AnchorStyle::Torchvision`]: level `s`
-    /// has a `((H - 1) / t + 1)`-row grid at the stride `H // rows` (and so for the columns),
-    /// its cell boxes whole pixels.
-    fn tv_anchors(&mut self, x: &str, cfg: &AnchorConfig, out: &str) {
+    /// The anchors `(y, x, h, w)` of the input `x`'s size into `out`, as `gen_anchors`: level
+    /// `s` with nominal stride `t` has a `((H - 1) / t + 1) x ((W - 1) / t + 1)` grid, points
+    /// every `t` pixels (torchvision's style: every `H // rows`, `W // cols`), and the level's
+    /// cell boxes, in level, row, column, anchor order.
+    fn anchors(&mut self, x: &str, cfg: &AnchorConfig, out: &str) {
+        let tv = matches!(
+            cfg.style,
+            retinanet_anchors::AnchorStyle::Torchvision { .. }
+        );
         let (h, w) = (self.dim(x, 2), self.dim(x, 3));
         let k = cfg.anchors_per_cell();
         let one = self.i64s(&[], &[1]);
@@ -697,17 +700,23 @@ impl<'a> Graph<'a> {
         let mut levels = Vec::with_capacity(cfg.scales);
         for s in 0..cfg.scales {
             let t = self.i64s(&[], &[cfg.stride(s) as i64]);
-            let centres = |g: &mut Self, side: &str, shape: [i64; 4]| {
+            // Points row * stride in int64, then one exact conversion (as the f64 -> f32 of
+            // gen_anchors for any size below 2^24).
+            let points = |g: &mut Self, side: &str, shape: [i64; 4]| {
                 let m = g.op("Sub", "anchors", &[side, &one], &[]);
                 let n = g.op("Div", "anchors", &[&m, &t], &[]);
                 let n = g.op("Add", "anchors", &[&n, &one], &[]);
-                // side // rows through f32 (exact below 2^16 pixels): tract cannot divide
-                // symbolic sizes by symbolic grid sizes.
-                let fs = g.op("Cast", "anchors", &[side], &[("to", Attr::Int(FLOAT))]);
-                let fn_ = g.op("Cast", "anchors", &[&n], &[("to", Attr::Int(FLOAT))]);
-                let q = g.op("Div", "anchors", &[&fs, &fn_], &[]);
-                let q = g.op("Floor", "anchors", &[&q], &[]);
-                let stride = g.op("Cast", "anchors", &[&q], &[("to", Attr::Int(INT64))]);
+                let stride = if tv {
+                    // side // rows through f32 (exact below 2^16 pixels): tract cannot divide
+                    // symbolic sizes by symbolic grid sizes.
+                    let fs = g.op("Cast", "anchors", &[side], &[("to", Attr::Int(FLOAT))]);
+                    let fn_ = g.op("Cast", "anchors", &[&n], &[("to", Attr::Int(FLOAT))]);
+                    let q = g.op("Div", "anchors", &[&fs, &fn_], &[]);
+                    let q = g.op("Floor", "anchors", &[&q], &[]);
+                    g.op("Cast", "anchors", &[&q], &[("to", Attr::Int(INT64))])
+                } else {
+                    t.clone()
+                };
                 let (zero, step) = (g.i64s(&[], &[0]), g.i64s(&[], &[1]));
                 let r = g.op("Range", "anchors", &[&zero, &n, &step], &[]);
                 let c = g.op("Mul", "anchors", &[&r, &stride], &[]);
@@ -717,82 +726,8 @@ impl<'a> Graph<'a> {
                 let n1 = g.op("Reshape", "anchors", &[&n, &vec1], &[]);
                 (c, n1)
             };
-            let (ys, fh) = centres(self, &h, [-1, 1, 1, 1]);
-            let (xs, fw) = centres(self, &w, [1, -1, 1, 1]);
-            let grid4 = self.i64s(&[1], &[4]);
-            let grid = self.op(
-                "Concat",
-                "anchors",
-                &[&fh, &fw, &k1, &grid4],
-                &[("axis", Attr::Int(0))],
-            );
-            // Per cell box: (y offset of its centre, x offset, h, w), exact in f32.
-            let cell: Vec<f32> = cfg
-                .cell_boxes(s)
-                .iter()
-                .flat_map(|b| {
-                    let (bh, bw) = ((b[2] - b[0]) as f32, (b[3] - b[1]) as f32);
-                    [b[0] as f32 + 0.5 * bh, b[1] as f32 + 0.5 * bw, bh, bw]
-                })
-                .collect();
-            let cell = self.f32s(&[1, 1, k, 4], &cell);
-            let zero = self.f32s(&[1, 1, 1, 1], &[0.0]);
-            // [ys, xs, 0, 0] + cell, broadcast over the grid.
-            let ysb = self.op("Expand", "anchors", &[&ys, &grid], &[]);
-            let xsb = self.op("Expand", "anchors", &[&xs, &grid], &[]);
-            let zb = self.op("Expand", "anchors", &[&zero, &grid], &[]);
-            let sel = |g: &mut Self, v: &str, c: i64| {
-                let st = g.i64s(&[1], &[c]);
-                let en = g.i64s(&[1], &[c + 1]);
-                let ax = g.i64s(&[1], &[3]);
-                g.op("Slice", "anchors", &[v, &st, &en, &ax], &[])
-            };
-            let y0 = sel(self, &ysb, 0);
-            let x0 = sel(self, &xsb, 0);
-            let z2 = sel(self, &zb, 0);
-            let base = self.op(
-                "Concat",
-                "anchors",
-                &[&y0, &x0, &z2, &z2],
-                &[("axis", Attr::Int(3))],
-            );
-            let a = self.op("Add", "anchors", &[&base, &cell], &[]);
-            let flat = self.i64s(&[2], &[-1, 4]);
-            levels.push(self.op("Reshape", "anchors", &[&a, &flat], &[]));
-        }
-        let refs: Vec<&str> = levels.iter().map(String::as_str).collect();
-        self.node_to("Concat", out, &refs, &[("axis", Attr::Int(0))]);
-    }
-
-    /// The anchors `(y, x, h, w)` of the input `x`'s size into `out`, as `gen_anchors`: level
-    /// `s` with stride `t` has a `((H - 1) / t + 1) x ((W - 1) / t + 1)` grid, centres `(row t,
-    /// col t)` and the level's shapes, in level, row, column, anchor order.
-    fn anchors(&mut self, x: &str, cfg: &AnchorConfig, out: &str) {
-        let (h, w) = (self.dim(x, 2), self.dim(x, 3));
-        let k = cfg.anchors_per_cell();
-        let one = self.i64s(&[], &[1]);
-        let vec1 = self.i64s(&[1], &[1]);
-        let k1 = self.i64s(&[1], &[k as i64]);
-        let mut levels = Vec::with_capacity(cfg.scales);
-        for s in 0..cfg.scales {
-            let t = self.i64s(&[], &[cfg.stride(s) as i64]);
-            // Centres h * t in int64, then one exact conversion (as the f64 -> f32 of
-            // gen_anchors for any size below 2^24).
-            let centres = |g: &mut Self, side: &str, shape: [i64; 4]| {
-                let m = g.op("Sub", "anchors", &[side, &one], &[]);
-                let n = g.op("Div", "anchors", &[&m, &t], &[]);
-                let n = g.op("Add", "anchors", &[&n, &one], &[]);
-                let (zero, step) = (g.i64s(&[], &[0]), g.i64s(&[], &[1]));
-                let r = g.op("Range", "anchors", &[&zero, &n, &step], &[]);
-                let c = g.op("Mul", "anchors", &[&r, &t], &[]);
-                let c = g.op("Cast", "anchors", &[&c], &[("to", Attr::Int(FLOAT))]);
-                let sh = g.i64s(&[4], &shape);
-                let c = g.op("Reshape", "anchors", &[&c, &sh], &[]);
-                let n1 = g.op("Reshape", "anchors", &[&n, &vec1], &[]);
-                (c, n1)
-            };
-            let (ys, fh) = centres(self, &h, [-1, 1, 1, 1]);
-            let (xs, fw) = centres(self, &w, [1, -1, 1, 1]);
+            let (ys, fh) = points(self, &h, [-1, 1, 1, 1]);
+            let (xs, fw) = points(self, &w, [1, -1, 1, 1]);
             let grid1 = self.op(
                 "Concat",
                 "anchors",
@@ -808,22 +743,29 @@ impl<'a> Graph<'a> {
             );
             let ys = self.op("Expand", "anchors", &[&ys, &grid1], &[]);
             let xs = self.op("Expand", "anchors", &[&xs, &grid1], &[]);
-            // The shapes rounded once from f64, as gen_anchors.
-            let hw: Vec<f32> = cfg
-                .level_shapes(s)
-                .iter()
-                .flat_map(|s| [s[0] as f32, s[1] as f32])
-                .collect();
-            let hw = self.f32s(&[1, 1, k, 2], &hw);
-            let hw = self.op("Expand", "anchors", &[&hw, &grid2], &[]);
-            let cell = self.op(
+            let zero = self.f32s(&[1, 1, 1, 2], &[0.0, 0.0]);
+            let zeros = self.op("Expand", "anchors", &[&zero, &grid2], &[]);
+            let points = self.op(
                 "Concat",
                 "anchors",
-                &[&ys, &xs, &hw],
+                &[&ys, &xs, &zeros],
                 &[("axis", Attr::Int(3))],
             );
+            // Per cell box: (centre offset y, x, h, w), each exact in f32 (the tutorial's
+            // offsets are 0 and its sides rounded once from f64; torchvision's are whole or
+            // half pixels).
+            let cell: Vec<f32> = cfg
+                .cell_boxes(s)
+                .iter()
+                .flat_map(|b| {
+                    let (bh, bw) = ((b[2] - b[0]) as f32, (b[3] - b[1]) as f32);
+                    [b[0] as f32 + 0.5 * bh, b[1] as f32 + 0.5 * bw, bh, bw]
+                })
+                .collect();
+            let cell = self.f32s(&[1, 1, k, 4], &cell);
+            let a = self.op("Add", "anchors", &[&points, &cell], &[]);
             let flat = self.i64s(&[2], &[-1, 4]);
-            levels.push(self.op("Reshape", "anchors", &[&cell, &flat], &[]));
+            levels.push(self.op("Reshape", "anchors", &[&a, &flat], &[]));
         }
         let refs: Vec<&str> = levels.iter().map(String::as_str).collect();
         self.node_to("Concat", out, &refs, &[("axis", Attr::Int(0))]);

@@ -13,7 +13,7 @@ use retinanet_anchors::gen_anchors;
 use retinanet_train::LoadedDetector;
 use retinanet_train::config::{AnchorsConfig, DEFAULT_DETECTOR_TOML, ModelConfig};
 use retinanet_train::detect::encoder_for;
-use retinanet_train::model::{build_retinanet, retinanet_config};
+use retinanet_train::model::build_model;
 use retinanet_train::onnx::{DEFAULT_OPSET, export_onnx, sigmoid, write_check_data};
 use retinanet_train::{DetectorRunConfig, parse_config};
 use tract_onnx::prelude::*;
@@ -24,11 +24,7 @@ use tract_onnx::prelude::*;
 fn detector(model: ModelConfig, classes: usize, seed: u64) -> LoadedDetector {
     let mut config: DetectorRunConfig = parse_config(DEFAULT_DETECTOR_TOML).unwrap();
     config.model = model;
-    let rcfg = retinanet_config(&config.model, classes, 0).unwrap();
-    let (varmap, mut net) = build_retinanet(&rcfg, seed, &Device::Cpu).unwrap();
-    if let Some(e) = config.model.bn_eps {
-        net.extractor.set_bn_eps(e);
-    }
+    let (varmap, net) = build_model(&config.model, classes, 0, seed, &Device::Cpu).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
     {
         let data = varmap.data().lock().unwrap();
