@@ -150,6 +150,10 @@ struct ModelReport {
     size: usize,
     batch: usize,
     threads: usize,
+    /// What the kernels found on this CPU (instruction set, caches).
+    cpu: String,
+    /// Seconds to fold BatchNorm into the convolutions, once before inference.
+    fold_s: Option<f64>,
     inference: Option<Timing>,
     train_step: Option<Timing>,
     peak_rss_bytes: Option<u64>,
@@ -184,13 +188,19 @@ fn bench_model(a: &Args, threads: usize) -> Result<ModelReport> {
         size: a.size,
         batch: a.batch,
         threads,
+        cpu: retinanet_kernels::cpu::summary(),
+        fold_s: None,
         inference: None,
         train_step: None,
         peak_rss_bytes: None,
     };
     if matches!(a.mode, Mode::Infer | Mode::Both) {
+        // As `evaluate` and `inspect` run it: BatchNorm folded once, then every batch.
+        let t = std::time::Instant::now();
+        let inf = model.for_inference()?;
+        report.fold_s = Some(t.elapsed().as_secs_f64());
         report.inference = Some(time(a.warmup, a.iters, || {
-            let (cls, reg) = model.infer(&x)?;
+            let (cls, reg) = inf.infer(&x)?;
             let _ = (cls.dims(), reg.dims());
             // A GPU runs asynchronously: the time counts only once its queue is done.
             dev.synchronize()?;
@@ -554,6 +564,10 @@ fn main() -> Result<()> {
             "{}, {}x{}, batch {}, {} threads",
             r.model, r.size, r.size, r.batch, r.threads
         );
+        println!("{}", r.cpu);
+        if let Some(f) = r.fold_s {
+            println!("BatchNorm folded in {:.1} ms (once)", f * 1e3);
+        }
         if let Some(t) = r.inference {
             println!(
                 "inference : median {:.3} s  (min {:.3}, max {:.3}, {} runs; CPU {:.3} s/run)",

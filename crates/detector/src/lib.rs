@@ -543,9 +543,23 @@ impl RetinaNet {
     }
 
     /// Evaluation-mode forward pass without backprop tracking: activations are freed as soon as
-    /// they are used, which keeps inference memory low. Equal to `forward_t(images, false)`.
+    /// they are used, which keeps inference memory low; the extractor runs with its BatchNorms
+    /// folded into the convolutions ([`ResNet::folded`]). Equal to `forward_t(images, false)`
+    /// up to float rounding. Folding reads every extractor weight once: for many batches, call
+    /// this on a [`RetinaNet::for_inference`] copy, which is not folded again.
     pub fn infer(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.detached().forward_t(&images.detach(), false)
+        self.for_inference()?.forward_t(&images.detach(), false)
+    }
+
+    /// A copy for inference: not tracked for backprop, the extractor's BatchNorms folded into
+    /// its convolutions and each residual add fused into the convolution before it. Build it
+    /// once per evaluation (weights updated later do not show in it) and call
+    /// [`RetinaNet::infer`] on it.
+    pub fn for_inference(&self) -> Result<Self> {
+        Ok(Self {
+            extractor: self.extractor.folded()?,
+            detector: self.detector.detached(),
+        })
     }
 }
 

@@ -597,6 +597,23 @@ pub fn conv2d_relu(x: &Tensor, conv: &candle_nn::Conv2d) -> Result<Tensor> {
     conv2d(x, conv)?.relu()
 }
 
+/// `relu(conv(x) + residual)`: the end of a residual block at inference, the add and ReLU
+/// fused into the convolution's output pass on the CPU (see
+/// [`retinanet_kernels::conv2d_add_relu`]); elsewhere the three ops.
+pub fn conv2d_add_relu(x: &Tensor, conv: &candle_nn::Conv2d, residual: &Tensor) -> Result<Tensor> {
+    let cfg = *conv.config();
+    if x.device().is_cpu() && cfg.groups == 1 && x.dtype() == DType::F32 {
+        return retinanet_kernels::conv2d_add_relu(
+            x,
+            conv.weight(),
+            conv.bias(),
+            residual,
+            kernel_params(&cfg),
+        );
+    }
+    (conv2d(x, conv)? + residual)?.relu()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! ResNet-18/34/50/101 with torchvision's tensor names.
 
 use crate::bn::BatchNorm2d;
-use crate::ops::{conv2d, conv2d_relu, kernel_params, max_pool2d};
+use crate::ops::{conv2d, conv2d_add_relu, conv2d_relu, kernel_params, max_pool2d};
 use candle_core::{Module, Result, Tensor, bail};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
@@ -156,11 +156,19 @@ impl Downsample {
         }
     }
 
-    fn forward(ds: &Option<Self>, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(ds: &Option<Self>, x: &Tensor, train: bool, folded: bool) -> Result<Tensor> {
         match ds {
+            Some(d) if folded => conv2d(x, &d.conv),
             Some(d) => conv_bn(x, &d.conv, &d.bn, train, false),
             None => Ok(x.clone()),
         }
+    }
+
+    fn folded(&self) -> Result<Self> {
+        Ok(Self {
+            conv: fold_bn(&self.conv, &self.bn)?,
+            bn: self.bn.detached(),
+        })
     }
 }
 
@@ -202,6 +210,22 @@ fn conv_bn(
     } else {
         conv2d(x, &folded)
     }
+}
+
+/// `conv` with `bn` (evaluation mode) folded in, detached: weights `w * scale` per output
+/// channel, bias `b * scale + shift` (`shift` alone without a bias), computed once.
+fn fold_bn(conv: &Conv2d, bn: &BatchNorm2d) -> Result<Conv2d> {
+    let (scale, shift) = bn.eval_affine()?;
+    let (scale, shift) = (scale.detach(), shift.detach());
+    let w = conv
+        .weight()
+        .detach()
+        .broadcast_mul(&scale.reshape((scale.dim(0)?, 1, 1, 1))?)?;
+    let b = match conv.bias() {
+        Some(b) => ((b.detach() * &scale)? + shift)?,
+        None => shift,
+    };
+    Ok(Conv2d::new(w, Some(b), *conv.config()))
 }
 
 /// A residual block: basic (two 3x3 convs) or bottleneck (1x1, 3x3 with the stride, 1x1).
@@ -252,14 +276,38 @@ impl Block {
         }
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, train: bool, folded: bool) -> Result<Tensor> {
         let last = self.convs.len() - 1;
         let mut y = x.clone();
+        if folded {
+            // BN lives in the convolutions' weights and biases; the shortcut is ready before the
+            // last convolution, which adds it and applies the ReLU as it writes its output.
+            for (c, _) in &self.convs[..last] {
+                y = conv2d_relu(&y, c)?;
+            }
+            let shortcut = Downsample::forward(&self.downsample, x, false, true)?;
+            return conv2d_add_relu(&y, &self.convs[last].0, &shortcut);
+        }
         for (i, (c, bn)) in self.convs.iter().enumerate() {
             y = conv_bn(&y, c, bn, train, i != last)?;
         }
-        let shortcut = Downsample::forward(&self.downsample, x, train)?;
+        let shortcut = Downsample::forward(&self.downsample, x, train, false)?;
         retinanet_kernels::add_relu(&y, &shortcut)
+    }
+
+    fn folded(&self) -> Result<Self> {
+        Ok(Self {
+            convs: self
+                .convs
+                .iter()
+                .map(|(c, bn)| Ok((fold_bn(c, bn)?, bn.detached())))
+                .collect::<Result<_>>()?,
+            downsample: self
+                .downsample
+                .as_ref()
+                .map(Downsample::folded)
+                .transpose()?,
+        })
     }
 }
 
@@ -273,6 +321,8 @@ pub struct ResNet {
     fc: Option<Linear>,
     cfg: ResNetConfig,
     freeze_bn: bool,
+    /// Every BatchNorm folded into its convolution ([`ResNet::folded`]): inference only.
+    folded: bool,
 }
 
 impl ResNet {
@@ -312,6 +362,7 @@ impl ResNet {
             fc,
             cfg: *cfg,
             freeze_bn: false,
+            folded: false,
         })
     }
 
@@ -347,7 +398,47 @@ impl ResNet {
                 .map(|l| Linear::new(l.weight().detach(), l.bias().map(Tensor::detach))),
             cfg: self.cfg,
             freeze_bn: self.freeze_bn,
+            folded: self.folded,
         }
+    }
+
+    /// A copy for inference with every BatchNorm folded into the convolution before it, once
+    /// (weights scaled per output channel, the shift as the bias; PyTorch's
+    /// `fuse_conv_bn_eval`), and each residual block's add and ReLU fused into its last
+    /// convolution: one pass over each layer's output. Not tracked for backprop; equal to
+    /// evaluation mode up to float rounding. The BatchNorms' `eps` and statistics are read
+    /// now: fold again after changing them. Training a folded copy is refused.
+    pub fn folded(&self) -> Result<Self> {
+        if self.folded {
+            return Ok(self.clone());
+        }
+        Ok(Self {
+            conv1: fold_bn(&self.conv1, &self.bn1)?,
+            bn1: self.bn1.detached(),
+            stages: [0, 1, 2, 3]
+                .map(|s| {
+                    self.stages[s]
+                        .iter()
+                        .map(Block::folded)
+                        .collect::<Result<Vec<_>>>()
+                })
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("resnet: expected four stages".into()))?,
+            fc: self
+                .fc
+                .as_ref()
+                .map(|l| Linear::new(l.weight().detach(), l.bias().map(Tensor::detach))),
+            cfg: self.cfg,
+            freeze_bn: self.freeze_bn,
+            folded: true,
+        })
+    }
+
+    /// Whether this is a [`ResNet::folded`] copy.
+    pub fn is_folded(&self) -> bool {
+        self.folded
     }
 
     /// Keeps every BatchNorm in evaluation mode (running statistics, no update) even when
@@ -411,7 +502,15 @@ impl ResNet {
         let frozen = self.cfg.frozen_stages;
         // BN of part `p` (0 = stem) trains only if neither BN nor that part is frozen.
         let bn_train = |p: usize| train && !self.freeze_bn && p >= frozen;
-        let mut x = conv_bn(x, &self.conv1, &self.bn1, bn_train(0), true)?;
+        let folded = self.folded;
+        if folded && (0..5).any(bn_train) {
+            bail!("resnet: a folded copy (BatchNorm inside the convolutions) is for inference only")
+        }
+        let mut x = if folded {
+            conv2d_relu(x, &self.conv1)?
+        } else {
+            conv_bn(x, &self.conv1, &self.bn1, bn_train(0), true)?
+        };
         x = max_pool2d(&x, 3, 2, 1)?;
         if frozen >= 1 {
             x = x.detach();
@@ -419,7 +518,7 @@ impl ResNet {
         let mut outs: Vec<Tensor> = Vec::with_capacity(4);
         for (s, stage) in self.stages.iter().enumerate() {
             for b in stage {
-                x = b.forward_t(&x, bn_train(s + 1))?;
+                x = b.forward_t(&x, bn_train(s + 1), folded)?;
             }
             if frozen >= s + 2 {
                 x = x.detach();
@@ -498,6 +597,91 @@ mod tests {
                     "relu {relu}: grad of {name} differs by {d}"
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// Evaluation mode with every BatchNorm as its own op after its convolution: the unfolded
+    /// network, for comparison.
+    fn unfolded_features(net: &ResNet, x: &Tensor) -> Result<Vec<Tensor>> {
+        let cb = |x: &Tensor, c: &Conv2d, bn: &BatchNorm2d| bn.forward_t(&conv2d(x, c)?, false);
+        let mut x = cb(x, &net.conv1, &net.bn1)?.relu()?;
+        x = max_pool2d(&x, 3, 2, 1)?;
+        let mut outs = Vec::new();
+        for stage in &net.stages {
+            for b in stage {
+                let mut y = x.clone();
+                for (i, (c, bn)) in b.convs.iter().enumerate() {
+                    y = cb(&y, c, bn)?;
+                    if i + 1 < b.convs.len() {
+                        y = y.relu()?;
+                    }
+                }
+                let sc = match &b.downsample {
+                    Some(d) => cb(&x, &d.conv, &d.bn)?,
+                    None => x.clone(),
+                };
+                x = (y + sc)?.relu()?;
+            }
+            outs.push(x.clone());
+        }
+        Ok(outs)
+    }
+
+    /// The folded inference copy equals the unfolded network in evaluation mode to 1e-5
+    /// relative, for basic blocks and bottlenecks, with BatchNorm weights, biases and running
+    /// statistics drawn away from the identity; it refuses training, and folding it again is a
+    /// no-op.
+    #[test]
+    fn folded_network_equals_unfolded() -> Result<()> {
+        let dev = Device::Cpu;
+        for (depth, width, size) in [(Depth::R18, 16, 45), (Depth::R50, 8, 37)] {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+            let net = ResNet::new(
+                vb,
+                &ResNetConfig {
+                    base_width: width,
+                    ..ResNetConfig::new(depth, None)
+                },
+            )?;
+            for (i, (name, v)) in vm.data().lock().unwrap().iter().enumerate() {
+                if !name.contains("bn") {
+                    continue;
+                }
+                let n = v.elem_count();
+                let u = Tensor::rand(0f32, 1., n, &dev)?;
+                let t = match name.rsplit('.').next() {
+                    Some("running_var") => u.affine(1.5, 0.2)?,
+                    Some("running_mean") => u.affine(0.6, -0.3)?,
+                    Some("weight") => u.affine(1.0, 0.4 + 0.01 * (i % 7) as f64)?,
+                    _ => u.affine(0.4, -0.2)?,
+                };
+                v.set(&t)?;
+            }
+            let x = Tensor::randn(0f32, 1., (2, 3, size, size + 4), &dev)?;
+            let want = unfolded_features(&net, &x)?;
+            let folded = net.folded()?;
+            assert!(folded.is_folded() && !net.is_folded());
+            let got = folded.features_t(&x, false)?;
+            for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+                let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let s = b.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(s > 0.1, "{depth:?} out{}: all but zero", k + 2);
+                assert!(
+                    d <= 1e-5 * s,
+                    "{depth:?} out{}: differs by {d} (scale {s})",
+                    k + 2
+                );
+            }
+            let again = folded.folded()?.features_t(&x, false)?;
+            let d = (&again[3] - &got[3])?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert_eq!(d, 0.0, "folding twice changed the output");
+            let e = folded.features_t(&x, true).unwrap_err();
+            assert!(e.to_string().contains("inference only"), "{e}");
         }
         Ok(())
     }

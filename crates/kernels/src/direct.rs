@@ -1,13 +1,18 @@
-//! Direct convolution for f32 on AVX-512: no patch matrix, no packing of the activations.
+//! Direct convolution for f32 on AVX-512 or AVX2 + FMA: no patch matrix, no packing of the
+//! activations.
 //!
 //! im2col + gemm writes a patch matrix `k*k` times the size of the input and the gemm then packs
 //! it again; for the narrow layers of a small model (32-256 channels, 3-33 px maps) those two
 //! passes cost a third of the convolution. Here the input is copied once into a zero-padded
 //! buffer and the micro-kernel reads its values straight from it, broadcasting each to a row of
-//! output channels: a tile of `MT` output positions x `16 * NV` output channels lives in
+//! output channels: a tile of `MT` output positions x `NV` vectors of output channels lives in
 //! registers while the kernel walks all `Cin * k * k` taps, each tap one vector load of packed
-//! weights per 16 channels and one broadcast per position. Positions are addressed one by one,
-//! so strides, padding and tiles that cross rows or images cost nothing extra.
+//! weights per vector and one broadcast per position. Positions are addressed one by one, so
+//! strides, padding and tiles that cross rows or images cost nothing extra.
+//!
+//! The tile is chosen from the CPU's instruction set at run time (32 zmm registers: 6 positions
+//! x 4 vectors of 16; 16 ymm registers: 6 x 2 vectors of 8), and the weight gradient's position
+//! blocks from its L2 size ([`crate::cpu`]), so no constant is tuned to one machine.
 
 // Off x86-64 nothing here is selected (`suitable` is false) and the kernels are compiled out.
 #![cfg_attr(
@@ -16,69 +21,125 @@
 )]
 
 use crate::conv::Geom;
+use crate::cpu::Isa;
 use rayon::prelude::*;
 
-/// Whether the direct kernel handles this convolution (and the CPU has AVX-512): square kernels
-/// larger than 1x1 with at most 2,304 taps per output (256 channels at 3x3), over at least 128
-/// output positions. Measured against im2col + gemm on the layers of the small model and of
-/// ResNet-50 at 257 px: 1.1-1.5x faster in that range (the 7x7 stems and stride-2 layers gain
-/// most), slower beyond it, where each output tile streams too many packed weights per use
-/// (512 channels: 127 vs 146 GFLOP/s; 2,048: 48 vs 72) or too few tiles share the work.
+/// Whether the direct kernel handles this convolution (and the CPU has AVX-512 or AVX2 + FMA):
+/// square kernels larger than 1x1 with at most 2,304 taps per output (256 channels at 3x3), over
+/// at least 128 output positions, and at most 9,216 taps times channel blocks: every block of
+/// output channels walks all taps of its positions again, so the work outside the FMAs grows
+/// with both. Measured against im2col + gemm on the layers of the small model and of ResNet-50
+/// at 257 px: on AVX-512 (64-channel blocks) 1.1-1.5x faster in that range (the 7x7 stems and
+/// stride-2 layers gain most), slower beyond it (512 channels: 127 vs 146 GFLOP/s; 2,048: 48 vs
+/// 72); on AVX2 (16-channel blocks, Zen 3) 1.3-1.7x faster up to 128 channels at 3x3, level at
+/// 9x9 maps of 128 -> 256 channels (18,432) and slower at 256 -> 256 (88 vs 111 GFLOP/s).
 pub(crate) fn suitable(g: &Geom) -> bool {
-    available()
-        && g.cout > 0
+    let Some(isa) = isa() else { return false };
+    g.cout > 0
         && g.kh == g.kw
         && g.kh > 1
         && g.p.dilation == 1
         && (16..=2304).contains(&g.k())
+        && g.k() * Blocks::new(isa, g.cout).count() <= 9216
         && g.b * g.ohw() >= 128
 }
 
-#[cfg(target_arch = "x86_64")]
-fn available() -> bool {
+/// The instruction set the direct kernels run with here, if any: the widest the CPU has, unless
+/// `RETINANET_NO_DIRECT_CONV` turns them off (for comparisons) or `RETINANET_ISA=avx2` caps them.
+pub(crate) fn isa() -> Option<Isa> {
     use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        std::env::var_os("RETINANET_NO_DIRECT_CONV").is_none()
-            && std::arch::is_x86_feature_detected!("avx512f")
+    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var_os("RETINANET_NO_DIRECT_CONV").is_some() {
+            return None;
+        }
+        crate::cpu::vector_isa()
     })
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-fn available() -> bool {
-    false
+/// Channel blocks of one instruction set: `cb` output channels a block (the widest tile), each
+/// block's lanes rounded up to whole vectors of `lanes`.
+#[derive(Clone, Copy)]
+struct Blocks {
+    cout: usize,
+    cb: usize,
+    lanes: usize,
 }
 
-/// Output channels per block: four 16-lane vectors.
-const CO_BLOCK: usize = 64;
+impl Blocks {
+    fn new(isa: Isa, cout: usize) -> Self {
+        Blocks {
+            cout,
+            cb: isa.lanes() * isa.max_vectors(),
+            lanes: isa.lanes(),
+        }
+    }
+    fn count(&self) -> usize {
+        self.cout.div_ceil(self.cb)
+    }
+    /// Output channels of block `bi`.
+    fn channels(&self, bi: usize) -> usize {
+        self.cb.min(self.cout - bi * self.cb)
+    }
+    /// Lanes of block `bi`: `cb`, or the last block's channels rounded up to whole vectors (a
+    /// 12-channel output streams 16 lanes of weights, not 64).
+    fn width(&self, bi: usize) -> usize {
+        self.channels(bi).next_multiple_of(self.lanes)
+    }
+    /// Length of a buffer of `rows` rows per channel block, each [`Blocks::width`] wide: block
+    /// `bi` starts at `bi * rows * cb` (only the last block may be narrower).
+    fn len(&self, rows: usize) -> usize {
+        let n = self.count();
+        (n - 1) * rows * self.cb + rows * self.width(n - 1)
+    }
+    /// Block `bi` of a [`Blocks::len`] buffer.
+    fn block<'a>(&self, buf: &'a [f32], rows: usize, bi: usize) -> &'a [f32] {
+        &buf[bi * rows * self.cb..][..rows * self.width(bi)]
+    }
+}
 
-/// `y = conv(x, w) (+ bias)`, then ReLU if asked; `x` `[B, Cin, H, W]`, `w` `[Cout, Cin, k, k]`,
-/// `y` `[B, Cout, OH, OW]`. Call only when [`suitable`].
+/// `y = conv(x, w) (+ bias) (+ res)`, then ReLU if asked; `x` `[B, Cin, H, W]`, `w`
+/// `[Cout, Cin, k, k]`, `y` and `res` `[B, Cout, OH, OW]`. Call only when [`suitable`].
 pub(crate) fn forward(
     g: &Geom,
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
+    res: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    let isa = isa().expect("the direct kernel is selected only where the CPU has one");
+    forward_with(isa, g, x, w, bias, res, relu)
+}
+
+/// [`forward`] with the kernels of `isa` (which the CPU must have).
+fn forward_with(
+    isa: Isa,
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    res: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("the direct kernel is selected only on x86-64 with AVX-512");
+    unreachable!("the direct kernel is selected only on x86-64");
     let k = g.kh;
     let (wp, plane) = padded_dims(g);
     let xp = pad_input(g, x);
     let xp: &[f32] = &xp;
     // Weights packed per block of output channels: `[block][cin][tap][lanes]` (block `bi` at
-    // `bi * kk * 64`), zero lanes past Cout.
+    // `bi * kk * cb`), zero lanes past Cout.
     let taps = k * k;
     let kk = g.cin * taps;
-    let blocks = g.cout.div_ceil(CO_BLOCK);
-    let mut wpk = vec![0f32; blocked_len(g.cout, kk)];
-    wpk.par_chunks_mut(kk * CO_BLOCK)
+    let bl = Blocks::new(isa, g.cout);
+    let mut wpk = vec![0f32; bl.len(kk)];
+    wpk.par_chunks_mut(kk * bl.cb)
         .enumerate()
         .for_each(|(bi, dst)| {
-            let lw = lanes(g.cout, bi);
-            for c in 0..CO_BLOCK.min(g.cout - bi * CO_BLOCK) {
-                let co = bi * CO_BLOCK + c;
+            let lw = bl.width(bi);
+            for c in 0..bl.channels(bi) {
+                let co = bi * bl.cb + c;
                 for (i, &v) in w[co * kk..(co + 1) * kk].iter().enumerate() {
                     dst[i * lw + c] = v;
                 }
@@ -88,7 +149,9 @@ pub(crate) fn forward(
 
     let ohw = g.ohw();
     let total = g.b * ohw;
-    // Chunks of positions, a few per thread; each chunk does all channel blocks.
+    // Chunks of positions, a few per thread (a multiple of every tile height); each chunk does
+    // all channel blocks. (Capping them so that their input rows stay in L2 made no difference
+    // on 161x161 maps: the prefetchers stream them.)
     let chunk = total
         .div_ceil(crate::par::threads() * 4)
         .next_multiple_of(24)
@@ -104,51 +167,45 @@ pub(crate) fn forward(
             let dst: Vec<usize> = (lo..hi)
                 .map(|pos| (pos / ohw) * g.cout * ohw + pos % ohw)
                 .collect();
-            for bi in 0..blocks {
-                let co0 = bi * CO_BLOCK;
-                let nco = CO_BLOCK.min(g.cout - co0);
-                let wb = block(&wpk, g.cout, kk, bi);
+            for bi in 0..bl.count() {
+                let co0 = bi * bl.cb;
+                let nco = bl.channels(bi);
                 let ctx = Ctx {
                     xp,
-                    w: wb,
+                    w: bl.block(&wpk, kk, bi),
                     cin: g.cin,
                     plane,
                     toff: &toff,
                 };
-                // SAFETY: `available()` checked AVX-512F; every position of `base` reads its window
-                // inside `xp` (Geom's output size keeps windows in the padded input), and the chunk
-                // writes only its own positions of `y`.
+                let o = Out {
+                    base: &base,
+                    dst: &dst,
+                    co0,
+                    nco,
+                    ohw,
+                    bias,
+                    res,
+                    relu,
+                    y: out,
+                };
+                // SAFETY: the CPU has `isa` (`isa()` or the caller checked); every position of
+                // `base` reads its window inside `xp` (Geom's output size keeps windows in the
+                // padded input), and the chunk writes only its own positions of `y`.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    match nco.div_ceil(16) {
-                        4 => run::<6, 4>(&ctx, &base, &dst, co0, nco, ohw, bias, relu, out),
-                        3 => run::<6, 3>(&ctx, &base, &dst, co0, nco, ohw, bias, relu, out),
-                        2 => run::<8, 2>(&ctx, &base, &dst, co0, nco, ohw, bias, relu, out),
-                        _ => run::<12, 1>(&ctx, &base, &dst, co0, nco, ohw, bias, relu, out),
+                    match (isa, nco.div_ceil(isa.lanes())) {
+                        (Isa::Avx512, 4) => avx512::run::<6, 4>(&ctx, &o),
+                        (Isa::Avx512, 3) => avx512::run::<6, 3>(&ctx, &o),
+                        (Isa::Avx512, 2) => avx512::run::<8, 2>(&ctx, &o),
+                        (Isa::Avx512, _) => avx512::run::<12, 1>(&ctx, &o),
+                        (Isa::Avx2, 2) => avx2::run::<6, 2>(&ctx, &o),
+                        (Isa::Avx2, _) => avx2::run::<12, 1>(&ctx, &o),
                     }
                 }
             }
         };
         crate::par::for_each_index(total.div_ceil(chunk), job);
     })
-}
-
-/// Lanes of channel block `bi`: 64, or the last block's channels rounded up to whole vectors
-/// (a 12-channel output streams 16 lanes of weights, not 64).
-fn lanes(cout: usize, bi: usize) -> usize {
-    (cout - bi * CO_BLOCK).min(CO_BLOCK).next_multiple_of(16)
-}
-
-/// Length of a buffer of `rows` rows per channel block, each `lanes` wide: block `bi` starts at
-/// `bi * rows * 64` (only the last block may be narrower).
-fn blocked_len(cout: usize, rows: usize) -> usize {
-    let blocks = cout.div_ceil(CO_BLOCK);
-    (blocks - 1) * rows * CO_BLOCK + rows * lanes(cout, blocks - 1)
-}
-
-/// Block `bi` of a [`blocked_len`] buffer.
-fn block(buf: &[f32], cout: usize, rows: usize, bi: usize) -> &[f32] {
-    &buf[bi * rows * CO_BLOCK..][..rows * lanes(cout, bi)]
 }
 
 /// A vector of `n` floats that the caller writes completely before reading: it skips the
@@ -163,7 +220,6 @@ fn filled_later(n: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>])) 
     // their layout.
     unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), n, v.capacity()) }
 }
-
 /// Row length and plane size of the zero-padded input.
 fn padded_dims(g: &Geom) -> (usize, usize) {
     let pad = g.p.padding;
@@ -214,33 +270,39 @@ fn window_bases(g: &Geom, positions: std::ops::Range<usize>) -> Vec<usize> {
 /// Weight gradient `dW[co][ci][ty][tx] = Σ_pos dy[co][pos] · x_padded[ci][window(pos) + (ty, tx)]`
 /// for a [`suitable`] convolution, `[Cout, Cin, k, k]`.
 ///
-/// The same register tile as the forward pass with the roles turned: 16-lane vectors of output
-/// channels (from `dy` transposed to `[pos][64]` per channel block) times `MT` taps broadcast
-/// from the input, summed over positions. Threads take disjoint sets of taps, and walk the
-/// positions in blocks whose transposed `dy` stays in cache.
+/// The same register tile as the forward pass with the roles turned: vectors of output channels
+/// (from `dy` transposed to `[pos][cb]` per channel block) times `MT` taps broadcast from the
+/// input, summed over positions. Threads take disjoint sets of taps, and walk the positions in
+/// blocks whose transposed `dy` stays in L2.
 pub(crate) fn backward_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let isa = isa().expect("the direct kernel is selected only where the CPU has one");
+    backward_weight_with(isa, g, x, dy)
+}
+
+/// [`backward_weight`] with the kernels of `isa` (which the CPU must have).
+fn backward_weight_with(isa: Isa, g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("the direct kernel is selected only on x86-64 with AVX-512");
+    unreachable!("the direct kernel is selected only on x86-64");
     let k = g.kh;
     let (wp, plane) = padded_dims(g);
     let xp = pad_input(g, x);
     let xp: &[f32] = &xp;
     let ohw = g.ohw();
     let total = g.b * ohw;
-    let blocks = g.cout.div_ceil(CO_BLOCK);
-    // dy as [block][pos][lanes] (block `bi` at `bi * total * 64`), zero lanes past Cout.
-    let mut dyt = vec![0f32; blocked_len(g.cout, total)];
-    for (bi, blk) in dyt.chunks_mut(total * CO_BLOCK).enumerate() {
-        let lw = lanes(g.cout, bi);
+    let bl = Blocks::new(isa, g.cout);
+    // dy as [block][pos][lanes] (block `bi` at `bi * total * cb`), zero lanes past Cout.
+    let mut dyt = vec![0f32; bl.len(total)];
+    for (bi, blk) in dyt.chunks_mut(total * bl.cb).enumerate() {
+        let lw = bl.width(bi);
         blk.par_chunks_mut(ohw * lw)
             .enumerate()
             .for_each(|(b, dst)| {
-                // 16 positions at a time: their rows of `dst` (4 KiB) stay in L1 while every
-                // channel is scattered into them.
+                // 16 positions at a time: their rows of `dst` (at most 4 KiB) stay in L1 while
+                // every channel is scattered into them.
                 for m0 in (0..ohw).step_by(16) {
                     let m1 = (m0 + 16).min(ohw);
-                    for c in 0..CO_BLOCK.min(g.cout - bi * CO_BLOCK) {
-                        let src = &dy[(b * g.cout + bi * CO_BLOCK + c) * ohw..][m0..m1];
+                    for c in 0..bl.channels(bi) {
+                        let src = &dy[(b * g.cout + bi * bl.cb + c) * ohw..][m0..m1];
                         for (m, &v) in (m0..m1).zip(src) {
                             dst[m * lw + c] = v;
                         }
@@ -256,121 +318,66 @@ pub(crate) fn backward_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         .map(|i| (i / taps) * plane + (i % taps / k) * wp + i % k)
         .collect();
     let mut dw = vec![0f32; g.cout * kk];
-    // Tasks: (channel block, group of taps); each owns its entries of dw.
+    // Tasks: (channel block, group of taps); each owns its entries of dw. 48 is a multiple of
+    // every tile's tap count.
     let group = 48;
     let groups = kk.div_ceil(group);
     let out = SendPtr(dw.as_mut_ptr());
-    // Positions per block: 64 channels x 1,024 positions = 256 KiB of dy, kept in L2.
-    let pblock = 1024;
+    let pblock = position_block(bl.cb);
     let job = |t: usize| {
         let (bi, gi) = (t / groups, t % groups);
-        let co0 = bi * CO_BLOCK;
-        let nco = CO_BLOCK.min(g.cout - co0);
-        let offs = &koff[gi * group..((gi + 1) * group).min(kk)];
-        let dyb = block(&dyt, g.cout, total, bi);
         let ctx = WCtx {
             xp,
             base: &base,
-            dyt: dyb,
+            dyt: bl.block(&dyt, total, bi),
+            offs: &koff[gi * group..((gi + 1) * group).min(kk)],
+            k0: gi * group,
+            co0: bi * bl.cb,
+            nco: bl.channels(bi),
+            kk,
+            pblock,
+            dw: out,
         };
-        // SAFETY: AVX-512F is available (`suitable`); every window read lies inside `xp`, and
-        // this task writes only its own taps of `dw`.
+        // SAFETY: the CPU has `isa`; every window read lies inside `xp`, and this task writes
+        // only its own taps of `dw`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            match nco.div_ceil(16) {
-                4 => wrun::<6, 4>(&ctx, offs, gi * group, co0, nco, kk, pblock, out),
-                3 => wrun::<6, 3>(&ctx, offs, gi * group, co0, nco, kk, pblock, out),
-                2 => wrun::<8, 2>(&ctx, offs, gi * group, co0, nco, kk, pblock, out),
-                _ => wrun::<12, 1>(&ctx, offs, gi * group, co0, nco, kk, pblock, out),
+            match (isa, ctx.nco.div_ceil(isa.lanes())) {
+                (Isa::Avx512, 4) => avx512::wrun::<6, 4>(&ctx),
+                (Isa::Avx512, 3) => avx512::wrun::<6, 3>(&ctx),
+                (Isa::Avx512, 2) => avx512::wrun::<8, 2>(&ctx),
+                (Isa::Avx512, _) => avx512::wrun::<12, 1>(&ctx),
+                (Isa::Avx2, 2) => avx2::wrun::<6, 2>(&ctx),
+                (Isa::Avx2, _) => avx2::wrun::<12, 1>(&ctx),
             }
         }
     };
-    crate::par::for_each_index(blocks * groups, job);
+    crate::par::for_each_index(bl.count() * groups, job);
     dw
+}
+
+/// Positions per block of the weight gradient: their transposed `dy` (`cb` channels each) takes
+/// a quarter of this CPU's L2, leaving room for the input windows they read (1,024 positions of
+/// 64 channels on a 1 MiB L2).
+fn position_block(cb: usize) -> usize {
+    (crate::cpu::l2_bytes() / 4 / (cb * 4)).clamp(256, 8192)
 }
 
 struct WCtx<'a> {
     xp: &'a [f32],
     /// Window origin of every position.
     base: &'a [usize],
-    /// `dy` of one channel block, `[pos][16 * NV]`.
+    /// `dy` of one channel block, `[pos][width]`.
     dyt: &'a [f32],
-}
-
-/// Weight-gradient tiles of `MT` taps (`offs`, starting at tap index `k0`) for one channel block,
-/// summed over all positions in blocks of `pblock`, written to `dw[co][k0 + j]`.
-#[allow(clippy::too_many_arguments)]
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn wrun<const MT: usize, const NV: usize>(
-    ctx: &WCtx,
-    offs: &[usize],
+    /// Offsets of this task's taps from a window origin; the first is tap `k0`.
+    offs: &'a [usize],
     k0: usize,
     co0: usize,
     nco: usize,
+    /// Taps per output channel (`Cin * k * k`).
     kk: usize,
     pblock: usize,
-    out: SendPtr,
-) {
-    use std::arch::x86_64::*;
-    let total = ctx.base.len();
-    let tiles = offs.len().div_ceil(MT);
-    let mut acc = vec![[[_mm512_setzero_ps(); NV]; MT]; tiles];
-    for p0 in (0..total).step_by(pblock) {
-        let p1 = (p0 + pblock).min(total);
-        for (ti, a) in acc.iter_mut().enumerate() {
-            let o = &offs[ti * MT..((ti + 1) * MT).min(offs.len())];
-            let mut off = [o[0]; MT];
-            off[..o.len()].copy_from_slice(o);
-            // SAFETY: as in `backward_weight`.
-            unsafe { wmicro::<MT, NV>(ctx, &off, p0..p1, a) };
-        }
-    }
-    let mut tile = [[0f32; 64]; MT];
-    for (ti, a) in acc.iter().enumerate() {
-        for (row, av) in tile.iter_mut().zip(a) {
-            for (v, &x) in av.iter().enumerate() {
-                unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(16 * v), x) };
-            }
-        }
-        let n = MT.min(offs.len() - ti * MT);
-        for c in 0..nco {
-            for (j, row) in tile.iter().enumerate().take(n) {
-                // SAFETY: in bounds; this task owns taps k0.. of its channel block.
-                unsafe { *out.0.add((co0 + c) * kk + k0 + ti * MT + j) = row[c] };
-            }
-        }
-    }
-}
-
-/// `acc[j][v] += Σ_{pos in range} dy[pos][16v..16v+16] · x[base[pos] + off[j]]`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn wmicro<const MT: usize, const NV: usize>(
-    ctx: &WCtx,
-    off: &[usize; MT],
-    range: std::ops::Range<usize>,
-    acc: &mut [[std::arch::x86_64::__m512; NV]; MT],
-) {
-    use std::arch::x86_64::*;
-    let mut a = *acc;
-    let xp = ctx.xp.as_ptr();
-    for pos in range {
-        let d = unsafe { ctx.dyt.as_ptr().add(pos * 16 * NV) };
-        let mut dv = [_mm512_setzero_ps(); NV];
-        for (v, r) in dv.iter_mut().enumerate() {
-            *r = unsafe { _mm512_loadu_ps(d.add(16 * v)) };
-        }
-        let xb = unsafe { xp.add(*ctx.base.get_unchecked(pos)) };
-        for j in 0..MT {
-            let xv = _mm512_set1_ps(unsafe { *xb.add(off[j]) });
-            for v in 0..NV {
-                a[j][v] = _mm512_fmadd_ps(dv[v], xv, a[j][v]);
-            }
-        }
-    }
-    *acc = a;
+    dw: SendPtr,
 }
 
 #[derive(Clone, Copy)]
@@ -381,85 +388,193 @@ unsafe impl Sync for SendPtr {}
 
 struct Ctx<'a> {
     xp: &'a [f32],
-    /// Packed weights of one channel block: `[cin][tap][16 * NV]`.
+    /// Packed weights of one channel block: `[cin][tap][width]`.
     w: &'a [f32],
     cin: usize,
     plane: usize,
     toff: &'a [usize],
 }
 
-/// Tiles of `MT` positions over `base` for one block of output channels, written with bias and
-/// ReLU at `dst[j] + co * ohw` of `out`.
-#[allow(clippy::too_many_arguments)]
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn run<const MT: usize, const NV: usize>(
-    ctx: &Ctx,
-    base: &[usize],
-    dst: &[usize],
+/// Where one channel block of a chunk of positions goes: window origins `base`, output offsets
+/// `dst` (of channel 0), channels `co0..co0 + nco` with bias, residual (at the same offsets as
+/// the output) and ReLU.
+struct Out<'a> {
+    base: &'a [usize],
+    dst: &'a [usize],
     co0: usize,
     nco: usize,
     ohw: usize,
-    bias: Option<&[f32]>,
+    bias: Option<&'a [f32]>,
+    res: Option<&'a [f32]>,
     relu: bool,
-    out: SendPtr,
-) {
-    let mut tile = [[0f32; 64]; MT];
-    for (bases, dsts) in base.chunks(MT).zip(dst.chunks(MT)) {
-        let mut b = [bases[0]; MT];
-        b[..bases.len()].copy_from_slice(bases);
-        // SAFETY: as in `forward`.
-        unsafe { micro::<MT, NV>(ctx, &b, &mut tile) };
-        for c in 0..nco {
-            let co = co0 + c;
-            let bv = bias.map_or(0.0, |bb| bb[co]);
-            for (row, &d) in tile.iter().zip(dsts) {
-                let v = row[c] + bv;
-                let v = if relu && v < 0.0 { 0.0 } else { v };
-                // SAFETY: in bounds, and this position belongs to this chunk alone.
-                unsafe { *out.0.add(d + co * ohw) = v };
-            }
-        }
-    }
+    y: SendPtr,
 }
 
-/// The register tile: `acc[j][v]` = output channels `16v..16v+16` of position `j`, summed over
-/// every input channel and tap.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn micro<const MT: usize, const NV: usize>(
-    ctx: &Ctx,
-    base: &[usize; MT],
-    tile: &mut [[f32; 64]; MT],
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); NV]; MT];
-    let xp = ctx.xp.as_ptr();
-    let mut wptr = ctx.w.as_ptr();
-    for c in 0..ctx.cin {
-        let xc = unsafe { xp.add(c * ctx.plane) };
-        for &t in ctx.toff {
-            let mut wv = [_mm512_setzero_ps(); NV];
-            for (v, r) in wv.iter_mut().enumerate() {
-                *r = unsafe { _mm512_loadu_ps(wptr.add(16 * v)) };
-            }
-            let xt = unsafe { xc.add(t) };
-            for j in 0..MT {
-                let xv = _mm512_set1_ps(unsafe { *xt.add(base[j]) });
-                for v in 0..NV {
-                    acc[j][v] = _mm512_fmadd_ps(wv[v], xv, acc[j][v]);
+/// The micro-kernels of one instruction set: `$v` the vector type of `$lanes` f32 lanes, `$cb`
+/// the widest block; the same code for AVX-512 and AVX2, compiled with each one's features.
+macro_rules! direct_kernels {
+    ($isa:ident, $feat:literal, $v:ty, $lanes:literal, $cb:literal,
+     $zero:ident, $load:ident, $store:ident, $set1:ident, $fmadd:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $isa {
+            use super::{Ctx, Out, WCtx};
+            use std::arch::x86_64::*;
+
+            const L: usize = $lanes;
+
+            /// Tiles of `MT` positions over `o.base` for one block of output channels, written
+            /// with bias and ReLU at `o.dst[j] + co * ohw` of `o.y`.
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn run<const MT: usize, const NV: usize>(ctx: &Ctx, o: &Out) {
+                let mut tile = [[0f32; $cb]; MT];
+                for (bases, dsts) in o.base.chunks(MT).zip(o.dst.chunks(MT)) {
+                    let mut b = [bases[0]; MT];
+                    b[..bases.len()].copy_from_slice(bases);
+                    // SAFETY: as in `forward`.
+                    unsafe { micro::<MT, NV>(ctx, &b, &mut tile) };
+                    for c in 0..o.nco {
+                        let co = o.co0 + c;
+                        let bv = o.bias.map_or(0.0, |bb| bb[co]);
+                        for (row, &d) in tile.iter().zip(dsts) {
+                            let r = o.res.map_or(0.0, |r| r[d + co * o.ohw]);
+                            let v = row[c] + bv + r;
+                            let v = if o.relu && v < 0.0 { 0.0 } else { v };
+                            // SAFETY: in bounds, and this position belongs to this chunk alone.
+                            unsafe { *o.y.0.add(d + co * o.ohw) = v };
+                        }
+                    }
                 }
             }
-            wptr = unsafe { wptr.add(16 * NV) };
+
+            /// The register tile: `acc[j][v]` = output channels `L*v..L*(v+1)` of position `j`,
+            /// summed over every input channel and tap.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn micro<const MT: usize, const NV: usize>(
+                ctx: &Ctx,
+                base: &[usize; MT],
+                tile: &mut [[f32; $cb]; MT],
+            ) {
+                let mut acc = [[$zero(); NV]; MT];
+                let xp = ctx.xp.as_ptr();
+                let mut wptr = ctx.w.as_ptr();
+                for c in 0..ctx.cin {
+                    let xc = unsafe { xp.add(c * ctx.plane) };
+                    for &t in ctx.toff {
+                        let mut wv = [$zero(); NV];
+                        for (v, r) in wv.iter_mut().enumerate() {
+                            *r = unsafe { $load(wptr.add(L * v)) };
+                        }
+                        let xt = unsafe { xc.add(t) };
+                        for j in 0..MT {
+                            let xv = $set1(unsafe { *xt.add(base[j]) });
+                            for v in 0..NV {
+                                acc[j][v] = $fmadd(wv[v], xv, acc[j][v]);
+                            }
+                        }
+                        wptr = unsafe { wptr.add(L * NV) };
+                    }
+                }
+                for (row, a) in tile.iter_mut().zip(&acc) {
+                    for (v, &av) in a.iter().enumerate() {
+                        unsafe { $store(row.as_mut_ptr().add(L * v), av) };
+                    }
+                }
+            }
+
+            /// Weight-gradient tiles of `MT` taps (`ctx.offs`, from tap `ctx.k0`) for one channel
+            /// block, summed over all positions in blocks of `ctx.pblock`, written to
+            /// `dw[co][k0 + j]`.
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn wrun<const MT: usize, const NV: usize>(ctx: &WCtx) {
+                let total = ctx.base.len();
+                let offs = ctx.offs;
+                let tiles = offs.len().div_ceil(MT);
+                let mut acc: Vec<[[$v; NV]; MT]> = vec![[[$zero(); NV]; MT]; tiles];
+                for p0 in (0..total).step_by(ctx.pblock) {
+                    let p1 = (p0 + ctx.pblock).min(total);
+                    for (ti, a) in acc.iter_mut().enumerate() {
+                        let o = &offs[ti * MT..((ti + 1) * MT).min(offs.len())];
+                        let mut off = [o[0]; MT];
+                        off[..o.len()].copy_from_slice(o);
+                        // SAFETY: as in `backward_weight`.
+                        unsafe { wmicro::<MT, NV>(ctx, &off, p0..p1, a) };
+                    }
+                }
+                let mut tile = [[0f32; $cb]; MT];
+                for (ti, a) in acc.iter().enumerate() {
+                    for (row, av) in tile.iter_mut().zip(a) {
+                        for (v, &x) in av.iter().enumerate() {
+                            unsafe { $store(row.as_mut_ptr().add(L * v), x) };
+                        }
+                    }
+                    let n = MT.min(offs.len() - ti * MT);
+                    for c in 0..ctx.nco {
+                        for (j, row) in tile.iter().enumerate().take(n) {
+                            let i = (ctx.co0 + c) * ctx.kk + ctx.k0 + ti * MT + j;
+                            // SAFETY: in bounds; this task owns taps k0.. of its channel block.
+                            unsafe { *ctx.dw.0.add(i) = row[c] };
+                        }
+                    }
+                }
+            }
+
+            /// `acc[j][v] += Σ_{pos in range} dy[pos][L*v..L*(v+1)] · x[base[pos] + off[j]]`.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn wmicro<const MT: usize, const NV: usize>(
+                ctx: &WCtx,
+                off: &[usize; MT],
+                range: std::ops::Range<usize>,
+                acc: &mut [[$v; NV]; MT],
+            ) {
+                let mut a = *acc;
+                let xp = ctx.xp.as_ptr();
+                let width = ctx.dyt.len() / ctx.base.len();
+                for pos in range {
+                    let d = unsafe { ctx.dyt.as_ptr().add(pos * width) };
+                    let mut dv = [$zero(); NV];
+                    for (v, r) in dv.iter_mut().enumerate() {
+                        *r = unsafe { $load(d.add(L * v)) };
+                    }
+                    let xb = unsafe { xp.add(*ctx.base.get_unchecked(pos)) };
+                    for j in 0..MT {
+                        let xv = $set1(unsafe { *xb.add(off[j]) });
+                        for v in 0..NV {
+                            a[j][v] = $fmadd(dv[v], xv, a[j][v]);
+                        }
+                    }
+                }
+                *acc = a;
+            }
         }
-    }
-    for (row, a) in tile.iter_mut().zip(&acc) {
-        for (v, &av) in a.iter().enumerate() {
-            unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(16 * v), av) };
-        }
-    }
+    };
 }
+
+direct_kernels!(
+    avx512,
+    "avx512f",
+    __m512,
+    16,
+    64,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_set1_ps,
+    _mm512_fmadd_ps
+);
+direct_kernels!(
+    avx2,
+    "avx2,fma",
+    __m256,
+    8,
+    16,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps
+);
 
 #[cfg(test)]
 mod tests {
@@ -479,17 +594,18 @@ mod tests {
             .collect()
     }
 
-    /// The direct kernels (forward with bias and ReLU, weight gradient) against im2col + gemm,
-    /// whatever `suitable` says:
-    /// every tile width (1-4 vectors, several blocks), strides 1-3, tiles that cross rows and
-    /// images, positions that do not fill the last tile.
+    /// The direct kernels (forward with bias and ReLU, weight gradient) of every instruction set
+    /// this CPU has, against im2col + gemm, whatever `suitable` says: every tile width (1-4
+    /// vectors, several blocks), strides 1-3, tiles that cross rows and images, positions that
+    /// do not fill the last tile.
     #[test]
     fn matches_im2col() {
-        if !available() {
-            // Without AVX-512 the kernel must never be chosen.
+        let isas = crate::cpu::vector_isas();
+        if isas.is_empty() {
+            // Without a vector unit the kernel must never be chosen.
             let g = Geom::new(&[2, 64, 17, 17], &[64, 64, 3, 3], ConvParams::new(1, 1)).unwrap();
             assert!(!suitable(&g));
-            eprintln!("no AVX-512 here: checked that the direct kernel is not selected");
+            eprintln!("no AVX2 + FMA here: checked that the direct kernel is not selected");
             return;
         }
         // (b, cin, h, w, cout, k, stride, padding)
@@ -501,35 +617,59 @@ mod tests {
             (1, 16, 7, 7, 64, 3, 1, 1),
             (2, 6, 15, 11, 130, 7, 3, 3),
             (5, 4, 3, 3, 20, 3, 1, 1),
+            (2, 3, 10, 10, 9, 3, 1, 1),
+            (1, 5, 9, 9, 24, 3, 1, 1),
         ];
-        for (i, &(b, cin, h, w, cout, k, s, p)) in cases.iter().enumerate() {
-            let g = Geom::new(&[b, cin, h, w], &[cout, cin, k, k], ConvParams::new(s, p)).unwrap();
-            let x = values(b * cin * h * w, 3 * i as u64 + 1);
-            let wt = values(cout * cin * k * k, 3 * i as u64 + 2);
-            let bias = values(cout, 3 * i as u64 + 3);
-            // The weight gradient, against gemm over the patch matrices.
-            let dy = values(b * cout * g.ohw(), 3 * i as u64 + 4);
-            let got = backward_weight(&g, &x, &dy);
-            let want = crate::conv::backward_weight_im2col(&g, &x, &dy);
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            for (j, (a, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - e).abs() <= 1e-5 * scale,
-                    "case {i}: weight gradient {j} is {a}, im2col gives {e}"
-                );
-            }
-            for relu in [false, true] {
-                let got = forward(&g, &x, &wt, Some(&bias), relu);
-                let want = crate::conv::forward_im2col(&g, &x, &wt, Some(&bias), relu);
-                assert_eq!(got.len(), want.len());
+        for &isa in &isas {
+            for (i, &(b, cin, h, w, cout, k, s, p)) in cases.iter().enumerate() {
+                let g =
+                    Geom::new(&[b, cin, h, w], &[cout, cin, k, k], ConvParams::new(s, p)).unwrap();
+                let x = values(b * cin * h * w, 3 * i as u64 + 1);
+                let wt = values(cout * cin * k * k, 3 * i as u64 + 2);
+                let bias = values(cout, 3 * i as u64 + 3);
+                // The weight gradient, against gemm over the patch matrices.
+                let dy = values(b * cout * g.ohw(), 3 * i as u64 + 4);
+                let got = backward_weight_with(isa, &g, &x, &dy);
+                let want = crate::conv::backward_weight_im2col(&g, &x, &dy);
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
                 for (j, (a, e)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (a - e).abs() <= 1e-5 * scale,
-                        "case {i} relu {relu}: element {j} is {a}, im2col gives {e}"
+                        "{isa:?} case {i}: weight gradient {j} is {a}, im2col gives {e}"
                     );
                 }
+                let res = values(b * cout * g.ohw(), 3 * i as u64 + 5);
+                for (relu, r) in [(false, None), (true, None), (true, Some(&res[..]))] {
+                    let got = forward_with(isa, &g, &x, &wt, Some(&bias), r, relu);
+                    let want = match r {
+                        None => crate::conv::forward_im2col(&g, &x, &wt, Some(&bias), relu),
+                        Some(r) => crate::conv::forward_im2col(&g, &x, &wt, Some(&bias), false)
+                            .iter()
+                            .zip(r)
+                            .map(|(v, r)| (v + r).max(0.0))
+                            .collect(),
+                    };
+                    assert_eq!(got.len(), want.len());
+                    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    for (j, (a, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - e).abs() <= 1e-5 * scale,
+                            "{isa:?} case {i} relu {relu} residual {}: element {j} is {a}, im2col gives {e}",
+                            r.is_some()
+                        );
+                    }
+                }
             }
+        }
+    }
+
+    /// The weight gradient's position blocks follow the L2 size and stay in range.
+    #[test]
+    fn position_blocks_fit_l2() {
+        for cb in [16, 64] {
+            let p = position_block(cb);
+            assert!((256..=8192).contains(&p));
+            assert!(p * cb * 4 <= crate::cpu::l2_bytes().max(256 * cb * 4 * 4));
         }
     }
 }

@@ -6,9 +6,9 @@
 //!   ReLU. 1x1 stride-1 convolutions are a plain matrix product; others build the patch matrix
 //!   of one image at a time, in cache-sized row blocks (im2col), and multiply with the `gemm`
 //!   crate; wide stride-1 3x3 convolutions use Winograd F(2x2, 3x3), and f32 convolutions with
-//!   kernels larger than 1x1 and up to 256 input channels a direct AVX-512 kernel without a
-//!   patch matrix (where the CPU has AVX-512; `RETINANET_NO_DIRECT_CONV=1` turns it off, for
-//!   comparisons). Backward: the input gradient is `Wᵀ · dY`
+//!   kernels larger than 1x1 and up to 256 input channels a direct kernel without a patch
+//!   matrix (AVX-512 or AVX2 + FMA, chosen at run time by [`cpu`]; `RETINANET_NO_DIRECT_CONV=1`
+//!   turns it off, `RETINANET_ISA=avx2` caps it, for comparisons). Backward: the input gradient is `Wᵀ · dY`
 //!   scattered back (col2im), or for stride 1 a forward convolution of `dY` with the rotated
 //!   kernel (through the same kernels); the weight gradient `dY · colsᵀ`.
 //! * [`batch_norm_train`]: training-mode batch norm in two passes forward and backward, returning
@@ -38,6 +38,7 @@
 
 mod bn;
 mod conv;
+pub mod cpu;
 mod direct;
 mod par;
 mod reduce;
@@ -48,7 +49,7 @@ pub use bn::{
     BatchNormOutput, SumReducer, add_relu, batch_norm_train, batch_norm_train_synced,
     channel_affine, relu,
 };
-pub use conv::{ConvParams, conv2d, conv2d_macs, conv2d_out_dims, conv2d_relu};
+pub use conv::{ConvParams, conv2d, conv2d_add_relu, conv2d_macs, conv2d_out_dims, conv2d_relu};
 pub use sgd::{SgdStep, sgd_step, sgd_supported};
 
 /// Sets the thread counts of the process when the environment does not: `RAYON_NUM_THREADS` (read

@@ -518,3 +518,60 @@ fn conv2d_weight_gradient_without_input_gradient() -> Result<()> {
         1e-6,
     )
 }
+
+/// The fused inference op `relu(conv + bias + residual)` against candle's convolution, bias,
+/// add and ReLU, on every path of the forward pass: the direct kernel (3x3, 7x7/2), Winograd
+/// (256 channels, stride 1), the pointwise gemm, the strided 1x1 (im2col), the grouped small-map
+/// path, f64; with and without a bias. A tracked operand falls back to the differentiable ops.
+#[test]
+fn conv2d_add_relu_matches_candle() -> Result<()> {
+    use retinanet_kernels::conv2d_add_relu;
+    let dev = Device::Cpu;
+    // (batch, cin, h, w, cout, k, stride, padding)
+    let cases = [
+        (2, 16, 17, 15, 32, 3, 1, 1),
+        (1, 3, 41, 39, 24, 7, 2, 3),
+        (2, 256, 21, 19, 256, 3, 1, 1),
+        (1, 64, 20, 21, 96, 1, 1, 0),
+        (2, 32, 19, 17, 48, 1, 2, 0),
+        (16, 8, 5, 5, 20, 3, 1, 1),
+        (3, 5, 9, 8, 7, 3, 2, 1),
+    ];
+    for (i, &(b, cin, h, wd, cout, k, s, p)) in cases.iter().enumerate() {
+        for dtype in [DType::F32, DType::F64] {
+            for with_bias in [true, false] {
+                let x = randn(0., 1., (b, cin, h, wd), &dev)?.to_dtype(dtype)?;
+                let w = randn(0., 0.2, (cout, cin, k, k), &dev)?.to_dtype(dtype)?;
+                let bias = randn(0., 1., cout, &dev)?.to_dtype(dtype)?;
+                let bias = with_bias.then_some(&bias);
+                let mut want = x.conv2d(&w, p, s, 1, 1)?;
+                if let Some(bb) = bias {
+                    want = want.broadcast_add(&bb.reshape((1, cout, 1, 1))?)?;
+                }
+                let res = randn(0., 1., want.dims(), &dev)?.to_dtype(dtype)?;
+                let want = (want + &res)?.relu()?;
+                let got = conv2d_add_relu(&x, &w, bias, &res, ConvParams::new(s, p))?;
+                let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+                assert_close(
+                    &format!("case {i} {dtype:?} bias {with_bias}"),
+                    &got,
+                    &want,
+                    tol,
+                )?;
+            }
+        }
+    }
+    // Tracked: the same values through the differentiable ops, with gradients.
+    let x = Var::from_tensor(&randn(0., 1., (2, 4, 9, 9), &dev)?)?;
+    let w = randn(0., 0.3, (6, 4, 3, 3), &dev)?;
+    let res = randn(0., 1., (2, 6, 9, 9), &dev)?;
+    let got = conv2d_add_relu(x.as_tensor(), &w, None, &res, ConvParams::new(1, 1))?;
+    let want = (x.as_tensor().conv2d(&w, 1, 1, 1, 1)? + &res)?.relu()?;
+    assert_close("tracked", &got, &want, 1e-5)?;
+    assert!(got.sum_all()?.backward()?.get(&x).is_some());
+    // A residual of the wrong shape is refused by name.
+    let bad = Tensor::zeros((2, 6, 9, 8), DType::F32, &dev)?;
+    let e = conv2d_add_relu(&x.detach(), &w, None, &bad, ConvParams::new(1, 1)).unwrap_err();
+    assert!(e.to_string().contains("residual"), "{e}");
+    Ok(())
+}

@@ -146,6 +146,8 @@ pub fn detect_loader(
     let whole = loader.source().transform.item_size_varies();
     let dataset = loader.dataset();
     let mut results = Vec::with_capacity(limit);
+    // BatchNorm folded once for all batches.
+    let model = &model.for_inference()?;
     for batch in loader.epoch(0) {
         let batch = batch?;
         let n = batch.indices.len().min(limit - results.len());
