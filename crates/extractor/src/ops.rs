@@ -68,19 +68,12 @@ fn nan_max<T: WithDType>(m: T, a: T) -> T {
     if take { a } else { m }
 }
 
-fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{what} must be contiguous"),
-    }
-}
-
 struct MaxPool2d(PoolGeom);
 
 impl MaxPool2d {
     fn fwd<T: WithDType>(&self, data: &[T], layout: &Layout) -> Result<(Vec<T>, Shape)> {
         let (b, c, h, w) = layout.shape().dims4()?;
-        let src = contiguous_slice(data, layout, "input")?;
+        let src = retinanet_kernels::dtype::slice(data, layout, "max_pool2d", "input")?;
         let (oh, ow) = (self.0.out_size(h)?, self.0.out_size(w)?);
         use rayon::prelude::*;
         let mut out = vec![T::zero(); b * c * oh * ow];
@@ -111,11 +104,7 @@ impl CustomOp1 for MaxPool2d {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        match storage {
-            CpuStorage::F32(d) => self.fwd(d, layout).map(|(v, s)| (CpuStorage::F32(v), s)),
-            CpuStorage::F64(d) => self.fwd(d, layout).map(|(v, s)| (CpuStorage::F64(v), s)),
-            _ => bail!("max_pool2d: only f32 and f64 are supported"),
-        }
+        retinanet_kernels::dispatch!(raw "max_pool2d", (storage), |d| self.fwd(d, layout))
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -157,9 +146,9 @@ impl MaxPool2dGrad {
                 lx.shape()
             )
         }
-        let x = contiguous_slice(x, lx, "input")?;
-        let y = contiguous_slice(y, ly, "output")?;
-        let g = contiguous_slice(g, lg, "gradient")?;
+        let x = retinanet_kernels::dtype::slice(x, lx, "max_pool2d backward", "input")?;
+        let y = retinanet_kernels::dtype::slice(y, ly, "max_pool2d backward", "output")?;
+        let g = retinanet_kernels::dtype::slice(g, lg, "max_pool2d backward", "gradient")?;
         let mut out = vec![T::zero(); b * c * h * w];
         use rayon::prelude::*;
         out.par_chunks_exact_mut(h * w)
@@ -204,15 +193,8 @@ impl CustomOp3 for MaxPool2dGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => self
-                .run(x, l1, y, l2, g, l3)
-                .map(|(v, s)| (CpuStorage::F32(v), s)),
-            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => self
-                .run(x, l1, y, l2, g, l3)
-                .map(|(v, s)| (CpuStorage::F64(v), s)),
-            _ => bail!("max_pool2d backward: unsupported dtypes"),
-        }
+        retinanet_kernels::dispatch!(raw "max_pool2d backward", (s1, s2, s3), |x, y, g| self
+            .run(x, l1, y, l2, g, l3))
     }
 }
 
@@ -572,17 +554,10 @@ impl CustomOp1 for Col2Im {
             bail!("col2im: unexpected column shape {:?}", layout.shape())
         }
         let shape = Shape::from((b, self.c, self.h, self.w));
-        match storage {
-            CpuStorage::F32(d) => {
-                let d = contiguous_slice(d, layout, "columns")?;
-                Ok((CpuStorage::F32(self.run(d, b)), shape))
-            }
-            CpuStorage::F64(d) => {
-                let d = contiguous_slice(d, layout, "columns")?;
-                Ok((CpuStorage::F64(self.run(d, b)), shape))
-            }
-            _ => bail!("col2im: only f32 and f64 are supported"),
-        }
+        retinanet_kernels::dispatch!("col2im", (storage, layout), |columns| (
+            self.run(columns, b),
+            shape
+        ))
     }
 }
 

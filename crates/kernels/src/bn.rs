@@ -5,7 +5,7 @@
 //! statistics pass and one normalising pass forward, two passes backward; evaluation mode is a
 //! single per-channel `x * scale + shift`.
 
-use crate::conv::{dispatch, slice};
+use crate::dispatch;
 use crate::reduce::{lane_sum, lane_sum2};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
@@ -549,13 +549,7 @@ impl candle_core::CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.dims() != l2.dims() {
-            bail!(
-                "add_relu: shapes {:?} and {:?} differ",
-                l1.dims(),
-                l2.dims()
-            )
-        }
+        crate::dtype::same_dims("add_relu", l1, l2)?;
         dispatch!("add_relu", (s1, l1, s2, l2), |a, b| (
             add_relu_run(a, Some(b)),
             l1.shape().clone()

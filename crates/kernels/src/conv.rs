@@ -8,6 +8,7 @@
 //! input gradient and `dW = Σ_b dY · colsᵀ` for the weight gradient; the patch matrix is rebuilt
 //! rather than kept from the forward pass, which keeps training memory at one output per layer.
 
+use crate::dispatch;
 use crate::par;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
@@ -936,32 +937,6 @@ pub(crate) fn channel_sum<T: WithDType>(dy: &[T], b: usize, c: usize, hw: usize)
         .collect()
 }
 
-pub(crate) fn slice<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("conv2d: {what} must be contiguous"),
-    }
-}
-
-macro_rules! dispatch {
-    ($name:literal, ($($s:ident, $l:ident),+), |$($v:ident),+| $body:expr) => {
-        match ($($s,)+) {
-            ($(CpuStorage::F32($v),)+) => {
-                $(let $v = slice($v, $l, stringify!($v))?;)+
-                let (out, shape) = $body;
-                Ok((CpuStorage::F32(out), shape))
-            }
-            ($(CpuStorage::F64($v),)+) => {
-                $(let $v = slice($v, $l, stringify!($v))?;)+
-                let (out, shape) = $body;
-                Ok((CpuStorage::F64(out), shape))
-            }
-            _ => bail!("{}: only f32 and f64 are supported, with one dtype for all operands", $name),
-        }
-    };
-}
-pub(crate) use dispatch;
-
 /// `(x, w) -> conv(x, w)`, differentiable in both.
 struct Conv2d {
     p: ConvParams,
@@ -1088,13 +1063,7 @@ impl CustomOp2 for ReluMask {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.dims() != l2.dims() {
-            bail!(
-                "relu mask: shapes {:?} and {:?} differ",
-                l1.dims(),
-                l2.dims()
-            )
-        }
+        crate::dtype::same_dims("relu mask", l1, l2)?;
         fn run<T: WithDType>(g: &[T], y: &[T]) -> Vec<T> {
             const CHUNK: usize = 1 << 15;
             let mut out = vec![T::zero(); g.len()];

@@ -102,8 +102,7 @@ pub fn has_bf16() -> bool {
 fn cache_bytes(level: u32) -> Option<usize> {
     let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
     // `index0`, `index1`, ...; other entries (`uevent`) have no level and are passed over.
-    dir.flatten()
-        .find_map(|e| entry_bytes(&e.path(), level))
+    dir.flatten().find_map(|e| entry_bytes(&e.path(), level))
 }
 
 /// The size of the cache described by sysfs folder `p` if it is a level-`level` data or unified

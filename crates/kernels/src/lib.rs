@@ -40,6 +40,8 @@ mod bn;
 mod conv;
 pub mod cpu;
 mod direct;
+#[doc(hidden)]
+pub mod dtype;
 mod par;
 mod reduce;
 mod sgd;

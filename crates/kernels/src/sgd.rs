@@ -2,7 +2,6 @@
 //! parallel passes — instead of the half-dozen whole-tensor candle operations (each allocating
 //! a new tensor) of an update written with tensor arithmetic.
 
-use crate::conv::slice;
 use candle_core::{
     CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, WithDType, bail,
 };
@@ -56,33 +55,9 @@ impl InplaceOp3 for UpdateBuffer {
                 });
         }
         check(l1, &[l2, l3])?;
-        let (g, p) = (s2, s3);
-        match s1 {
-            CpuStorage::F32(b) => {
-                let (CpuStorage::F32(g), CpuStorage::F32(p)) = (g, p) else {
-                    bail!("sgd: dtypes differ")
-                };
-                run(
-                    slice_mut(b, l1)?,
-                    slice(g, l2, "gradient")?,
-                    slice(p, l3, "parameter")?,
-                    self.0,
-                );
-            }
-            CpuStorage::F64(b) => {
-                let (CpuStorage::F64(g), CpuStorage::F64(p)) = (g, p) else {
-                    bail!("sgd: dtypes differ")
-                };
-                run(
-                    slice_mut(b, l1)?,
-                    slice(g, l2, "gradient")?,
-                    slice(p, l3, "parameter")?,
-                    self.0,
-                );
-            }
-            _ => bail!("sgd: only f32 and f64 are supported"),
-        }
-        Ok(())
+        crate::dispatch!(mut "sgd", (s1, l1, s2, l2, s3, l3), |buf, grad, param| run(
+            buf, grad, param, self.0
+        ))
     }
 }
 
@@ -112,16 +87,7 @@ impl InplaceOp2 for UpdateParam {
                 });
         }
         check(l1, &[l2])?;
-        match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(d)) => {
-                run(slice_mut(p, l1)?, slice(d, l2, "step")?, self.0)
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(d)) => {
-                run(slice_mut(p, l1)?, slice(d, l2, "step")?, self.0)
-            }
-            _ => bail!("sgd: only f32 and f64 are supported, with one dtype for all operands"),
-        }
-        Ok(())
+        crate::dispatch!(mut "sgd", (s1, l1, s2, l2), |param, step| run(param, step, self.0))
     }
 }
 
@@ -132,13 +98,6 @@ fn check(l: &Layout, others: &[&Layout]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn slice_mut<'a, T>(data: &'a mut [T], l: &Layout) -> Result<&'a mut [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&mut data[a..b]),
-        None => bail!("sgd: the updated tensor must be contiguous"),
-    }
 }
 
 /// Whether [`sgd_step`] can update `t` in place: a contiguous f32/f64 tensor on the CPU.
