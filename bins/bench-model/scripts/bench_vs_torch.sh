@@ -1,0 +1,30 @@
+#!/bin/bash
+# The CPU comparison of docs/performance.md: this project and PyTorch alternately, ROUNDS rounds
+# (default 2), on the same machine and thread count. Needs a release build of bench-model and a
+# PyTorch venv (../shared/tools/torch-venv.sh, default /tmp/torchenv).
+#   bins/bench-model/scripts/bench_vs_torch.sh [PYTHON] [ROUNDS]
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+PY=${1:-/tmp/torchenv/bin/python}
+ROUNDS=${2:-2}
+B=target/release/bench-model
+[ -x "$B" ] || cargo build --release -p bench-model
+SEED=$(cd ../shared/reference/python 2>/dev/null && pwd || echo /work/shared/reference/python)
+P="$PY bins/bench-model/scripts/bench_torch.py --seed-dir $SEED"
+T="$PY bins/train-detector/scripts/torch_baseline.py --bench"
+S="--depth 18 --base-width 32 --fpn 64 --head 64 --size 129 --batch 16 --classes 4"
+lscpu | grep -E "Model name|CPU family|Model:" || true
+$B --mode infer $S --iters 1 | sed -n 2p   # the kernels' instruction set and caches
+$PY -c "import torch; print('torch', torch.__version__, torch.backends.cpu.get_cpu_capability())"
+for r in $(seq 1 "$ROUNDS"); do
+  echo "== round $r $(date -u +%H:%M:%S)"
+  echo "ours  r50 train 257x2: $($B --mode train --size 257 --batch 2 --iters 5 | grep 'train step')"
+  echo "torch r50 train 257x2: $($P --mode train --size 257 --batch 2 --iters 5 | grep -i 'train')"
+  echo "ours  r50 infer 641x1: $($B --mode infer --size 641 --batch 1 --iters 5 | grep 'inference')"
+  echo "torch r50 infer 641x1: $($P --mode infer --size 641 --batch 1 --iters 5 | grep -i 'infer')"
+  echo "ours  r50 infer 257x2: $($B --mode infer --size 257 --batch 2 --iters 7 | grep 'inference')"
+  echo "torch r50 infer 257x2: $($P --mode infer --size 257 --batch 2 --iters 7 | grep -i 'infer')"
+  echo "ours  small train: $($B --mode train $S --iters 7 | grep 'train step')"
+  echo "ours  small infer: $($B --mode infer $S --iters 7 | grep 'inference')"
+  echo "torch small: $($T | tail -2 | tr '\n' ' ')"
+done
