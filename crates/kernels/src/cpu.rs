@@ -135,17 +135,22 @@ pub fn l2_bytes() -> usize {
     *L2.get_or_init(|| cache_bytes(2).unwrap_or(1 << 20).clamp(256 << 10, 8 << 20))
 }
 
-/// One line on what the kernels found: instruction set, bf16, L1d and L2 sizes (for benchmark
-/// reports).
+/// One line on what the kernels found: instruction set, bf16, L1d and L2 sizes, and (after
+/// some work, on CPUs with several instruction sets) how many layer shapes each was measured
+/// faster on (for benchmark reports).
 pub fn summary() -> String {
     let kib = |b: Option<usize>| b.map_or("?".to_string(), |b| format!("{} KiB", b >> 10));
-    format!(
+    let mut s = format!(
         "kernels: {}, bf16 {}, L1d {}, L2 {}",
         vector_isa().map_or("scalar (no AVX2 + FMA)", Isa::name),
         if has_bf16() { "yes" } else { "no" },
         kib(cache_bytes(1)),
         kib(cache_bytes(2)),
-    )
+    );
+    if let Some(t) = crate::direct::tuning_summary() {
+        s.push_str(&format!("; layer shapes measured faster with {t}"));
+    }
+    s
 }
 
 #[cfg(test)]

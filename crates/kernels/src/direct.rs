@@ -57,6 +57,93 @@ pub(crate) fn isa() -> Option<Isa> {
     })
 }
 
+/// The instruction sets worth trying here: [`isa`] and the narrower ones the CPU also has (an
+/// AVX-512 CPU runs the AVX2 kernels too), unless `RETINANET_TUNE=0` keeps to [`isa`] alone.
+fn candidates() -> &'static [Isa] {
+    use std::sync::OnceLock;
+    static C: OnceLock<Vec<Isa>> = OnceLock::new();
+    C.get_or_init(|| {
+        let Some(top) = isa() else { return Vec::new() };
+        if std::env::var("RETINANET_TUNE").is_ok_and(|v| v == "0") {
+            return vec![top];
+        }
+        let all = crate::cpu::vector_isas();
+        all.into_iter().skip_while(|&i| i != top).collect()
+    })
+}
+
+/// What a measured choice is cached for.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Op {
+    Forward,
+    WeightGrad,
+}
+
+type Key = (Op, [usize; 8]);
+
+fn choices() -> &'static std::sync::Mutex<std::collections::HashMap<Key, Isa>> {
+    use std::sync::{Mutex, OnceLock};
+    static M: OnceLock<Mutex<std::collections::HashMap<Key, Isa>>> = OnceLock::new();
+    M.get_or_init(Default::default)
+}
+
+/// `run` with the instruction set that is fastest for this `op` on this shape: where the CPU
+/// has several (AVX-512 and AVX2), the first call of each layer shape times every one on the
+/// real operands and the choice is kept for the process. Which is faster depends on the
+/// machine, not only on its instruction set (one or two 512-bit FMA ports, clock offsets for
+/// 512-bit code, Zen 4's 256-bit halves), so it is measured rather than assumed. Every
+/// instruction set sums each output in the same order with the same fused multiply-adds, so
+/// the choice never changes a bit of the result (`isas_agree_bit_for_bit`).
+fn tuned<R>(op: Op, g: &Geom, run: impl Fn(Isa) -> R) -> R {
+    let key = (
+        op,
+        [g.b, g.cin, g.h, g.w, g.cout, g.kh, g.p.stride, g.p.padding],
+    );
+    fastest(choices(), key, candidates(), run)
+}
+
+/// The measured choice of [`tuned`] among `cands` (first preferred unless another is at least
+/// 5% faster), cached in `cache` under `key`; returns the result of the run chosen.
+fn fastest<K: Eq + std::hash::Hash, C: Copy, R>(
+    cache: &std::sync::Mutex<std::collections::HashMap<K, C>>,
+    key: K,
+    cands: &[C],
+    run: impl Fn(C) -> R,
+) -> R {
+    let lock = || cache.lock().unwrap_or_else(|e| e.into_inner());
+    match cands {
+        [] => unreachable!("the direct kernel is selected only where the CPU has one"),
+        [only] => return run(*only),
+        _ => {}
+    }
+    if let Some(&c) = lock().get(&key) {
+        return run(c);
+    }
+    let mut best: Option<(C, f64, R)> = None;
+    for &c in cands {
+        let t = std::time::Instant::now();
+        let r = run(c);
+        let dt = t.elapsed().as_secs_f64();
+        if best.as_ref().is_none_or(|&(_, bt, _)| dt < 0.95 * bt) {
+            best = Some((c, dt, r));
+        }
+    }
+    let (c, _, r) = best.expect("at least two candidates");
+    lock().insert(key, c);
+    r
+}
+
+/// How many layer shapes took each instruction set so far (`"avx512 12, avx2 3"`), or `None`
+/// where nothing was measured (one instruction set only, or tuning off).
+pub(crate) fn tuning_summary() -> Option<String> {
+    let m = choices().lock().unwrap_or_else(|e| e.into_inner());
+    if m.is_empty() {
+        return None;
+    }
+    let n = |i: Isa| m.values().filter(|&&c| c == i).count();
+    Some(format!("avx512 {}, avx2 {}", n(Isa::Avx512), n(Isa::Avx2)))
+}
+
 /// Channel blocks of one instruction set: `cb` output channels a block (the widest tile), each
 /// block's lanes rounded up to whole vectors of `lanes`.
 #[derive(Clone, Copy)]
@@ -108,8 +195,9 @@ pub(crate) fn forward(
     res: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
-    let isa = isa().expect("the direct kernel is selected only where the CPU has one");
-    forward_with(isa, g, x, w, bias, res, relu)
+    tuned(Op::Forward, g, |isa| {
+        forward_with(isa, g, x, w, bias, res, relu)
+    })
 }
 
 /// [`forward`] with the kernels of `isa` (which the CPU must have).
@@ -275,8 +363,7 @@ fn window_bases(g: &Geom, positions: std::ops::Range<usize>) -> Vec<usize> {
 /// input, summed over positions. Threads take disjoint sets of taps, and walk the positions in
 /// blocks whose transposed `dy` stays in L2.
 pub(crate) fn backward_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let isa = isa().expect("the direct kernel is selected only where the CPU has one");
-    backward_weight_with(isa, g, x, dy)
+    tuned(Op::WeightGrad, g, |isa| backward_weight_with(isa, g, x, dy))
 }
 
 /// [`backward_weight`] with the kernels of `isa` (which the CPU must have).
@@ -661,6 +748,69 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every pair of instruction sets this CPU has gives the same bits (forward with bias,
+    /// residual and ReLU, weight gradient), so the measured choice cannot change a result.
+    #[test]
+    fn isas_agree_bit_for_bit() {
+        let isas = crate::cpu::vector_isas();
+        if isas.len() < 2 {
+            eprintln!("one instruction set here ({isas:?}): no pair to compare");
+            return;
+        }
+        for (i, &(b, cin, h, w, cout, k, s, p)) in
+            [(2, 9, 13, 11, 70, 3, 1, 1), (3, 5, 17, 9, 20, 5, 2, 2)]
+                .iter()
+                .enumerate()
+        {
+            let g = Geom::new(&[b, cin, h, w], &[cout, cin, k, k], ConvParams::new(s, p)).unwrap();
+            let x = values(b * cin * h * w, 11 + i as u64);
+            let wt = values(cout * cin * k * k, 12 + i as u64);
+            let bias = values(cout, 13);
+            let res = values(b * cout * g.ohw(), 14);
+            let dy = values(b * cout * g.ohw(), 15);
+            let f = |isa| forward_with(isa, &g, &x, &wt, Some(&bias), Some(&res), true);
+            let bw = |isa| backward_weight_with(isa, &g, &x, &dy);
+            for pair in isas.windows(2) {
+                assert_eq!(f(pair[0]), f(pair[1]), "case {i}: forward {pair:?}");
+                assert_eq!(
+                    bw(pair[0]),
+                    bw(pair[1]),
+                    "case {i}: weight gradient {pair:?}"
+                );
+            }
+        }
+    }
+
+    /// The measured choice: the faster candidate wins (the first unless another is at least 5%
+    /// faster), is kept per key, and later calls run only it.
+    #[test]
+    fn fastest_measures_once_and_keeps_the_choice() {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let cache = Mutex::new(std::collections::HashMap::new());
+        let calls = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        // Candidate 0 sleeps 30 ms, candidate 1 2 ms: 1 wins and is the only one run after.
+        let run = |c: usize| {
+            calls[c].fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(if c == 0 {
+                30
+            } else {
+                2
+            }));
+            c * 10
+        };
+        assert_eq!(fastest(&cache, "a", &[0, 1], run), 10);
+        assert_eq!(fastest(&cache, "a", &[0, 1], run), 10);
+        assert_eq!(fastest(&cache, "a", &[0, 1], run), 10);
+        assert_eq!(calls[0].load(Ordering::SeqCst), 1);
+        assert_eq!(calls[1].load(Ordering::SeqCst), 3);
+        // Another key is measured afresh; a single candidate is never timed or cached.
+        assert_eq!(fastest(&cache, "b", &[1, 0], run), 10);
+        assert_eq!(fastest(&cache, "c", &[0], run), 0);
+        assert!(!cache.lock().unwrap().contains_key("c"));
+        assert_eq!(cache.lock().unwrap().len(), 2);
     }
 
     /// The weight gradient's position blocks follow the L2 size and stay in range.
