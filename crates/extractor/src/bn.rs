@@ -82,6 +82,12 @@ impl BatchNorm2d {
     /// Applies the layer to `[B, C, H, W]`; `train` selects batch statistics (and updates the
     /// running averages) or running statistics.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, false)
+    }
+
+    /// [`BatchNorm2d::forward_t`], then a ReLU when `relu`; in training the ReLU runs inside
+    /// the batch norm's passes (`retinanet_kernels::batch_norm_train_act`).
+    pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if c != self.weight.dim(0)? {
             bail!(
@@ -95,12 +101,13 @@ impl BatchNorm2d {
             }
             // retinanet-kernels: two passes forward and backward on the CPU (candle's broadcast
             // ops elsewhere); the batch statistics come back detached.
-            let out = retinanet_kernels::batch_norm_train_synced(
+            let out = retinanet_kernels::batch_norm_train_act(
                 x,
                 &self.weight,
                 &self.bias,
                 self.eps,
                 self.sync.clone(),
+                relu,
             )?;
             // Bessel's correction over the values the statistics are over (all ranks' when
             // synchronised), as PyTorch's SyncBatchNorm.
@@ -115,7 +122,12 @@ impl BatchNorm2d {
             Ok(out.y)
         } else {
             let (scale, shift) = self.eval_affine()?;
-            retinanet_kernels::channel_affine(x, &scale, &shift)
+            let y = retinanet_kernels::channel_affine(x, &scale, &shift)?;
+            if relu {
+                retinanet_kernels::relu(&y)
+            } else {
+                Ok(y)
+            }
         }
     }
 

@@ -193,12 +193,7 @@ fn conv_bn(
     .iter()
     .product();
     if bn_train || conv.bias().is_some() || conv.weight().elem_count() > out_elems {
-        let y = bn.forward_t(&conv2d(x, conv)?, bn_train)?;
-        return if relu {
-            retinanet_kernels::relu(&y)
-        } else {
-            Ok(y)
-        };
+        return bn.forward_act(&conv2d(x, conv)?, bn_train, relu);
     }
     let (scale, shift) = bn.eval_affine()?;
     let w = conv

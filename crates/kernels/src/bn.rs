@@ -137,9 +137,10 @@ struct Stats {
     count: usize,
 }
 
-/// `(x, weight, bias) -> batch-normalised x` with batch statistics.
+/// `(x, weight, bias) -> batch-normalised x` with batch statistics, then a ReLU if `relu`.
 struct BatchNormTrain {
     eps: f64,
+    relu: bool,
     stats: Arc<Mutex<Stats>>,
     reducer: Option<Arc<dyn SumReducer>>,
 }
@@ -164,7 +165,16 @@ impl BatchNormTrain {
             scale.push(T::from_f64(a));
             shift.push(T::from_f64(bias[ci].to_f64() - mean * a));
         }
-        let y = affine(x, c, hw, &scale, &shift);
+        let mut y = affine(x, c, hw, &scale, &shift);
+        if self.relu {
+            y.par_chunks_mut(1 << 14).for_each(|ch| {
+                for v in ch {
+                    if *v < T::zero() {
+                        *v = T::zero();
+                    }
+                }
+            });
+        }
         *self
             .stats
             .lock()
@@ -208,9 +218,17 @@ impl CustomOp3 for BatchNormTrain {
         x: &Tensor,
         w: &Tensor,
         _b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The fused ReLU's backward first: the gradient where the output was clipped is zero.
+        let grad = if self.relu {
+            grad.contiguous()?
+                .apply_op2_no_bwd(res, &crate::conv::ReluMask)?
+        } else {
+            grad.clone()
+        };
+        let grad = &grad;
         let (mv, count) = {
             let st = self
                 .stats
@@ -447,6 +465,21 @@ pub fn batch_norm_train_synced(
     eps: f64,
     reducer: Option<Arc<dyn SumReducer>>,
 ) -> Result<BatchNormOutput> {
+    batch_norm_train_act(x, weight, bias, eps, reducer, false)
+}
+
+/// [`batch_norm_train_synced`] followed by a ReLU when `relu` (`y` is then `relu(bn(x))`, the
+/// statistics those of `x`): on the CPU the ReLU happens in the normalising pass and its
+/// backward in the batch norm's, which saves a pass each way and, in candle's autograd, the
+/// gradient accumulation of one more tensor (a zero-filled buffer and an addition, serial).
+pub fn batch_norm_train_act(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    reducer: Option<Arc<dyn SumReducer>>,
+    relu: bool,
+) -> Result<BatchNormOutput> {
     let (b, c, h, w) = x.dims4()?;
     if !fast_path(x) {
         if reducer.is_some() {
@@ -463,6 +496,7 @@ pub fn batch_norm_train_synced(
             .broadcast_div(&(&var + eps)?.sqrt()?)?
             .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
             .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+        let y = if relu { y.relu()? } else { y };
         return Ok(BatchNormOutput {
             y,
             mean: mean.flatten_all()?.detach(),
@@ -476,6 +510,7 @@ pub fn batch_norm_train_synced(
         &bias.contiguous()?,
         BatchNormTrain {
             eps,
+            relu,
             stats: stats.clone(),
             reducer,
         },

@@ -48,8 +48,8 @@ mod sgd;
 mod winograd;
 
 pub use bn::{
-    BatchNormOutput, SumReducer, add_relu, batch_norm_train, batch_norm_train_synced,
-    channel_affine, relu,
+    BatchNormOutput, SumReducer, add_relu, batch_norm_train, batch_norm_train_act,
+    batch_norm_train_synced, channel_affine, relu,
 };
 pub use conv::{ConvParams, conv2d, conv2d_add_relu, conv2d_macs, conv2d_out_dims, conv2d_relu};
 pub use sgd::{SgdStep, sgd_step, sgd_supported};

@@ -5,7 +5,9 @@ use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use retinanet_kernels::{ConvParams, batch_norm_train, channel_affine, conv2d, conv2d_relu};
+use retinanet_kernels::{
+    ConvParams, batch_norm_train, batch_norm_train_act, channel_affine, conv2d, conv2d_relu,
+};
 
 thread_local! {
     /// Seeded per test (each test runs on its own thread), so every run draws the same inputs:
@@ -353,6 +355,21 @@ fn batch_norm_matches_candle() -> Result<()> {
             for (name, v) in [("x", &x), ("w", &wt), ("b", &bias)] {
                 assert_close(
                     &format!("bn grad {name} {case}"),
+                    g1.get(v).unwrap(),
+                    g2.get(v).unwrap(),
+                    1e-4,
+                )?;
+            }
+            // With the fused ReLU: relu(bn(x)), same statistics, gradients through the mask.
+            let fused = batch_norm_train_act(&x, &wt, &bias, 1e-5, None, true)?;
+            let theirs_relu = theirs.relu()?;
+            assert_close(&format!("bn+relu fwd {case}"), &fused.y, &theirs_relu, 1e-4)?;
+            assert_close(&format!("bn+relu mean {case}"), &fused.mean, &out.mean, 0.0)?;
+            let g1 = (&fused.y * &r)?.sum_all()?.backward()?;
+            let g2 = (&theirs_relu * &r)?.sum_all()?.backward()?;
+            for (name, v) in [("x", &x), ("w", &wt), ("b", &bias)] {
+                assert_close(
+                    &format!("bn+relu grad {name} {case}"),
                     g1.get(v).unwrap(),
                     g2.get(v).unwrap(),
                     1e-4,
