@@ -188,7 +188,8 @@ fn bench_model(a: &Args, threads: usize) -> Result<ModelReport> {
         size: a.size,
         batch: a.batch,
         threads,
-        cpu: retinanet_kernels::cpu::summary(),
+        // Filled in after the runs (see below).
+        cpu: String::new(),
         fold_s: None,
         inference: None,
         train_step: None,

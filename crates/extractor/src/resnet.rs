@@ -407,28 +407,13 @@ impl ResNet {
         if self.folded {
             return Ok(self.clone());
         }
-        Ok(Self {
-            conv1: fold_bn(&self.conv1, &self.bn1)?,
-            bn1: self.bn1.detached(),
-            stages: [0, 1, 2, 3]
-                .map(|s| {
-                    self.stages[s]
-                        .iter()
-                        .map(Block::folded)
-                        .collect::<Result<Vec<_>>>()
-                })
-                .into_iter()
-                .collect::<Result<Vec<_>>>()?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("resnet: expected four stages".into()))?,
-            fc: self
-                .fc
-                .as_ref()
-                .map(|l| Linear::new(l.weight().detach(), l.bias().map(Tensor::detach))),
-            cfg: self.cfg,
-            freeze_bn: self.freeze_bn,
-            folded: true,
-        })
+        let mut f = self.detached();
+        f.conv1 = fold_bn(&self.conv1, &self.bn1)?;
+        for (dst, src) in f.stages.iter_mut().zip(&self.stages) {
+            *dst = src.iter().map(Block::folded).collect::<Result<_>>()?;
+        }
+        f.folded = true;
+        Ok(f)
     }
 
     /// Whether this is a [`ResNet::folded`] copy.

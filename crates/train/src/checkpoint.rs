@@ -97,11 +97,6 @@ pub fn save_checkpoint(
     tensors: &HashMap<String, Tensor>,
     meta: &CheckpointMeta,
 ) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // safetensors wants host tensors; sort names so files are reproducible.
     let mut host: Vec<(String, Tensor)> = tensors
         .iter()
@@ -117,14 +112,37 @@ pub fn save_checkpoint(
         [(META_KEY.to_string(), serde_json::to_string(&meta)?)].into();
     let bytes = safetensors::serialize(host.iter().map(|(k, v)| (k.as_str(), v)), Some(info))
         .with_context(|| format!("cannot serialise checkpoint {}", path.display()))?;
+    write_atomic(path, "checkpoint ", |f| Ok(f.write_all(&bytes)?))
+}
+
+/// Writes `path` through a temporary file beside it (`.NAME.tmp-PID`), filled by `fill`, synced
+/// and renamed over `path`, the rename synced too: a reader or a killed run never sees half a
+/// file, and a failed write leaves no temporary behind. Errors say `cannot write {what}{path}`.
+pub(crate) fn write_atomic(
+    path: &Path,
+    what: &str,
+    fill: impl FnOnce(&mut File) -> Result<()>,
+) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    // Both names in the message: the file asked for, and the folder that could not be made.
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot write {what}{}: cannot create {}",
+            path.display(),
+            dir.display()
+        )
+    })?;
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
+    let write = || -> Result<()> {
         let mut f = File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        fill(&mut f)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         // Persist the rename itself.
@@ -135,7 +153,7 @@ pub fn save_checkpoint(
     };
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("cannot write checkpoint {}: {e}", path.display())
+        anyhow::anyhow!("cannot write {what}{}: {e:#}", path.display())
     })
 }
 

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
@@ -492,18 +492,7 @@ pub fn write_pth(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> 
     pkl.setitems();
     pkl.stop();
 
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp: PathBuf = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let write = || -> Result<()> {
-        let f = std::fs::File::create(&tmp)?;
+    crate::checkpoint::write_atomic(path, "", |f| {
         let mut z = zip::ZipWriter::new(f);
         let opts: zip::write::SimpleFileOptions = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Stored)
@@ -518,13 +507,8 @@ pub fn write_pth(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> 
         }
         z.start_file(format!("{archive}/version"), opts)?;
         z.write_all(b"3\n")?;
-        z.finish()?.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        z.finish()?;
         Ok(())
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("cannot write {}: {e:#}", path.display())
     })
 }
 

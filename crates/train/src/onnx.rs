@@ -77,7 +77,7 @@ pub struct OnnxSummary {
 pub fn export_onnx(det: &LoadedDetector, path: &Path, opset: i64) -> Result<OnnxSummary> {
     let (bytes, nodes, parameters) = onnx_model(det, opset)
         .with_context(|| format!("cannot export the model to {}", path.display()))?;
-    write_atomic(path, &bytes)?;
+    crate::checkpoint::write_atomic(path, "", |f| Ok(f.write_all(&bytes)?))?;
     Ok(OnnxSummary {
         nodes,
         parameters,
@@ -214,32 +214,6 @@ fn check_anchors(anchors: &AnchorConfig, d: &DetectorConfig) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Writes `bytes` to `path` through a temporary file beside it and a rename, so a reader never
-/// sees half a model; errors name `path`.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("cannot write {}: {e}", path.display())
-    })
 }
 
 /// The graph being built: nodes, initialisers, and the weights they come from.
@@ -559,14 +533,20 @@ impl<'a> Graph<'a> {
         for i in [0, 2, 4, 6] {
             y = self.conv(&y, &format!("{name}.{i}"), 1, None, i != 6)?;
         }
+        Ok(self.anchor_rows(&y, name, per_anchor))
+    }
+
+    /// A head's output `[1, C*K, h, w]` as `[1, h * w * K, per_anchor]`, in row, column, anchor
+    /// order.
+    fn anchor_rows(&mut self, y: &str, name: &str, per_anchor: usize) -> String {
         let t = self.op(
             "Transpose",
             name,
-            &[&y],
+            &[y],
             &[("perm", Attr::Ints(vec![0, 2, 3, 1]))],
         );
         let shape = self.i64s(&[3], &[0, -1, per_anchor as i64]);
-        Ok(self.op("Reshape", name, &[&t, &shape], &[]))
+        self.op("Reshape", name, &[&t, &shape], &[])
     }
 
     /// PyTorch's `interpolate(mode="nearest")` of `p` to the spatial size of `like`: source
@@ -673,14 +653,7 @@ impl<'a> Graph<'a> {
             };
         }
         let y = self.conv(&y, &format!("{name}.{out}"), 1, None, false)?;
-        let t = self.op(
-            "Transpose",
-            name,
-            &[&y],
-            &[("perm", Attr::Ints(vec![0, 2, 3, 1]))],
-        );
-        let shape = self.i64s(&[3], &[0, -1, per_anchor as i64]);
-        Ok(self.op("Reshape", name, &[&t, &shape], &[]))
+        Ok(self.anchor_rows(&y, name, per_anchor))
     }
 
     /// The anchors `(y, x, h, w)` of the input `x`'s size into `out`, as `gen_anchors`: level
