@@ -76,7 +76,7 @@ impl MaxPool2d {
         let src = retinanet_kernels::dtype::slice(data, layout, "max_pool2d", "input")?;
         let (oh, ow) = (self.0.out_size(h)?, self.0.out_size(w)?);
         use rayon::prelude::*;
-        let mut out = vec![T::zero(); b * c * oh * ow];
+        let mut out = retinanet_kernels::zeroed::<T>(b * c * oh * ow);
         // Planes are independent: spread them over the threads. Separable: the maximum over
         // each output row's window rows, column by column (whole rows at a time, which
         // vectorises), then over each window's columns of that. Same values as the window by
@@ -154,7 +154,7 @@ impl MaxPool2dGrad {
         let x = retinanet_kernels::dtype::slice(x, lx, "max_pool2d backward", "input")?;
         let y = retinanet_kernels::dtype::slice(y, ly, "max_pool2d backward", "output")?;
         let g = retinanet_kernels::dtype::slice(g, lg, "max_pool2d backward", "gradient")?;
-        let mut out = vec![T::zero(); b * c * h * w];
+        let mut out = retinanet_kernels::zeroed::<T>(b * c * h * w);
         use rayon::prelude::*;
         out.par_chunks_exact_mut(h * w)
             .zip(x.par_chunks_exact(h * w))
@@ -515,7 +515,7 @@ impl Col2Im {
         use rayon::prelude::*;
         let (h, w, kk) = (self.h, self.w, self.kh * self.kw);
         let col_plane = kk * self.oh * self.ow;
-        let mut out = vec![T::zero(); b * self.c * h * w];
+        let mut out = retinanet_kernels::zeroed::<T>(b * self.c * h * w);
         // One output plane (b, c) only receives its own kh*kw column rows.
         out.par_chunks_exact_mut(h * w)
             .enumerate()

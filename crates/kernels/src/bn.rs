@@ -6,6 +6,7 @@
 //! single per-channel `x * scale + shift`.
 
 use crate::dispatch;
+use crate::par;
 use crate::reduce::{lane_sum, lane_sum2};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
@@ -89,7 +90,7 @@ fn synced_stats<T: WithDType>(
 
 /// `y = x * scale[c] + shift[c]` over `[B, C, HW]`.
 fn affine<T: WithDType>(x: &[T], c: usize, hw: usize, scale: &[T], shift: &[T]) -> Vec<T> {
-    let mut y = vec![T::zero(); x.len()];
+    let mut y = par::zeroed::<T>(x.len());
     y.par_chunks_mut(hw)
         .zip(x.par_chunks(hw))
         .enumerate()
@@ -351,7 +352,7 @@ impl CustomOp3 for LinearCombo {
             bail!("batch-norm backward: unexpected shapes")
         }
         fn run<T: WithDType>(x: &[T], g: &[T], coef: &[T], c: usize, hw: usize) -> Vec<T> {
-            let mut out = vec![T::zero(); x.len()];
+            let mut out = par::zeroed::<T>(x.len());
             out.par_chunks_mut(hw)
                 .zip(x.par_chunks(hw).zip(g.par_chunks(hw)))
                 .enumerate()
@@ -551,7 +552,7 @@ struct AddRelu;
 
 fn add_relu_run<T: WithDType>(a: &[T], b: Option<&[T]>) -> Vec<T> {
     const CHUNK: usize = 1 << 15;
-    let mut y = vec![T::zero(); a.len()];
+    let mut y = par::zeroed::<T>(a.len());
     y.par_chunks_mut(CHUNK).enumerate().for_each(|(i, yc)| {
         let ac = &a[i * CHUNK..][..yc.len()];
         match b {

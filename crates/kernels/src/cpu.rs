@@ -135,6 +135,17 @@ pub fn l2_bytes() -> usize {
     *L2.get_or_init(|| cache_bytes(2).unwrap_or(1 << 20).clamp(256 << 10, 8 << 20))
 }
 
+/// L1 data cache of one core in bytes (sysfs; 32 KiB where it cannot be read), kept within
+/// 16..256 KiB.
+pub fn l1d_bytes() -> usize {
+    static L1: OnceLock<usize> = OnceLock::new();
+    *L1.get_or_init(|| {
+        cache_bytes(1)
+            .unwrap_or(32 << 10)
+            .clamp(16 << 10, 256 << 10)
+    })
+}
+
 /// One line on what the kernels found: instruction set, bf16, L1d and L2 sizes, and (after
 /// some work, on CPUs with several instruction sets) how many layer shapes each was measured
 /// faster on (for benchmark reports).
@@ -148,7 +159,7 @@ pub fn summary() -> String {
         kib(cache_bytes(2)),
     );
     if let Some(t) = crate::direct::tuning_summary() {
-        s.push_str(&format!("; layer shapes measured faster with {t}"));
+        s.push_str(&format!("; {t}"));
     }
     s
 }
@@ -167,6 +178,7 @@ mod tests {
             assert!(isas.contains(&i));
         }
         let l2 = l2_bytes();
+        assert!((16 << 10..=256 << 10).contains(&l1d_bytes()));
         assert!((256 << 10..=8 << 20).contains(&l2));
         if let Some(b) = cache_bytes(2) {
             assert!(b >= 64 << 10, "an L2 of {b} bytes");

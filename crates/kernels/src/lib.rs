@@ -52,6 +52,7 @@ pub use bn::{
     batch_norm_train_synced, channel_affine, relu,
 };
 pub use conv::{ConvParams, conv2d, conv2d_add_relu, conv2d_macs, conv2d_out_dims, conv2d_relu};
+pub use par::zeroed;
 pub use sgd::{SgdStep, sgd_step, sgd_supported};
 
 /// Sets the thread counts of the process when the environment does not: `RAYON_NUM_THREADS` (read

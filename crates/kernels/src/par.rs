@@ -82,3 +82,53 @@ pub(crate) fn with_scratch<T: candle_core::WithDType, R>(
         Err(_) => f(&mut vec![T::zero(); len]),
     })
 }
+
+/// Elements below which [`zeroed`] fills on the calling thread (a task costs more).
+const PAR_ZERO_MIN: usize = 1 << 16;
+
+/// `vec![0; n]`, with the zeros written by all threads for large `n`.
+///
+/// Every kernel output that is accumulated into (or written in parallel afterwards) starts as
+/// zeros; `vec!` writes them on the calling thread, which is candle's (single) thread, while the
+/// rayon workers wait: ~2% of a small-model training step's samples were such memsets, serial.
+/// Split over the threads, the zeroing (and the first touch of fresh pages) takes a share of
+/// that wall time.
+pub fn zeroed<T: candle_core::WithDType>(n: usize) -> Vec<T> {
+    if n < PAR_ZERO_MIN || threads() == 1 {
+        return vec![T::zero(); n];
+    }
+    let mut v: Vec<std::mem::MaybeUninit<T>> = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit needs no initialisation; every element is written below.
+    unsafe { v.set_len(n) };
+    let chunk = n.div_ceil(threads() * 4).max(PAR_ZERO_MIN / 4);
+    v.par_chunks_mut(chunk).for_each(|c| {
+        c.fill(std::mem::MaybeUninit::new(T::zero()));
+    });
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: all `n` elements were written; MaybeUninit<T> and T share their layout.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), n, v.capacity()) }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zeroed_is_zero_at_every_size() {
+        // Below the threshold, at it, and uneven chunk counts above it; memory reused from a
+        // freed non-zero buffer must not leak through.
+        for n in [
+            0,
+            1,
+            1000,
+            super::PAR_ZERO_MIN - 1,
+            super::PAR_ZERO_MIN,
+            300_001,
+        ] {
+            drop(vec![7.5f32; n]);
+            let v = super::zeroed::<f32>(n);
+            assert_eq!(v.len(), n);
+            assert!(v.iter().all(|&x| x.to_bits() == 0), "n = {n}");
+            let d = super::zeroed::<f64>(n);
+            assert!(d.iter().all(|&x| x.to_bits() == 0), "n = {n}");
+        }
+    }
+}

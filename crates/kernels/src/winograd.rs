@@ -116,7 +116,7 @@ fn run<T: WithDType>(g: &Geom, x: &[T], u: &[T], bias: Option<&[T]>, relu: bool)
     let tpi = th * tw;
     let nt = g.b * tpi;
     let (cin, cout, oh, ow) = (g.cin, g.cout, g.oh, g.ow);
-    let mut y = vec![T::zero(); g.b * cout * oh * ow];
+    let mut y = crate::par::zeroed::<T>(g.b * cout * oh * ow);
     let yp = SendPtr(y.as_mut_ptr());
     let block = block_tiles(nt, crate::par::threads());
     let n_blocks = nt.div_ceil(block);
