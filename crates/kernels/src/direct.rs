@@ -24,6 +24,18 @@ use crate::conv::Geom;
 use crate::cpu::Isa;
 use rayon::prelude::*;
 
+/// `$call` with its last const parameter set to the kernel size where a specialised micro-kernel
+/// exists (3x3, the 7x7 stem), else 0 (the offset-table loop).
+macro_rules! kernel_size {
+    ($k:expr, $m:ident::$f:ident::<$mt:literal, $nv:literal>($($a:expr),*)) => {
+        match $k {
+            3 => $m::$f::<$mt, $nv, 3>($($a),*),
+            7 => $m::$f::<$mt, $nv, 7>($($a),*),
+            _ => $m::$f::<$mt, $nv, 0>($($a),*),
+        }
+    };
+}
+
 /// Whether the direct kernel handles this convolution (and the CPU has AVX-512 or AVX2 + FMA):
 /// square kernels larger than 1x1 with at most 2,304 taps per output (256 channels at 3x3), over
 /// at least 128 output positions, and at most 9,216 taps times channel blocks: every block of
@@ -242,11 +254,13 @@ pub(crate) fn forward(
     relu: bool,
 ) -> Vec<f32> {
     tuned(Op::Forward, g, |p| {
-        forward_with(p.isa, g, x, w, bias, res, relu)
+        forward_with(p.isa, g, x, w, bias, res, relu, false)
     })
 }
 
-/// [`forward`] with the kernels of `isa` (which the CPU must have).
+/// [`forward`] with the kernels of `isa` (which the CPU must have); `generic` keeps to the
+/// offset-table micro-kernel (for the test that the specialised ones sum alike).
+#[allow(clippy::too_many_arguments)]
 fn forward_with(
     isa: Isa,
     g: &Geom,
@@ -255,6 +269,7 @@ fn forward_with(
     bias: Option<&[f32]>,
     res: Option<&[f32]>,
     relu: bool,
+    generic: bool,
 ) -> Vec<f32> {
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("the direct kernel is selected only on x86-64");
@@ -309,6 +324,7 @@ fn forward_with(
                     w: bl.block(&wpk, kk, bi),
                     cin: g.cin,
                     plane,
+                    wp,
                     toff: &toff,
                 };
                 let o = Out {
@@ -327,13 +343,14 @@ fn forward_with(
                 // padded input), and the chunk writes only its own positions of `y`.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
+                    let ks = if generic { 0 } else { k };
                     match (isa, nco.div_ceil(isa.lanes())) {
-                        (Isa::Avx512, 4) => avx512::run::<6, 4>(&ctx, &o),
-                        (Isa::Avx512, 3) => avx512::run::<6, 3>(&ctx, &o),
-                        (Isa::Avx512, 2) => avx512::run::<8, 2>(&ctx, &o),
-                        (Isa::Avx512, _) => avx512::run::<12, 1>(&ctx, &o),
-                        (Isa::Avx2, 2) => avx2::run::<6, 2>(&ctx, &o),
-                        (Isa::Avx2, _) => avx2::run::<12, 1>(&ctx, &o),
+                        (Isa::Avx512, 4) => kernel_size!(ks, avx512::run::<6, 4>(&ctx, &o)),
+                        (Isa::Avx512, 3) => kernel_size!(ks, avx512::run::<6, 3>(&ctx, &o)),
+                        (Isa::Avx512, 2) => kernel_size!(ks, avx512::run::<8, 2>(&ctx, &o)),
+                        (Isa::Avx512, _) => kernel_size!(ks, avx512::run::<12, 1>(&ctx, &o)),
+                        (Isa::Avx2, 2) => kernel_size!(ks, avx2::run::<6, 2>(&ctx, &o)),
+                        (Isa::Avx2, _) => kernel_size!(ks, avx2::run::<12, 1>(&ctx, &o)),
                     }
                 }
             }
@@ -540,6 +557,8 @@ struct Ctx<'a> {
     w: &'a [f32],
     cin: usize,
     plane: usize,
+    /// Row length of the padded input.
+    wp: usize,
     toff: &'a [usize],
 }
 
@@ -573,13 +592,16 @@ macro_rules! direct_kernels {
             /// Tiles of `MT` positions over `o.base` for one block of output channels, written
             /// with bias and ReLU at `o.dst[j] + co * ohw` of `o.y`.
             #[target_feature(enable = $feat)]
-            pub(super) unsafe fn run<const MT: usize, const NV: usize>(ctx: &Ctx, o: &Out) {
+            pub(super) unsafe fn run<const MT: usize, const NV: usize, const K: usize>(
+                ctx: &Ctx,
+                o: &Out,
+            ) {
                 let mut tile = [[0f32; $cb]; MT];
                 for (bases, dsts) in o.base.chunks(MT).zip(o.dst.chunks(MT)) {
                     let mut b = [bases[0]; MT];
                     b[..bases.len()].copy_from_slice(bases);
                     // SAFETY: as in `forward`.
-                    unsafe { micro::<MT, NV>(ctx, &b, &mut tile) };
+                    unsafe { micro::<MT, NV, K>(ctx, &b, &mut tile) };
                     // SAFETY: in bounds, and these positions belong to this chunk alone.
                     unsafe { epilogue(o, &tile, dsts) };
                 }
@@ -627,10 +649,12 @@ macro_rules! direct_kernels {
             }
 
             /// The register tile: `acc[j][v]` = output channels `L*v..L*(v+1)` of position `j`,
-            /// summed over every input channel and tap.
+            /// summed over every input channel and tap. With the kernel size `K` known at
+            /// compile time (3, 7) the taps go row by row with the column as a constant
+            /// displacement, no offset table; `K = 0` reads `ctx.toff`. Same order either way.
             #[target_feature(enable = $feat)]
             #[inline]
-            unsafe fn micro<const MT: usize, const NV: usize>(
+            unsafe fn micro<const MT: usize, const NV: usize, const K: usize>(
                 ctx: &Ctx,
                 base: &[usize; MT],
                 tile: &mut [[f32; $cb]; MT],
@@ -638,14 +662,14 @@ macro_rules! direct_kernels {
                 let mut acc = [[$zero(); NV]; MT];
                 let xp = ctx.xp.as_ptr();
                 let mut wptr = ctx.w.as_ptr();
-                for c in 0..ctx.cin {
-                    let xc = unsafe { xp.add(c * ctx.plane) };
-                    for &t in ctx.toff {
+                // One tap: the weights at `wptr` times the input at `xt + base[j]`.
+                macro_rules! tap {
+                    ($xt:expr) => {{
                         let mut wv = [$zero(); NV];
                         for (v, r) in wv.iter_mut().enumerate() {
                             *r = unsafe { $load(wptr.add(L * v)) };
                         }
-                        let xt = unsafe { xc.add(t) };
+                        let xt = $xt;
                         for j in 0..MT {
                             let xv = $set1(unsafe { *xt.add(base[j]) });
                             for v in 0..NV {
@@ -653,6 +677,21 @@ macro_rules! direct_kernels {
                             }
                         }
                         wptr = unsafe { wptr.add(L * NV) };
+                    }};
+                }
+                for c in 0..ctx.cin {
+                    let xc = unsafe { xp.add(c * ctx.plane) };
+                    if K > 0 {
+                        for r in 0..K {
+                            let xr = unsafe { xc.add(r * ctx.wp) };
+                            for col in 0..K {
+                                tap!(unsafe { xr.add(col) });
+                            }
+                        }
+                    } else {
+                        for &t in ctx.toff {
+                            tap!(unsafe { xc.add(t) });
+                        }
                     }
                 }
                 for (row, a) in tile.iter_mut().zip(&acc) {
@@ -820,7 +859,7 @@ mod tests {
                 }
                 let res = values(b * cout * g.ohw(), 3 * i as u64 + 5);
                 for (relu, r) in [(false, None), (true, None), (true, Some(&res[..]))] {
-                    let got = forward_with(isa, &g, &x, &wt, Some(&bias), r, relu);
+                    let got = forward_with(isa, &g, &x, &wt, Some(&bias), r, relu, false);
                     let want = match r {
                         None => crate::conv::forward_im2col(&g, &x, &wt, Some(&bias), relu),
                         Some(r) => crate::conv::forward_im2col(&g, &x, &wt, Some(&bias), false)
@@ -863,7 +902,7 @@ mod tests {
             let bias = values(cout, 13);
             let res = values(b * cout * g.ohw(), 14);
             let dy = values(b * cout * g.ohw(), 15);
-            let f = |isa| forward_with(isa, &g, &x, &wt, Some(&bias), Some(&res), true);
+            let f = |isa| forward_with(isa, &g, &x, &wt, Some(&bias), Some(&res), true, false);
             let bw = |isa| backward_weight_with(isa, 256, &g, &x, &dy);
             for pair in isas.windows(2) {
                 assert_eq!(f(pair[0]), f(pair[1]), "case {i}: forward {pair:?}");
@@ -871,6 +910,37 @@ mod tests {
                     bw(pair[0]),
                     bw(pair[1]),
                     "case {i}: weight gradient {pair:?}"
+                );
+            }
+        }
+    }
+
+    /// The micro-kernels specialised for 3x3 and 7x7 sum every output in the order of the
+    /// offset-table loop: the same bits, with bias, residual and ReLU, at strides 1 and 2.
+    #[test]
+    fn kernel_size_specialisations_agree_bit_for_bit() {
+        for &isa in &crate::cpu::vector_isas() {
+            for (i, &(b, cin, h, w, cout, k, s, p)) in [
+                (2, 9, 13, 11, 24, 3, 1, 1),
+                (2, 5, 16, 15, 40, 3, 2, 1),
+                (2, 3, 23, 21, 20, 7, 2, 3),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let g =
+                    Geom::new(&[b, cin, h, w], &[cout, cin, k, k], ConvParams::new(s, p)).unwrap();
+                let x = values(b * cin * h * w, 21 + i as u64);
+                let wt = values(cout * cin * k * k, 22 + i as u64);
+                let bias = values(cout, 23);
+                let res = values(b * cout * g.ohw(), 24);
+                let f = |generic| {
+                    forward_with(isa, &g, &x, &wt, Some(&bias), Some(&res), true, generic)
+                };
+                let (a, c) = (f(false), f(true));
+                assert!(
+                    a.iter().zip(&c).all(|(a, c)| a.to_bits() == c.to_bits()),
+                    "case {i} {isa:?}: the {k}x{k} kernel differs from the generic one"
                 );
             }
         }
