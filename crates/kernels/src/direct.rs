@@ -105,8 +105,20 @@ fn choices() -> &'static std::sync::Mutex<std::collections::HashMap<Key, Plan>> 
 }
 
 /// The plans worth trying for `op` here, the preferred first: every instruction set of
-/// [`candidates`], and for the weight gradient each of its [`position_blocks`].
-fn plans(op: Op) -> Vec<Plan> {
+/// [`candidates`], and for the weight gradient each of its [`position_blocks`] (worked out once
+/// per process).
+fn plans(op: Op) -> &'static [Plan] {
+    use std::sync::OnceLock;
+    static FORWARD: OnceLock<Vec<Plan>> = OnceLock::new();
+    static WEIGHT_GRAD: OnceLock<Vec<Plan>> = OnceLock::new();
+    let cell = match op {
+        Op::Forward => &FORWARD,
+        Op::WeightGrad => &WEIGHT_GRAD,
+    };
+    cell.get_or_init(|| plans_uncached(op))
+}
+
+fn plans_uncached(op: Op) -> Vec<Plan> {
     let mut v = Vec::new();
     for &isa in candidates() {
         match op {
@@ -138,7 +150,7 @@ fn tuned<R>(op: Op, g: &Geom, run: impl Fn(Plan) -> R) -> R {
         op,
         [g.b, g.cin, g.h, g.w, g.cout, g.kh, g.p.stride, g.p.padding],
     );
-    fastest(choices(), key, &plans(op), run)
+    fastest(choices(), key, plans(op), run)
 }
 
 /// The measured choice of [`tuned`] among `cands` (first preferred unless another is at least
