@@ -88,8 +88,15 @@ fn synced_stats<T: WithDType>(
     Ok((mv, n as usize))
 }
 
-/// `y = x * scale[c] + shift[c]` over `[B, C, HW]`.
-fn affine<T: WithDType>(x: &[T], c: usize, hw: usize, scale: &[T], shift: &[T]) -> Vec<T> {
+/// `y = x * scale[c] + shift[c]` over `[B, C, HW]`, clipped at zero when `relu`, in one pass.
+fn affine<T: WithDType>(
+    x: &[T],
+    c: usize,
+    hw: usize,
+    scale: &[T],
+    shift: &[T],
+    relu: bool,
+) -> Vec<T> {
     let mut y = par::zeroed::<T>(x.len());
     y.par_chunks_mut(hw)
         .zip(x.par_chunks(hw))
@@ -97,7 +104,8 @@ fn affine<T: WithDType>(x: &[T], c: usize, hw: usize, scale: &[T], shift: &[T]) 
         .for_each(|(i, (yp, xp))| {
             let (a, s) = (scale[i % c], shift[i % c]);
             for (o, &v) in yp.iter_mut().zip(xp) {
-                *o = v * a + s;
+                let v = v * a + s;
+                *o = if relu && v < T::zero() { T::zero() } else { v };
             }
         });
     y
@@ -166,16 +174,7 @@ impl BatchNormTrain {
             scale.push(T::from_f64(a));
             shift.push(T::from_f64(bias[ci].to_f64() - mean * a));
         }
-        let mut y = affine(x, c, hw, &scale, &shift);
-        if self.relu {
-            y.par_chunks_mut(1 << 14).for_each(|ch| {
-                for v in ch {
-                    if *v < T::zero() {
-                        *v = T::zero();
-                    }
-                }
-            });
-        }
+        let y = affine(x, c, hw, &scale, &shift, self.relu);
         *self
             .stats
             .lock()
@@ -399,7 +398,7 @@ impl CustomOp3 for ChannelAffine {
             )
         }
         dispatch!("channel affine", (s1, l1, s2, l2, s3, l3), |x, a, s| (
-            affine(x, c, h * w, a, s),
+            affine(x, c, h * w, a, s, false),
             l1.shape().clone()
         ))
     }

@@ -147,8 +147,8 @@ pub fn l1d_bytes() -> usize {
 }
 
 /// One line on what the kernels found: instruction set, bf16, L1d and L2 sizes, and (after
-/// some work, on CPUs with several instruction sets) how many layer shapes each was measured
-/// faster on (for benchmark reports).
+/// some work) what the measured choices took: instruction sets where the CPU has several,
+/// weight-gradient position blocks (for benchmark reports).
 pub fn summary() -> String {
     let kib = |b: Option<usize>| b.map_or("?".to_string(), |b| format!("{} KiB", b >> 10));
     let mut s = format!(

@@ -319,7 +319,7 @@ fn forward_with(
         .next_multiple_of(24)
         .max(24);
     // Every output is written below: each chunk writes all channels of its positions.
-    filled_later(g.b * g.cout * ohw, |y| {
+    crate::par::filled_later(g.b * g.cout * ohw, |y| {
         let out = SendPtr(y.as_mut_ptr().cast::<f32>());
         let job = |ci: usize| {
             let lo = ci * chunk;
@@ -373,18 +373,6 @@ fn forward_with(
     })
 }
 
-/// A vector of `n` floats that the caller writes completely before reading: it skips the
-/// zero-fill (a memset of every output and buffer here).
-fn filled_later(n: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>])) -> Vec<f32> {
-    let mut v: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n);
-    // SAFETY: MaybeUninit needs no initialisation.
-    unsafe { v.set_len(n) };
-    fill(&mut v);
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: `fill` wrote every element (the callers' contract); MaybeUninit<f32> and f32 share
-    // their layout.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), n, v.capacity()) }
-}
 /// Row length and plane size of the zero-padded input.
 fn padded_dims(g: &Geom) -> (usize, usize) {
     let pad = g.p.padding;
@@ -400,7 +388,7 @@ fn pad_input<'a>(g: &Geom, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
     }
     let (wp, plane) = padded_dims(g);
     let zero = MaybeUninit::new(0f32);
-    let v = filled_later(g.b * g.cin * plane, |v| {
+    let v = crate::par::filled_later(g.b * g.cin * plane, |v| {
         v.par_chunks_mut(plane)
             .zip(x.par_chunks(g.h * g.w))
             .for_each(|(dst, src)| {
@@ -528,13 +516,9 @@ fn backward_weight_with(isa: Isa, pblock: usize, g: &Geom, x: &[f32], dy: &[f32]
 /// (1,024 positions of 64 channels on a 1 MiB L2). On Zen 3 (AVX2, 32 KiB L1d, 512 KiB L2) the
 /// L1 blocks made the 7x7 stem's weight gradient ~1.4x faster and left the 3x3 layers level.
 fn position_blocks(cb: usize) -> Vec<usize> {
-    let isa_l1 = (crate::cpu::l1d_bytes() / 2 / (cb * 4)).clamp(64, 8192);
+    let l1 = (crate::cpu::l1d_bytes() / 2 / (cb * 4)).clamp(64, 8192);
     let l2 = (crate::cpu::l2_bytes() / 4 / (cb * 4)).clamp(256, 8192);
-    if isa_l1 == l2 {
-        vec![l2]
-    } else {
-        vec![isa_l1, l2]
-    }
+    if l1 == l2 { vec![l2] } else { vec![l1, l2] }
 }
 
 /// The L1-sized position block of `isa`'s widest channel block.
@@ -618,9 +602,8 @@ macro_rules! direct_kernels {
                     b[..bases.len()].copy_from_slice(bases);
                     // SAFETY: as in `forward`.
                     unsafe { micro::<MT, NV, K>(ctx, &b, &mut tile) };
-                    // SAFETY: in bounds, and these positions belong to this chunk alone.
-                    // SAFETY: as above; the vector epilogue returns false (writing nothing)
-                    // where it does not apply.
+                    // SAFETY: in bounds, and these positions belong to this chunk alone; the
+                    // vector epilogue returns false (writing nothing) where it does not apply.
                     if !(o.vector_store && unsafe { $vepi(o, &tile, dsts) }) {
                         unsafe { epilogue(o, &tile, dsts) };
                     }
@@ -634,6 +617,11 @@ macro_rules! direct_kernels {
             unsafe fn epilogue<const MT: usize>(o: &Out, tile: &[[f32; $cb]; MT], dsts: &[usize]) {
                 let n = dsts.len();
                 let run = dsts[n - 1] == dsts[0] + n - 1;
+                // `(acc + bias) + residual` (`+ 0.0` without one), then the ReLU.
+                let value = |acc: f32, bv: f32, r: f32| {
+                    let v = acc + bv + r;
+                    if o.relu && v < 0.0 { 0.0 } else { v }
+                };
                 for c in 0..o.nco {
                     let co = o.co0 + c;
                     let bv = o.bias.map_or(0.0, |bb| bb[co]);
@@ -644,16 +632,12 @@ macro_rules! direct_kernels {
                             Some(r) => {
                                 let r = &r[at..at + n];
                                 for (j, (row, &r)) in tile.iter().zip(r).enumerate() {
-                                    let v = row[c] + bv + r;
-                                    let v = if o.relu && v < 0.0 { 0.0 } else { v };
-                                    unsafe { *y.add(j) = v };
+                                    unsafe { *y.add(j) = value(row[c], bv, r) };
                                 }
                             }
                             None => {
                                 for (j, row) in tile.iter().take(n).enumerate() {
-                                    let v = row[c] + bv + 0.0;
-                                    let v = if o.relu && v < 0.0 { 0.0 } else { v };
-                                    unsafe { *y.add(j) = v };
+                                    unsafe { *y.add(j) = value(row[c], bv, 0.0) };
                                 }
                             }
                         }
@@ -661,9 +645,7 @@ macro_rules! direct_kernels {
                     }
                     for (row, &d) in tile.iter().zip(dsts) {
                         let r = o.res.map_or(0.0, |r| r[d + co * o.ohw]);
-                        let v = row[c] + bv + r;
-                        let v = if o.relu && v < 0.0 { 0.0 } else { v };
-                        unsafe { *o.y.0.add(d + co * o.ohw) = v };
+                        unsafe { *o.y.0.add(d + co * o.ohw) = value(row[c], bv, r) };
                     }
                 }
             }

@@ -97,15 +97,27 @@ pub fn zeroed<T: candle_core::WithDType>(n: usize) -> Vec<T> {
     if n < PAR_ZERO_MIN || threads() == 1 {
         return vec![T::zero(); n];
     }
-    let mut v: Vec<std::mem::MaybeUninit<T>> = Vec::with_capacity(n);
-    // SAFETY: MaybeUninit needs no initialisation; every element is written below.
-    unsafe { v.set_len(n) };
     let chunk = n.div_ceil(threads() * 4).max(PAR_ZERO_MIN / 4);
-    v.par_chunks_mut(chunk).for_each(|c| {
-        c.fill(std::mem::MaybeUninit::new(T::zero()));
-    });
+    filled_later(n, |v| {
+        v.par_chunks_mut(chunk).for_each(|c| {
+            c.fill(std::mem::MaybeUninit::new(T::zero()));
+        })
+    })
+}
+
+/// A vector of `n` values that `fill` writes completely before anything reads it: no zero-fill
+/// first (a memset of every output and buffer).
+pub(crate) fn filled_later<T: Copy>(
+    n: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>]),
+) -> Vec<T> {
+    let mut v: Vec<std::mem::MaybeUninit<T>> = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { v.set_len(n) };
+    fill(&mut v);
     let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: all `n` elements were written; MaybeUninit<T> and T share their layout.
+    // SAFETY: `fill` wrote every element (the callers' contract); MaybeUninit<T> and T share
+    // their layout.
     unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), n, v.capacity()) }
 }
 

@@ -350,31 +350,32 @@ fn batch_norm_matches_candle() -> Result<()> {
                 .mean((0, 2, 3))?;
             assert_close(&format!("bn var {case}"), &out.var, &var, 1e-4)?;
             let r = randn(0f32, 1., x.dims(), &dev)?.to_dtype(dtype)?;
-            let g1 = (&out.y * &r)?.sum_all()?.backward()?;
-            let g2 = (&theirs * &r)?.sum_all()?.backward()?;
-            for (name, v) in [("x", &x), ("w", &wt), ("b", &bias)] {
-                assert_close(
-                    &format!("bn grad {name} {case}"),
-                    g1.get(v).unwrap(),
-                    g2.get(v).unwrap(),
-                    1e-4,
-                )?;
-            }
+            // Gradients of `sum(ours * r)` and `sum(theirs * r)` for each of `vars`.
+            let same_grads = |what: &str,
+                              ours: &Tensor,
+                              theirs: &Tensor,
+                              vars: &[(&str, &Tensor)]|
+             -> Result<()> {
+                let g1 = (ours * &r)?.sum_all()?.backward()?;
+                let g2 = (theirs * &r)?.sum_all()?.backward()?;
+                for &(name, v) in vars {
+                    assert_close(
+                        &format!("{what} grad {name} {case}"),
+                        g1.get(v).unwrap(),
+                        g2.get(v).unwrap(),
+                        1e-4,
+                    )?;
+                }
+                Ok(())
+            };
+            let bn_vars = [("x", &*x), ("w", &*wt), ("b", &*bias)];
+            same_grads("bn", &out.y, &theirs, &bn_vars)?;
             // With the fused ReLU: relu(bn(x)), same statistics, gradients through the mask.
             let fused = batch_norm_train_act(&x, &wt, &bias, 1e-5, None, true)?;
             let theirs_relu = theirs.relu()?;
             assert_close(&format!("bn+relu fwd {case}"), &fused.y, &theirs_relu, 1e-4)?;
             assert_close(&format!("bn+relu mean {case}"), &fused.mean, &out.mean, 0.0)?;
-            let g1 = (&fused.y * &r)?.sum_all()?.backward()?;
-            let g2 = (&theirs_relu * &r)?.sum_all()?.backward()?;
-            for (name, v) in [("x", &x), ("w", &wt), ("b", &bias)] {
-                assert_close(
-                    &format!("bn+relu grad {name} {case}"),
-                    g1.get(v).unwrap(),
-                    g2.get(v).unwrap(),
-                    1e-4,
-                )?;
-            }
+            same_grads("bn+relu", &fused.y, &theirs_relu, &bn_vars)?;
 
             let scale = Var::from_tensor(&randn(0f32, 1., c, &dev)?.to_dtype(dtype)?)?;
             let shift = Var::from_tensor(&randn(0f32, 1., c, &dev)?.to_dtype(dtype)?)?;
@@ -383,16 +384,8 @@ fn batch_norm_matches_candle() -> Result<()> {
                 .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
                 .broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
             assert_close(&format!("affine fwd {case}"), &ours, &theirs, 1e-5)?;
-            let g1 = (&ours * &r)?.sum_all()?.backward()?;
-            let g2 = (&theirs * &r)?.sum_all()?.backward()?;
-            for (name, v) in [("x", &x), ("scale", &scale), ("shift", &shift)] {
-                assert_close(
-                    &format!("affine grad {name} {case}"),
-                    g1.get(v).unwrap(),
-                    g2.get(v).unwrap(),
-                    1e-4,
-                )?;
-            }
+            let affine_vars = [("x", &*x), ("scale", &*scale), ("shift", &*shift)];
+            same_grads("affine", &ours, &theirs, &affine_vars)?;
         }
     }
     Ok(())
