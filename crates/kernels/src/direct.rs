@@ -38,21 +38,34 @@ macro_rules! kernel_size {
 
 /// Whether the direct kernel handles this convolution (and the CPU has AVX-512 or AVX2 + FMA):
 /// square kernels larger than 1x1 with at most 2,304 taps per output (256 channels at 3x3), over
-/// at least 128 output positions, and at most 9,216 taps times channel blocks: every block of
-/// output channels walks all taps of its positions again, so the work outside the FMAs grows
-/// with both. Measured against im2col + gemm on the layers of the small model and of ResNet-50
-/// at 257 px: on AVX-512 (64-channel blocks) 1.1-1.5x faster in that range (the 7x7 stems and
-/// stride-2 layers gain most), slower beyond it (512 channels: 127 vs 146 GFLOP/s; 2,048: 48 vs
-/// 72); on AVX2 (16-channel blocks, Zen 3) 1.3-1.7x faster up to 128 channels at 3x3, level at
-/// 9x9 maps of 128 -> 256 channels (18,432) and slower at 256 -> 256 (88 vs 111 GFLOP/s).
+/// at least 128 output positions, and weights of at most [`MAX_WEIGHTS`] taps x output channels
+/// (rounded up to the ISA's channel blocks): every block of output channels walks all taps of
+/// its positions again, and beyond 256 -> 256 at 3x3 im2col + gemm wins. The bound is in
+/// channels, not blocks, so both ISAs take the same layers. Measured against im2col + gemm on
+/// the layers of the small model and of ResNet-50 at 257 and 641 px: on AVX-512 (64-channel
+/// blocks) 1.1-1.5x faster in that range (the 7x7 stems and stride-2 layers gain most), slower
+/// beyond it (512 channels: 127 vs 146 GFLOP/s; 2,048: 48 vs 72); on AVX2 (16-channel blocks,
+/// Zen 3, with the 3x3 micro-kernel) 1.3-1.7x faster up to 128 channels and, at 256 -> 256, up
+/// to 1.6x forward and 1.45x backward on 5x5-21x21 maps (ResNet-50's stage 3, the heads' P4-P6,
+/// the small model's stage 4), level at 9x9 batch 2; slower at 512 -> 512 (9.4 vs 11.2 ms at
+/// 2x512x9x9) and for 2,048 inputs.
 pub(crate) fn suitable(g: &Geom) -> bool {
-    let Some(isa) = isa() else { return false };
+    isa().is_some_and(|isa| suits(g, isa))
+}
+
+/// Taps x output channels of the largest weights [`suitable`] hands to the direct kernel: a
+/// 256 -> 256 3x3 layer.
+const MAX_WEIGHTS: usize = 2304 * 256;
+
+/// [`suitable`] for instruction set `isa`.
+fn suits(g: &Geom, isa: Isa) -> bool {
+    let blocks = Blocks::new(isa, g.cout);
     g.cout > 0
         && g.kh == g.kw
         && g.kh > 1
         && g.p.dilation == 1
         && (16..=2304).contains(&g.k())
-        && g.k() * Blocks::new(isa, g.cout).count() <= 9216
+        && g.k() * blocks.count() * blocks.cb <= MAX_WEIGHTS
         && g.b * g.ohw() >= 128
 }
 
@@ -922,6 +935,31 @@ mod tests {
                 (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
             })
             .collect()
+    }
+
+    /// Both instruction sets hand the same layers to the direct kernel: the weight bound counts
+    /// channels, not blocks (16 wide on AVX2, 64 on AVX-512).
+    #[test]
+    fn both_isas_select_the_same_layers() {
+        // (b, cin, h, w, cout, k, stride, padding, selected)
+        let cases = [
+            (2, 256, 17, 17, 256, 3, 1, 1, true),
+            (16, 256, 5, 5, 256, 3, 1, 1, true),
+            (16, 128, 9, 9, 256, 3, 2, 1, true),
+            (2, 256, 33, 33, 60, 3, 1, 1, true),
+            (2, 256, 33, 33, 257, 3, 1, 1, false),
+            (2, 512, 9, 9, 512, 3, 1, 1, false),
+            (2, 2048, 9, 9, 256, 3, 2, 1, false),
+            (2, 3, 257, 257, 64, 7, 2, 3, true),
+            (2, 64, 33, 33, 64, 1, 1, 0, false),
+            (2, 256, 5, 5, 256, 3, 1, 1, false),
+        ];
+        for (b, cin, h, w, cout, k, s, p, want) in cases {
+            let g = Geom::new(&[b, cin, h, w], &[cout, cin, k, k], ConvParams::new(s, p)).unwrap();
+            for isa in [Isa::Avx2, Isa::Avx512] {
+                assert_eq!(suits(&g, isa), want, "{isa:?} {g:?}");
+            }
+        }
     }
 
     /// The direct kernels (forward with bias and ReLU, weight gradient) of every instruction set
