@@ -386,6 +386,42 @@ fn forward_with(
     })
 }
 
+/// `dst[m * lw + c] = src[c * n + m]` for channels `c < nc` and positions `m < n` (`lw >= nc`;
+/// other lanes of `dst` are left as they are): blocks of 8 x 8 through AVX2 registers where the
+/// CPU has it, the edges one value at a time.
+fn transpose_into(src: &[f32], n: usize, nc: usize, dst: &mut [f32], lw: usize) {
+    assert!(lw >= nc && src.len() >= nc * n && dst.len() >= n * lw);
+    let (mut n8, mut nc8) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if isa().is_some() {
+        (n8, nc8) = (n / 8 * 8, nc / 8 * 8);
+        // SAFETY: the CPU has AVX2 (both ISAs of `isa` imply it); the lengths are asserted.
+        unsafe { avx2_transpose::blocks(src, n, n8, nc8, dst, lw) };
+    }
+    transpose_scalar(src, n, dst, lw, 0..n8, nc8..nc);
+    transpose_scalar(src, n, dst, lw, n8..n, 0..nc);
+}
+
+/// [`transpose_into`] over positions `ms` and channels `cs`, 16 positions at a time: their rows
+/// of `dst` (at most 4 KiB) stay in L1 while every channel is scattered into them.
+fn transpose_scalar(
+    src: &[f32],
+    n: usize,
+    dst: &mut [f32],
+    lw: usize,
+    ms: std::ops::Range<usize>,
+    cs: std::ops::Range<usize>,
+) {
+    for m0 in ms.clone().step_by(16) {
+        let m1 = (m0 + 16).min(ms.end);
+        for c in cs.clone() {
+            for (m, &v) in (m0..m1).zip(&src[c * n + m0..c * n + m1]) {
+                dst[m * lw + c] = v;
+            }
+        }
+    }
+}
+
 /// Row length and plane size of the zero-padded input.
 fn padded_dims(g: &Geom) -> (usize, usize) {
     let pad = g.p.padding;
@@ -458,26 +494,20 @@ fn backward_weight_with(isa: Isa, pblock: usize, g: &Geom, x: &[f32], dy: &[f32]
     let ohw = g.ohw();
     let total = g.b * ohw;
     let bl = Blocks::new(isa, g.cout);
-    // dy as [block][pos][lanes] (block `bi` at `bi * total * cb`), zero lanes past Cout.
+    // dy as [block][pos][lanes] (block `bi` at `bi * total * cb`), zero lanes past Cout; one
+    // task per (block, image).
     let mut dyt = crate::par::zeroed::<f32>(bl.len(total));
+    let mut parts: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(bl.count() * g.b);
     for (bi, blk) in dyt.chunks_mut(total * bl.cb).enumerate() {
-        let lw = bl.width(bi);
-        blk.par_chunks_mut(ohw * lw)
-            .enumerate()
-            .for_each(|(b, dst)| {
-                // 16 positions at a time: their rows of `dst` (at most 4 KiB) stay in L1 while
-                // every channel is scattered into them.
-                for m0 in (0..ohw).step_by(16) {
-                    let m1 = (m0 + 16).min(ohw);
-                    for c in 0..bl.channels(bi) {
-                        let src = &dy[(b * g.cout + bi * bl.cb + c) * ohw..][m0..m1];
-                        for (m, &v) in (m0..m1).zip(src) {
-                            dst[m * lw + c] = v;
-                        }
-                    }
-                }
-            });
+        for (b, dst) in blk.chunks_mut(ohw * bl.width(bi)).enumerate() {
+            parts.push((bi, b, dst));
+        }
     }
+    parts.into_par_iter().for_each(|(bi, b, dst)| {
+        let nc = bl.channels(bi);
+        let src = &dy[(b * g.cout + bi * bl.cb) * ohw..][..nc * ohw];
+        transpose_into(src, ohw, nc, dst, bl.width(bi));
+    });
     let base = window_bases(g, 0..total);
     let taps = k * k;
     let kk = g.cin * taps;
@@ -822,6 +852,75 @@ unsafe fn no_vector_epilogue<const MT: usize, const CB: usize>(
     false
 }
 
+/// 8 x 8 transposes in AVX2 registers.
+#[cfg(target_arch = "x86_64")]
+mod avx2_transpose {
+    use std::arch::x86_64::*;
+
+    /// Row `i` of the result is column `i` of `r` (pure data movement: the same bits).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(s0, s4),
+            _mm256_permute2f128_ps::<0x20>(s1, s5),
+            _mm256_permute2f128_ps::<0x20>(s2, s6),
+            _mm256_permute2f128_ps::<0x20>(s3, s7),
+            _mm256_permute2f128_ps::<0x31>(s0, s4),
+            _mm256_permute2f128_ps::<0x31>(s1, s5),
+            _mm256_permute2f128_ps::<0x31>(s2, s6),
+            _mm256_permute2f128_ps::<0x31>(s3, s7),
+        ]
+    }
+
+    /// `dst[m * lw + c] = src[c * n + m]` for `m < n8`, `c < nc8` (both multiples of 8).
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `src` holds `nc8` rows of `n >= n8` floats and `dst` `n8` rows of
+    /// `lw >= nc8`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn blocks(
+        src: &[f32],
+        n: usize,
+        n8: usize,
+        nc8: usize,
+        dst: &mut [f32],
+        lw: usize,
+    ) {
+        debug_assert!(src.len() >= nc8 * n && dst.len() >= n8 * lw && lw >= nc8 && n >= n8);
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        for m0 in (0..n8).step_by(8) {
+            for c0 in (0..nc8).step_by(8) {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (j, v) in r.iter_mut().enumerate() {
+                    // SAFETY: row c0 + j < nc8 and m0 + 8 <= n8 <= n: inside `src`.
+                    *v = unsafe { _mm256_loadu_ps(s.add((c0 + j) * n + m0)) };
+                }
+                for (i, v) in transpose8(r).into_iter().enumerate() {
+                    // SAFETY: row m0 + i < n8, lanes c0..c0 + 8 <= nc8 <= lw: inside `dst`.
+                    unsafe { _mm256_storeu_ps(d.add((m0 + i) * lw + c0), v) };
+                }
+            }
+        }
+    }
+}
+
 /// The AVX2 forward tile of 6 positions x 16 channels written with vectors: two 8x8 transposes
 /// (rows 6 and 7 zero) turn it into one vector of the 6 positions per channel, which gets the
 /// bias, the residual and the ReLU and goes out in two stores (4 + 2 lanes), where the scalar
@@ -854,31 +953,8 @@ mod avx2_epilogue {
                 // SAFETY: `tile` has MT = 6 rows of CB = 16 floats.
                 *row = unsafe { _mm256_loadu_ps(tile[j].as_ptr().cast::<f32>().add(8 * half)) };
             }
-            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-            let s4 = _mm256_shuffle_ps::<0x44>(t4, zero);
-            let s5 = _mm256_shuffle_ps::<0xEE>(t4, zero);
-            let s6 = _mm256_shuffle_ps::<0x44>(t5, zero);
-            let s7 = _mm256_shuffle_ps::<0xEE>(t5, zero);
             // Channel c of this half: positions 0..5 in lanes 0..5.
-            let cols = [
-                _mm256_permute2f128_ps::<0x20>(s0, s4),
-                _mm256_permute2f128_ps::<0x20>(s1, s5),
-                _mm256_permute2f128_ps::<0x20>(s2, s6),
-                _mm256_permute2f128_ps::<0x20>(s3, s7),
-                _mm256_permute2f128_ps::<0x31>(s0, s4),
-                _mm256_permute2f128_ps::<0x31>(s1, s5),
-                _mm256_permute2f128_ps::<0x31>(s2, s6),
-                _mm256_permute2f128_ps::<0x31>(s3, s7),
-            ];
+            let cols = super::avx2_transpose::transpose8(r);
             for (c8, &col) in cols.iter().enumerate() {
                 let c = 8 * half + c8;
                 if c >= o.nco {
@@ -935,6 +1011,34 @@ mod tests {
                 (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
             })
             .collect()
+    }
+
+    /// The weight gradient's transpose of `dy` (8 x 8 register blocks and scalar edges) puts
+    /// every value where the plain loop does and leaves the padding lanes alone, at sizes that
+    /// are and are not multiples of 8.
+    #[test]
+    fn transpose_into_matches_the_plain_loop() {
+        for n in [1, 5, 8, 13, 16, 25, 64, 67] {
+            for nc in [1usize, 3, 8, 12, 16] {
+                for lw in [nc, nc.next_multiple_of(8), nc + 5] {
+                    let src = values(nc * n, (n * 31 + nc) as u64);
+                    let mut want = vec![-7.0f32; n * lw];
+                    for c in 0..nc {
+                        for m in 0..n {
+                            want[m * lw + c] = src[c * n + m];
+                        }
+                    }
+                    let mut got = vec![-7.0f32; n * lw];
+                    transpose_into(&src, n, nc, &mut got, lw);
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "n {n} nc {nc} lw {lw}"
+                    );
+                }
+            }
+        }
     }
 
     /// Both instruction sets hand the same layers to the direct kernel: the weight bound counts
