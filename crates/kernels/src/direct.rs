@@ -387,17 +387,22 @@ fn forward_with(
 }
 
 /// `dst[m * lw + c] = src[c * n + m]` for channels `c < nc` and positions `m < n` (`lw >= nc`;
-/// other lanes of `dst` are left as they are): blocks of 8 x 8 through AVX2 registers where the
-/// CPU has it, the edges one value at a time.
-fn transpose_into(src: &[f32], n: usize, nc: usize, dst: &mut [f32], lw: usize) {
+/// other lanes of `dst` are left as they are): blocks of 8 x 8 through AVX2 registers (which
+/// both instruction sets of the direct kernels imply; call only where the CPU has `_isa`), the
+/// edges one value at a time.
+fn transpose_into(src: &[f32], n: usize, nc: usize, dst: &mut [f32], lw: usize, _isa: Isa) {
     assert!(lw >= nc && src.len() >= nc * n && dst.len() >= n * lw);
-    let (mut n8, mut nc8) = (0, 0);
+    // Off x86-64 (where nothing selects the direct kernels) every value takes the scalar path.
+    let (n8, nc8) = if cfg!(target_arch = "x86_64") {
+        (n / 8 * 8, nc / 8 * 8)
+    } else {
+        (0, 0)
+    };
+    // SAFETY: the CPU has `_isa`, hence AVX2; the lengths are asserted.
     #[cfg(target_arch = "x86_64")]
-    if isa().is_some() {
-        (n8, nc8) = (n / 8 * 8, nc / 8 * 8);
-        // SAFETY: the CPU has AVX2 (both ISAs of `isa` imply it); the lengths are asserted.
-        unsafe { avx2_transpose::blocks(src, n, n8, nc8, dst, lw) };
-    }
+    unsafe {
+        avx2_transpose::blocks(src, n, n8, nc8, dst, lw)
+    };
     transpose_scalar(src, n, dst, lw, 0..n8, nc8..nc);
     transpose_scalar(src, n, dst, lw, n8..n, 0..nc);
 }
@@ -506,7 +511,7 @@ fn backward_weight_with(isa: Isa, pblock: usize, g: &Geom, x: &[f32], dy: &[f32]
     parts.into_par_iter().for_each(|(bi, b, dst)| {
         let nc = bl.channels(bi);
         let src = &dy[(b * g.cout + bi * bl.cb) * ohw..][..nc * ohw];
-        transpose_into(src, ohw, nc, dst, bl.width(bi));
+        transpose_into(src, ohw, nc, dst, bl.width(bi), isa);
     });
     let base = window_bases(g, 0..total);
     let taps = k * k;
@@ -1028,14 +1033,19 @@ mod tests {
                             want[m * lw + c] = src[c * n + m];
                         }
                     }
-                    let mut got = vec![-7.0f32; n * lw];
-                    transpose_into(&src, n, nc, &mut got, lw);
-                    assert!(
+                    let same = |got: &[f32]| {
                         got.iter()
                             .zip(&want)
-                            .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "n {n} nc {nc} lw {lw}"
-                    );
+                            .all(|(a, b)| a.to_bits() == b.to_bits())
+                    };
+                    let mut got = vec![-7.0f32; n * lw];
+                    transpose_scalar(&src, n, &mut got, lw, 0..n, 0..nc);
+                    assert!(same(&got), "scalar: n {n} nc {nc} lw {lw}");
+                    for isa in crate::cpu::vector_isas() {
+                        let mut got = vec![-7.0f32; n * lw];
+                        transpose_into(&src, n, nc, &mut got, lw, isa);
+                        assert!(same(&got), "{isa:?}: n {n} nc {nc} lw {lw}");
+                    }
                 }
             }
         }
