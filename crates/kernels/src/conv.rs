@@ -490,18 +490,25 @@ pub(crate) fn forward_fused<T: WithDType>(
     res: Option<&[T]>,
     relu: bool,
 ) -> Vec<T> {
-    if T::DTYPE == DType::F32 && !use_winograd(g) && crate::direct::suitable(g) {
-        let y = crate::direct::forward(
+    if T::DTYPE == DType::F32 && use_winograd4(g) {
+        return from_f32(crate::winograd4::forward(
             g,
             as_f32(x),
             as_f32(wt),
             bias.map(as_f32),
             res.map(as_f32),
             relu,
-        );
-        // SAFETY: T is f32 (checked above): same layout, same allocation.
-        let mut y = std::mem::ManuallyDrop::new(y);
-        return unsafe { Vec::from_raw_parts(y.as_mut_ptr().cast::<T>(), y.len(), y.capacity()) };
+        ));
+    }
+    if T::DTYPE == DType::F32 && !use_winograd(g) && crate::direct::suitable(g) {
+        return from_f32(crate::direct::forward(
+            g,
+            as_f32(x),
+            as_f32(wt),
+            bias.map(as_f32),
+            res.map(as_f32),
+            relu,
+        ));
     }
     if use_winograd(g) {
         let Some(res) = res else {
@@ -519,6 +526,22 @@ pub(crate) fn forward_fused<T: WithDType>(
         return y;
     }
     forward_im2col_fused(g, x, wt, bias, res, relu)
+}
+
+/// `y` as a `Vec<T>`; call only when `T::DTYPE` is F32.
+fn from_f32<T: WithDType>(y: Vec<f32>) -> Vec<T> {
+    assert_eq!(T::DTYPE, DType::F32);
+    let mut y = std::mem::ManuallyDrop::new(y);
+    // SAFETY: T is f32 (asserted): same layout, same allocation.
+    unsafe { Vec::from_raw_parts(y.as_mut_ptr().cast::<T>(), y.len(), y.capacity()) }
+}
+
+/// F(4x4, 3x3) Winograd for the f32 geometries it suits (`RETINANET_NO_WINOGRAD4` turns it off,
+/// to compare paths on one machine).
+fn use_winograd4(g: &Geom) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*OFF.get_or_init(|| std::env::var_os("RETINANET_NO_WINOGRAD4").is_some())
+        && crate::winograd4::suitable(g)
 }
 
 /// `s` as f32; call only when `T::DTYPE` is F32.
@@ -679,6 +702,12 @@ fn with_cols<T: WithDType, R>(
 
 /// Input gradient: `dx[b] = col2im(Wᵀ · dy[b])`.
 pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
+    if T::DTYPE == DType::F32
+        && crate::winograd4::suitable(g)
+        && use_winograd4(&crate::winograd4::transposed(g))
+    {
+        return from_f32(crate::winograd4::backward_input(g, as_f32(dy), as_f32(wt)));
+    }
     if use_winograd(g) {
         return crate::winograd::backward_input(g, dy, wt);
     }

@@ -859,13 +859,13 @@ unsafe fn no_vector_epilogue<const MT: usize, const CB: usize>(
 
 /// 8 x 8 transposes in AVX2 registers.
 #[cfg(target_arch = "x86_64")]
-mod avx2_transpose {
+pub(crate) mod avx2_transpose {
     use std::arch::x86_64::*;
 
     /// Row `i` of the result is column `i` of `r` (pure data movement: the same bits).
     #[target_feature(enable = "avx2")]
     #[inline]
-    pub(super) fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    pub(crate) fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
         let t0 = _mm256_unpacklo_ps(r[0], r[1]);
         let t1 = _mm256_unpackhi_ps(r[0], r[1]);
         let t2 = _mm256_unpacklo_ps(r[2], r[3]);

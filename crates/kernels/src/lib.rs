@@ -46,6 +46,7 @@ mod par;
 mod reduce;
 mod sgd;
 mod winograd;
+mod winograd4;
 
 pub use bn::{
     BatchNormOutput, SumReducer, add_relu, batch_norm_train, batch_norm_train_act,

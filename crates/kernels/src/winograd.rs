@@ -269,7 +269,15 @@ pub(crate) fn forward<T: WithDType>(
 /// Input gradient of a [`suitable`] convolution: the stride-1 convolution of `dy` with the
 /// rotated, transposed kernel and padding `2 - p`.
 pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
-    let gt = Geom {
+    let gt = transposed(g);
+    let u = kernel_transform(w, gt.cout, gt.cin, true);
+    run(&gt, dy, &u, None, false)
+}
+
+/// The input gradient of a stride-1 3x3 convolution with padding `p <= 2` as a forward
+/// convolution of `dy` (the rotated, transposed kernel at padding `2 - p`): its geometry.
+pub(crate) fn transposed(g: &Geom) -> Geom {
+    Geom {
         b: g.b,
         cin: g.cout,
         h: g.oh,
@@ -284,9 +292,7 @@ pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T
             padding: 2 - g.p.padding,
             dilation: 1,
         },
-    };
-    let u = kernel_transform(w, gt.cout, gt.cin, true);
-    run(&gt, dy, &u, None, false)
+    }
 }
 
 #[cfg(test)]

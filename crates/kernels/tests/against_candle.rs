@@ -72,10 +72,15 @@ const CASES: &[Case] = &[
     (1, 8, 3, 3, 4, 3, 2, 1, 1),
     (2, 32, 33, 33, 48, 3, 1, 1, 1),
     (2, 64, 17, 17, 32, 1, 1, 0, 1),
-    // Winograd F(2x2, 3x3): stride 1, 256 channels and 256 tiles; paddings 0, 1, 2.
+    // Winograd, stride 1, 256 channels; paddings 0, 1, 2: F(4x4, 3x3) in f32, F(2x2, 3x3) in f64.
     (2, 256, 24, 23, 256, 3, 1, 0, 1),
     (1, 256, 33, 29, 256, 3, 1, 1, 1),
     (2, 256, 19, 21, 256, 3, 1, 2, 1),
+    // Winograd F(4x4, 3x3): 128+ channels (not whole vectors or panels), paddings 0 and 1, and
+    // 64 channels where the tiles barely overhang (its input gradient takes another path).
+    (2, 128, 31, 30, 136, 3, 1, 1, 1),
+    (3, 131, 30, 27, 129, 3, 1, 0, 1),
+    (1, 64, 64, 63, 48, 3, 1, 1, 1),
     // Small maps and larger batches: several images share one gemm (the grouped path), with a
     // shorter last group.
     (8, 16, 9, 9, 24, 3, 1, 1, 1),
@@ -531,7 +536,7 @@ fn conv2d_weight_gradient_without_input_gradient() -> Result<()> {
 
 /// The fused inference op `relu(conv + bias + residual)` against candle's convolution, bias,
 /// add and ReLU, on every path of the forward pass: the direct kernel (3x3, 7x7/2), Winograd
-/// (256 channels, stride 1), the pointwise gemm, the strided 1x1 (im2col), the grouped small-map
+/// F(2x2, 3x3) (256 channels, stride 1, few tiles) and F(4x4, 3x3), the pointwise gemm, the strided 1x1 (im2col), the grouped small-map
 /// path, f64; with and without a bias. A tracked operand falls back to the differentiable ops.
 #[test]
 fn conv2d_add_relu_matches_candle() -> Result<()> {
@@ -542,6 +547,7 @@ fn conv2d_add_relu_matches_candle() -> Result<()> {
         (2, 16, 17, 15, 32, 3, 1, 1),
         (1, 3, 41, 39, 24, 7, 2, 3),
         (2, 256, 21, 19, 256, 3, 1, 1),
+        (2, 128, 33, 31, 136, 3, 1, 1),
         (1, 64, 20, 21, 96, 1, 1, 0),
         (2, 32, 19, 17, 48, 1, 2, 0),
         (16, 8, 5, 5, 20, 3, 1, 1),
