@@ -23,8 +23,9 @@ type V = [f32; L];
 
 /// Whether F(4x4, 3x3) applies and pays off: a 3x3 stride-1 convolution, and by measurement
 /// (old path against this one per layer, alternating, Zen 3):
-/// - 128+ input channels with the last tiles overhanging the map by at most a third of its area
-///   (2x128x33x33: 1.2x faster, 1x256x25x25 1.3x, 1x256x81x81 2x); 64+ channels only where the
+/// - 128+ input channels with the last tiles overhanging the map by at most half its area
+///   (2x128x33x33: 1.2x faster, 1x256x25x25 1.3x, 1x256x81x81 2x, 2x256x17x17 (20x20 covered)
+///   1.3x, 4x256x13x13 1.05x; 9x9 maps, 12x12 covered, are no faster); 64+ channels only where the
 ///   overhang is at most an eighth (64 -> 64 at 65x65 and 161x161: 1.3-1.5x faster, at 33x33,
 ///   19% overhang, 7% slower than the direct kernel);
 /// - [`MIN_OUT`] output channels (the output transform per tile needs products to repay it);
@@ -41,7 +42,7 @@ pub(crate) fn suitable(g: &Geom) -> bool {
         && g.p.dilation == 1
         && g.p.padding <= 2
         && g.cout >= MIN_OUT
-        && ((g.cin >= 128 && 3 * area <= 4 * out) || (g.cin >= 64 && 8 * area <= 9 * out))
+        && ((g.cin >= 128 && 2 * area <= 3 * out) || (g.cin >= 64 && 8 * area <= 9 * out))
         && tiles >= MIN_TILES
         && (u_bytes <= U_CACHED || tiles >= MANY_TILES)
 }
@@ -172,22 +173,23 @@ fn pack_block_body(
     // tile: clip to the packed extent.
     let (rows, cols) = (h.min(hp - p), w.min(wp - p));
     let plane = |l: usize| &x[(b * g.cin + cb * L + l) * h * w..][..h * w];
-    let mut done = 0;
+    // Columns `..done` through register transposes where all L channels exist.
+    let done = if cfg!(target_arch = "x86_64") && wide && cb * L + L <= g.cin {
+        cols / 8 * 8
+    } else {
+        0
+    };
     #[cfg(target_arch = "x86_64")]
-    if wide && cb * L + L <= g.cin {
-        done = cols / 8 * 8;
-        for r in 0..rows {
-            for c0 in (0..done).step_by(8) {
-                let src: [*const f32; 8] =
-                    std::array::from_fn(|l| plane(l)[r * w + c0..][..8].as_ptr());
-                let o = &mut dst[((r + p) * wp + p + c0) * L..][..8 * L];
-                // SAFETY: AVX2 (`wide` is `use_avx2()`); the eight rows hold 8 floats from
-                // `c0` (c0 + 8 <= cols <= w) and `o` holds 64.
-                unsafe { avx2_store::columns(src, o.as_mut_ptr()) };
-            }
+    for r in 0..rows {
+        for c0 in (0..done).step_by(8) {
+            let src: [*const f32; 8] =
+                std::array::from_fn(|l| plane(l)[r * w + c0..][..8].as_ptr());
+            let o = &mut dst[((r + p) * wp + p + c0) * L..][..8 * L];
+            // SAFETY: AVX2 (`done > 0` only when `wide`, which is `use_avx2()`); the eight rows
+            // hold 8 floats from `c0` (c0 + 8 <= cols <= w) and `o` holds 64.
+            unsafe { avx2_store::columns(src, o.as_mut_ptr()) };
         }
     }
-    let _ = wide;
     for l in 0..L {
         if cb * L + l >= g.cin {
             break;
@@ -898,7 +900,8 @@ mod tests {
         assert!(suitable(&g(1, 256, 256, 21)), "36 tiles");
         assert!(!suitable(&g(1, 256, 256, 13)), "16 tiles");
         assert!(!suitable(&g(2, 512, 512, 9)), "9x9: 3x3 tiles cover 12x12");
-        assert!(!suitable(&g(2, 256, 256, 17)), "17x17: 20x20 covered");
+        assert!(suitable(&g(2, 256, 256, 17)), "17x17: 20x20 covered");
+        assert!(!suitable(&g(8, 256, 256, 9)), "9x9: 12x12 covered");
         assert!(!suitable(&g(1, 256, 36, 81)), "36 outputs");
         assert!(suitable(&g(2, 64, 64, 65)), "64 channels, 9% overhang");
         assert!(!suitable(&g(16, 64, 64, 33)), "64 channels, 19% overhang");
