@@ -704,7 +704,7 @@ fn with_cols<T: WithDType, R>(
 pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
     if T::DTYPE == DType::F32
         && crate::winograd4::suitable(g)
-        && use_winograd4(&crate::winograd4::transposed(g))
+        && transposed(g).is_some_and(|gt| use_winograd4(&gt))
     {
         return from_f32(crate::winograd4::backward_input(g, as_f32(dy), as_f32(wt)));
     }
@@ -722,7 +722,7 @@ pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<
 /// swapped, at padding `k - 1 - padding`: this geometry. Its gemm has the long `Cout*k*k` inner
 /// dimension of a forward pass (instead of `Cout`) and its patch matrix is gathered by im2col
 /// rather than scattered by col2im. Pointwise convolutions keep their plain gemm.
-fn transposed(g: &Geom) -> Option<Geom> {
+pub(crate) fn transposed(g: &Geom) -> Option<Geom> {
     let ok = g.p.stride == 1
         && g.p.dilation == 1
         && g.kh == g.kw

@@ -22,6 +22,7 @@
 
 use crate::conv::Geom;
 use crate::cpu::Isa;
+use crate::par::SendPtr;
 use rayon::prelude::*;
 
 /// `$call` with its last const parameter set to the kernel size where a specialised micro-kernel
@@ -588,14 +589,8 @@ struct WCtx<'a> {
     /// Taps per output channel (`Cin * k * k`).
     kk: usize,
     pblock: usize,
-    dw: SendPtr,
+    dw: SendPtr<f32>,
 }
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: chunks write disjoint positions of the output.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 struct Ctx<'a> {
     xp: &'a [f32],
@@ -622,7 +617,7 @@ struct Out<'a> {
     relu: bool,
     /// Whether the instruction set's vector epilogue may write the tiles it handles.
     vector_store: bool,
-    y: SendPtr,
+    y: SendPtr<f32>,
 }
 
 /// The micro-kernels of one instruction set: `$v` the vector type of `$lanes` f32 lanes, `$cb`

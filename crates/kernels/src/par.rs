@@ -83,6 +83,14 @@ pub(crate) fn with_scratch<T: candle_core::WithDType, R>(
     })
 }
 
+/// A raw pointer that parallel tasks writing disjoint elements may share (each use documents why
+/// its writes are disjoint).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: only used for writes to disjoint indices, documented at each use.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+unsafe impl<T: Send> Send for SendPtr<T> {}
+
 /// Elements below which [`zeroed`] fills on the calling thread (a task costs more).
 const PAR_ZERO_MIN: usize = 1 << 16;
 

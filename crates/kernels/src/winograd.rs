@@ -11,6 +11,7 @@
 //! products reads and writes contiguous matrices that are still in cache.
 
 use crate::conv::{Geom, gemm};
+use crate::par::SendPtr;
 use candle_core::WithDType;
 use rayon::prelude::*;
 
@@ -83,12 +84,6 @@ fn kernel_transform<T: WithDType>(
     });
     u
 }
-
-/// A raw pointer that tasks writing disjoint elements may share.
-struct SendPtr<T>(*mut T);
-// SAFETY: only used for writes to disjoint indices, documented at each use.
-unsafe impl<T: Send> Sync for SendPtr<T> {}
-unsafe impl<T: Send> Send for SendPtr<T> {}
 
 /// Tile grid of one image: `(tiles_h, tiles_w)`.
 fn tiles(g: &Geom) -> (usize, usize) {
@@ -269,30 +264,9 @@ pub(crate) fn forward<T: WithDType>(
 /// Input gradient of a [`suitable`] convolution: the stride-1 convolution of `dy` with the
 /// rotated, transposed kernel and padding `2 - p`.
 pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
-    let gt = transposed(g);
+    let gt = crate::conv::transposed(g).expect("a suitable convolution has a transposed form");
     let u = kernel_transform(w, gt.cout, gt.cin, true);
     run(&gt, dy, &u, None, false)
-}
-
-/// The input gradient of a stride-1 3x3 convolution with padding `p <= 2` as a forward
-/// convolution of `dy` (the rotated, transposed kernel at padding `2 - p`): its geometry.
-pub(crate) fn transposed(g: &Geom) -> Geom {
-    Geom {
-        b: g.b,
-        cin: g.cout,
-        h: g.oh,
-        w: g.ow,
-        cout: g.cin,
-        kh: 3,
-        kw: 3,
-        oh: g.h,
-        ow: g.w,
-        p: crate::ConvParams {
-            stride: 1,
-            padding: 2 - g.p.padding,
-            dilation: 1,
-        },
-    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! `U[36][Cin][Cout]`, `M[36][tiles][Cout]`), so both transforms are plain 8-lane arithmetic.
 
 use crate::conv::{Geom, gemm};
+use crate::par::SendPtr;
 use rayon::prelude::*;
 
 /// Channels per vector of the transforms (one AVX2 register; AVX-512 machines run the same code).
@@ -118,16 +119,8 @@ fn kernel_panel_body(
                 };
             }
         }
-        // t = G k: 6 rows of 3 taps.
-        let mut t = [[[0f32; L]; 3]; 6];
-        for c in 0..3 {
-            let col = g6(&k[c], &k[3 + c], &k[6 + c]);
-            for r in 0..6 {
-                t[r][c] = col[r];
-            }
-        }
-        for (r, tr) in t.iter().enumerate() {
-            let row = g6(&tr[0], &tr[1], &tr[2]);
+        let ut = transform2d(|r, c| k[r * 3 + c], g6);
+        for (r, row) in ut.iter().enumerate() {
             for (c, val) in row.iter().enumerate() {
                 let o = (r * 6 + c) * plane + (p * cinp + ci) * NR + ob * L % NR;
                 // SAFETY: o + L <= 36 * plane; panel p of each U[ξ] belongs to this task.
@@ -136,12 +129,6 @@ fn kernel_panel_body(
         }
     }
 }
-
-/// A raw pointer that tasks writing disjoint elements may share.
-struct SendPtr<T>(*mut T);
-// SAFETY: only used for writes to disjoint indices, documented at each use.
-unsafe impl<T: Send> Sync for SendPtr<T> {}
-unsafe impl<T: Send> Send for SendPtr<T> {}
 
 /// The input in 8-channel blocks, `[B][cinp/8][hp][wp][8]`, where row `r` and column `c` hold
 /// `x[.., r - p, c - p]` (zero outside the image and in the padded channels): every tile's 6x6
@@ -207,10 +194,10 @@ fn pack_block_body(
 /// `G` applied to three vectors (a column or a row of the 3x3 kernel). In f32: computing `U` in
 /// f64 and rounding once measured no more accurate (the transforms of the input dominate).
 #[inline(always)]
-fn g6(a: &[f32; L], b: &[f32; L], c: &[f32; L]) -> [[f32; L]; 6] {
+fn g6(k: &[V; 3]) -> [V; 6] {
     let mut r = [[0f32; L]; 6];
     for l in 0..L {
-        let (a, b, c) = (a[l], b[l], c[l]);
+        let (a, b, c) = (k[0][l], k[1][l], k[2][l]);
         r[0][l] = 0.5 * a;
         // Reciprocals rather than divisions.
         r[1][l] = (a + b + c) * (1.0 / 6.0);
@@ -254,15 +241,15 @@ fn at(m: &[V; 6]) -> [V; 4] {
     o
 }
 
-/// `f` applied to the columns of the 6x6 tile `load(r, c)`, then to the rows of the result:
-/// `F d Fᵀ`, `R x R`.
+/// `f` applied to the columns of the `N x N` tile `load(r, c)`, then to the rows of the result:
+/// `F d Fᵀ`, `R x R` (the input and output transforms: 6 -> 6 and 6 -> 4; the kernel's: 3 -> 6).
 #[inline(always)]
-fn transform2d<const R: usize>(
+fn transform2d<const N: usize, const R: usize>(
     load: impl Fn(usize, usize) -> V,
-    f: impl Fn(&[V; 6]) -> [V; R],
+    f: impl Fn(&[V; N]) -> [V; R],
 ) -> [[V; R]; R] {
-    let mut q = [[[0f32; L]; 6]; R];
-    for c in 0..6 {
+    let mut q = [[[0f32; L]; N]; R];
+    for c in 0..N {
         let col = f(&std::array::from_fn(|r| load(r, c)));
         for (qr, v) in q.iter_mut().zip(col) {
             qr[c] = v;
@@ -762,13 +749,9 @@ pub(crate) fn forward(
 /// Input gradient of a [`suitable`] convolution: the stride-1 convolution of `dy` with the
 /// rotated, transposed kernel and padding `2 - p`.
 pub(crate) fn backward_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
-    let gt = transposed(g);
+    let gt = crate::conv::transposed(g).expect("a suitable convolution has a transposed form");
     run(&gt, dy, w, true, None, None, false, use_avx2())
 }
-
-/// The geometry of the input gradient of a [`suitable`] convolution as a forward convolution
-/// of `dy`.
-pub(crate) use crate::winograd::transposed;
 
 #[cfg(test)]
 mod tests {
