@@ -84,11 +84,14 @@ fn kernel_transform(
     assert_eq!(u.len(), 36 * cinp * coutp);
     let up = SendPtr(u.as_mut_ptr());
     (0..coutp / NR).into_par_iter().for_each(|p| {
-        kernel_panel(avx2, w, cout, cin, flip_transpose, p, &up);
+        kernel_panel(avx2, w, cout, cin, flip_transpose, p, &up, avx2);
     });
 }
 
-/// Panel `p` of every `U[ξ]` (all `cinp` rows, zeros past `cout` and for `ci >= cin`).
+/// Panel `p` of every `U[ξ]` (all `cinp` rows, zeros past `cout` and for `ci >= cin`), 8 input
+/// channels at a time: their 16 outputs' taps are first copied into `a` (contiguous runs of `w`:
+/// 72 floats per output), then turned channel-major by 8x8 transposes, so the strided gather
+/// from `w` (rows `9 * cin` floats apart) is one pass of whole runs.
 #[inline(always)]
 fn kernel_panel_body(
     w: &[f32],
@@ -97,35 +100,86 @@ fn kernel_panel_body(
     flip_transpose: bool,
     p: usize,
     u: &SendPtr<f32>,
+    wide: bool,
 ) {
+    const T: usize = 9 * L;
     let (cinp, coutp) = (cin.next_multiple_of(L), cout.next_multiple_of(NR));
     let plane = cinp * coutp;
-    for (ci, ob) in (0..cinp).flat_map(|ci| (p * NR / L..(p + 1) * NR / L).map(move |ob| (ci, ob)))
-    {
-        // k[i][l]: tap i of the kernel from input ci to output ob * L + l.
-        let mut k = [[0f32; L]; 9];
-        for l in 0..L {
-            let co = ob * L + l;
-            if co >= cout || ci >= cin {
+    // a[r][ci_l * 9 + i]: tap i of the kernel from input cb * L + ci_l to output p * NR + r.
+    let mut a = [[0f32; T]; NR];
+    for cb in 0..cinp / L {
+        // cb * L < cin: cinp rounds cin up to whole blocks.
+        let n = L.min(cin - cb * L);
+        for (r, row) in a.iter_mut().enumerate() {
+            let co = p * NR + r;
+            if co >= cout {
+                row.fill(0.0);
                 continue;
             }
-            for (i, tap) in k.iter_mut().enumerate() {
-                tap[l] = if flip_transpose {
-                    // `w` is the original `[cin, cout, 3, 3]`: tap `i` of the rotated kernel is
-                    // tap `8 - i` of the original.
-                    w[(ci * cout + co) * 9 + (8 - i)]
-                } else {
-                    w[(co * cin + ci) * 9 + i]
-                };
+            if flip_transpose {
+                // `w` is the original `[cin, cout, 3, 3]`: tap `i` of the rotated kernel is
+                // tap `8 - i` of the original.
+                for ci_l in 0..n {
+                    let src = &w[((cb * L + ci_l) * cout + co) * 9..][..9];
+                    for (i, d) in row[ci_l * 9..][..9].iter_mut().enumerate() {
+                        *d = src[8 - i];
+                    }
+                }
+            } else {
+                row[..9 * n].copy_from_slice(&w[(co * cin + cb * L) * 9..][..9 * n]);
+            }
+            row[9 * n..].fill(0.0);
+        }
+        for ob in 0..NR / L {
+            // k[j][l] = a[ob * L + l][j]: the taps as vectors over 8 output channels.
+            let mut k = [[0f32; L]; T];
+            let rows = &a[ob * L..][..L];
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: AVX2 (`wide` is `use_avx2()`); 8 rows of T floats, T a multiple of 8.
+                unsafe { transpose_rows(rows, &mut k) };
+            }
+            if !cfg!(target_arch = "x86_64") || !wide {
+                for (l, row) in rows.iter().enumerate() {
+                    for (kj, &v) in k.iter_mut().zip(row) {
+                        kj[l] = v;
+                    }
+                }
+            }
+            let obg = p * NR / L + ob;
+            for ci_l in 0..L {
+                let ci = cb * L + ci_l;
+                let ut = transform2d::<3, 6, KernelPass>(|r, c| k[ci_l * 9 + r * 3 + c]);
+                for (r, row) in ut.iter().enumerate() {
+                    for (c, val) in row.iter().enumerate() {
+                        let o = (r * 6 + c) * plane + (p * cinp + ci) * NR + obg * L % NR;
+                        // SAFETY: o + L <= 36 * plane; panel p of each U[ξ] belongs to this task.
+                        unsafe { std::ptr::copy_nonoverlapping(val.as_ptr(), u.0.add(o), L) };
+                    }
+                }
             }
         }
-        let ut = transform2d(|r, c| k[r * 3 + c], g6);
-        for (r, row) in ut.iter().enumerate() {
-            for (c, val) in row.iter().enumerate() {
-                let o = (r * 6 + c) * plane + (p * cinp + ci) * NR + ob * L % NR;
-                // SAFETY: o + L <= 36 * plane; panel p of each U[ξ] belongs to this task.
-                unsafe { std::ptr::copy_nonoverlapping(val.as_ptr(), u.0.add(o), L) };
-            }
+    }
+}
+
+/// `k[j][l] = rows[l][j]` through 8x8 register transposes.
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn transpose_rows<const T: usize>(rows: &[[f32; T]], k: &mut [V; T]) {
+    use std::arch::x86_64::*;
+    assert!(rows.len() == L && T.is_multiple_of(L));
+    for j0 in (0..T).step_by(L) {
+        // SAFETY: row l holds T floats from 0, so 8 from j0 < T.
+        let r: [__m256; L] =
+            std::array::from_fn(|l| unsafe { _mm256_loadu_ps(rows[l][j0..].as_ptr()) });
+        let t = crate::direct::avx2_transpose::transpose8(r);
+        for (i, v) in t.into_iter().enumerate() {
+            // SAFETY: k[j0 + i] holds 8 floats.
+            unsafe { _mm256_storeu_ps(k[j0 + i].as_mut_ptr(), v) };
         }
     }
 }
@@ -195,67 +249,118 @@ fn pack_block_body(
 /// f64 and rounding once measured no more accurate (the transforms of the input dominate).
 #[inline(always)]
 fn g6(k: &[V; 3]) -> [V; 6] {
-    let mut r = [[0f32; L]; 6];
-    for l in 0..L {
-        let (a, b, c) = (k[0][l], k[1][l], k[2][l]);
-        r[0][l] = 0.5 * a;
-        // Reciprocals rather than divisions.
-        r[1][l] = (a + b + c) * (1.0 / 6.0);
-        r[2][l] = -(a - b + c) * (1.0 / 6.0);
-        r[3][l] = -(16.0 * a + 8.0 * b + 4.0 * c) * (1.0 / 15.0);
-        r[4][l] = (a - 2.0 * b + 4.0 * c) * (1.0 / 30.0);
-        r[5][l] = 0.5 * c;
+    let [a, b, c] = k;
+    // Reciprocals rather than divisions.
+    [
+        lanes(|l| 0.5 * a[l]),
+        lanes(|l| (a[l] + b[l] + c[l]) * (1.0 / 6.0)),
+        lanes(|l| -(a[l] - b[l] + c[l]) * (1.0 / 6.0)),
+        lanes(|l| -(16.0 * a[l] + 8.0 * b[l] + 4.0 * c[l]) * (1.0 / 15.0)),
+        lanes(|l| (a[l] - 2.0 * b[l] + 4.0 * c[l]) * (1.0 / 30.0)),
+        lanes(|l| 0.5 * c[l]),
+    ]
+}
+
+/// The vector whose lane `l` is `f(l)` (a plain loop: `array::from_fn` left calls to its
+/// closure shims in the AVX2 builds).
+#[inline(always)]
+fn lanes(f: impl Fn(usize) -> f32) -> V {
+    let mut v = [0f32; L];
+    for (l, x) in v.iter_mut().enumerate() {
+        *x = f(l);
     }
-    r
+    v
 }
 
 /// Column transform `Bᵀ d` of six vectors.
 #[inline(always)]
 fn bt(d: &[V; 6]) -> [V; 6] {
-    let mut r = [[0f32; L]; 6];
-    for l in 0..L {
-        let (d0, d1, d2, d3, d4, d5) = (d[0][l], d[1][l], d[2][l], d[3][l], d[4][l], d[5][l]);
-        r[0][l] = 2.0 * (d0 - 2.0 * d2 + d4) - 3.0 * (d1 - d3);
-        r[1][l] = 2.0 * (d4 - d1) + d2 + 5.0 * d3;
-        r[2][l] = 2.0 * (d1 + d4) - 5.0 * d2 + d3;
-        r[3][l] = 2.0 * (d3 - d1) - d2 + d4;
-        r[4][l] = 2.0 * (d4 - d2) + d1 - d3;
-        r[5][l] = 2.0 * (d1 - 2.0 * d3 + d5) - 3.0 * (d2 - d4);
-    }
-    r
+    let [d0, d1, d2, d3, d4, d5] = d;
+    [
+        lanes(|l| 2.0 * (d0[l] - 2.0 * d2[l] + d4[l]) - 3.0 * (d1[l] - d3[l])),
+        lanes(|l| 2.0 * (d4[l] - d1[l]) + d2[l] + 5.0 * d3[l]),
+        lanes(|l| 2.0 * (d1[l] + d4[l]) - 5.0 * d2[l] + d3[l]),
+        lanes(|l| 2.0 * (d3[l] - d1[l]) - d2[l] + d4[l]),
+        lanes(|l| 2.0 * (d4[l] - d2[l]) + d1[l] - d3[l]),
+        lanes(|l| 2.0 * (d1[l] - 2.0 * d3[l] + d5[l]) - 3.0 * (d2[l] - d4[l])),
+    ]
 }
 
 /// Output transform `Aᵀ m` of six vectors.
 #[inline(always)]
 fn at(m: &[V; 6]) -> [V; 4] {
-    let mut o = [[0f32; L]; 4];
-    for l in 0..L {
-        let a = m[1][l] + m[2][l];
-        let b = m[1][l] - m[2][l];
-        let (m3, m4) = (m[3][l], m[4][l]);
-        o[0][l] = m[0][l] + a + m3 + m4;
-        o[1][l] = b + 0.5 * m3 - 2.0 * m4;
-        o[2][l] = a + 0.25 * m3 + 4.0 * m4;
-        o[3][l] = b + 0.125 * m3 - 8.0 * m4 + m[5][l];
-    }
-    o
+    let a = lanes(|l| m[1][l] + m[2][l]);
+    let b = lanes(|l| m[1][l] - m[2][l]);
+    let (m3, m4) = (&m[3], &m[4]);
+    [
+        lanes(|l| m[0][l] + a[l] + m3[l] + m4[l]),
+        lanes(|l| b[l] + 0.5 * m3[l] - 2.0 * m4[l]),
+        lanes(|l| a[l] + 0.25 * m3[l] + 4.0 * m4[l]),
+        lanes(|l| b[l] + 0.125 * m3[l] - 8.0 * m4[l] + m[5][l]),
+    ]
 }
 
-/// `f` applied to the columns of the `N x N` tile `load(r, c)`, then to the rows of the result:
+/// One pass of a 2-D transform: `N` vectors (a column or a row of a tile) to `R`.
+///
+/// A trait rather than a function argument: a function item passed as `impl Fn` runs through a
+/// `Fn::call` shim that LLVM left out of line, compiled without AVX2 (SSE code, and `vzeroupper`
+/// around every call), three times slower than the inlined transform.
+trait Pass<const N: usize, const R: usize> {
+    fn pass(v: &[V; N]) -> [V; R];
+}
+
+/// `G` (the kernel transform, 3 -> 6).
+struct KernelPass;
+/// `Bᵀ` (the input transform, 6 -> 6).
+struct InputPass;
+/// `Aᵀ` (the output transform, 6 -> 4).
+struct OutputPass;
+
+impl Pass<3, 6> for KernelPass {
+    #[inline(always)]
+    fn pass(v: &[V; 3]) -> [V; 6] {
+        g6(v)
+    }
+}
+
+impl Pass<6, 6> for InputPass {
+    #[inline(always)]
+    fn pass(v: &[V; 6]) -> [V; 6] {
+        bt(v)
+    }
+}
+
+impl Pass<6, 4> for OutputPass {
+    #[inline(always)]
+    fn pass(v: &[V; 6]) -> [V; 4] {
+        at(v)
+    }
+}
+
+/// `P` applied to the columns of the `N x N` tile `load(r, c)`, then to the rows of the result:
 /// `F d Fᵀ`, `R x R` (the input and output transforms: 6 -> 6 and 6 -> 4; the kernel's: 3 -> 6).
 #[inline(always)]
-fn transform2d<const N: usize, const R: usize>(
+fn transform2d<const N: usize, const R: usize, P: Pass<N, R>>(
     load: impl Fn(usize, usize) -> V,
-    f: impl Fn(&[V; N]) -> [V; R],
 ) -> [[V; R]; R] {
-    let mut q = [[[0f32; L]; N]; R];
-    for c in 0..N {
-        let col = f(&std::array::from_fn(|r| load(r, c)));
-        for (qr, v) in q.iter_mut().zip(col) {
-            qr[c] = v;
+    // cols[c][r]: column c transformed.
+    let mut cols = [[[0f32; L]; R]; N];
+    for (c, col) in cols.iter_mut().enumerate() {
+        let mut v = [[0f32; L]; N];
+        for (r, vr) in v.iter_mut().enumerate() {
+            *vr = load(r, c);
         }
+        *col = P::pass(&v);
     }
-    std::array::from_fn(|r| f(&q[r]))
+    let mut out = [[[0f32; L]; R]; R];
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut v = [[0f32; L]; N];
+        for (c, vc) in v.iter_mut().enumerate() {
+            *vc = cols[c][r];
+        }
+        *o = P::pass(&v);
+    }
+    out
 }
 
 #[inline(always)]
@@ -292,7 +397,8 @@ fn input_tiles_body(
         let base = (4 * ty * pl.wp + 4 * tx) * L;
         for cb in 0..cb_n {
             let src = &xb[(bi * cb_n + cb) * blk..][..blk];
-            let vt = transform2d(|r, c| load(&src[base + (r * pl.wp + c) * L..]), bt);
+            let vt =
+                transform2d::<6, 6, InputPass>(|r, c| load(&src[base + (r * pl.wp + c) * L..]));
             // Stored as V[ξ = r * 6 + c][j][cb * L..].
             for (r, row) in vt.iter().enumerate() {
                 for (c, val) in row.iter().enumerate() {
@@ -330,10 +436,9 @@ fn output_tiles_body(
         let (oy0, ox0) = (4 * ty, 4 * tx);
         let (nr, nc) = ((g.oh - oy0).min(4), (g.ow - ox0).min(4));
         for ob in 0..pl.coutp / L {
-            let out = transform2d(
-                |r, c| load(&m[((r * 6 + c) * tg + j) * pl.coutp + ob * L..]),
-                at,
-            );
+            let out = transform2d::<6, 4, OutputPass>(|r, c| {
+                load(&m[((r * 6 + c) * tg + j) * pl.coutp + ob * L..])
+            });
             let bv: V = match bias {
                 Some(b) if ob * L + L <= g.cout => load(&b[ob * L..]),
                 Some(b) => std::array::from_fn(|l| b.get(ob * L + l).copied().unwrap_or(0.0)),
@@ -411,6 +516,7 @@ macro_rules! avx2_or_plain {
 
 avx2_or_plain!(kernel_panel => kernel_panel_body(
     w: &[f32], cout: usize, cin: usize, flip_transpose: bool, p: usize, u: &SendPtr<f32>,
+    wide: bool,
 ));
 avx2_or_plain!(input_tiles => input_tiles_body(
     pl: &Plan, xb: &[f32], t0: usize, tg: usize, js: std::ops::Range<usize>, v: &SendPtr<f32>,
