@@ -55,6 +55,9 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Arithmetic of the convolutions: f32, or tf32 on CUDA.
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: retinanet_train::device::Precision,
     /// No progress output.
     #[arg(long, short)]
     quiet: bool,
@@ -77,6 +80,7 @@ fn main() -> Result<()> {
         ev.finish()
     } else {
         let device = parse_device(&a.device)?;
+        a.precision.apply(&device)?;
         if (a.model.extractor.is_some() || a.model.torchvision.is_some()) && a.config.is_none() {
             bail!(
                 "--extractor / --detector / --torchvision: pass --config with the data to evaluate on"

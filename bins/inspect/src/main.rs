@@ -53,6 +53,9 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Arithmetic of the convolutions: f32, or tf32 on CUDA.
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: retinanet_train::device::Precision,
     /// Also write every detection into this COCO results file (a JSON array of `image_id`,
     /// `category_id`, `bbox` [x, y, w, h], `score`, as pycocotools' loadRes reads).
     #[arg(long)]
@@ -77,6 +80,7 @@ fn main() -> Result<()> {
     retinanet_train::init_runtime();
     let a = Args::parse();
     let device = parse_device(&a.device)?;
+    a.precision.apply(&device)?;
     let det = a.model.load(a.names.as_deref(), &device)?;
     // The per-level pre-NMS top-k stays on, as in evaluation: without it a large photo and a
     // low threshold send hundreds of thousands of boxes to NMS.

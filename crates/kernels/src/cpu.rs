@@ -98,6 +98,16 @@ pub fn has_bf16() -> bool {
     }
 }
 
+/// The CPU's model name (`/proc/cpuinfo`), for messages and reports; `None` where it cannot be
+/// read.
+pub fn model_name() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
 /// Size in bytes of the level-`level` data (or unified) cache of CPU 0, from sysfs.
 fn cache_bytes(level: u32) -> Option<usize> {
     let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;

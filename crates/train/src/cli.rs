@@ -23,6 +23,9 @@ pub struct RunArgs {
     /// Override the config's device: cpu, cuda, cuda:N.
     #[arg(long)]
     pub device: Option<String>,
+    /// Override the config's precision (f32; tf32 on CUDA).
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::device::Precision>,
     /// Override the config's run name.
     #[arg(long)]
     pub name: Option<String>,
@@ -43,6 +46,8 @@ pub trait RunConfig: DeserializeOwned + crate::config::Validate {
     fn set_device(&mut self, device: String);
     /// Sets the run name.
     fn set_name(&mut self, name: String);
+    /// Sets the precision.
+    fn set_precision(&mut self, precision: crate::device::Precision);
 }
 
 impl RunConfig for crate::DetectorRunConfig {
@@ -52,6 +57,9 @@ impl RunConfig for crate::DetectorRunConfig {
     fn set_name(&mut self, name: String) {
         self.name = name;
     }
+    fn set_precision(&mut self, precision: crate::device::Precision) {
+        self.precision = precision;
+    }
 }
 
 impl RunConfig for crate::PretrainRunConfig {
@@ -60,6 +68,9 @@ impl RunConfig for crate::PretrainRunConfig {
     }
     fn set_name(&mut self, name: String) {
         self.name = name;
+    }
+    fn set_precision(&mut self, precision: crate::device::Precision) {
+        self.precision = precision;
     }
 }
 
@@ -75,6 +86,9 @@ impl RunArgs {
         }
         if let Some(n) = &self.name {
             cfg.set_name(n.clone());
+        }
+        if let Some(p) = self.precision {
+            cfg.set_precision(p);
         }
         cfg.validate().with_context(|| match &self.config {
             Some(p) => format!("config {}", p.display()),

@@ -3,14 +3,15 @@
 //! after the first release, which are optional with the old behaviour as their default, so that
 //! older configs and the configs stored in older checkpoints keep loading: `train.sync_bn`,
 //! `data.classes`, `data.eval_max_size`, the `[model.anchors]` and `[data.augment]` tables,
-//! `eval.mode`, the synthetic source's `min_objects` and `background`, `model.variant` and
-//! `model.bn_eps`.
+//! `eval.mode`, the synthetic source's `min_objects` and `background`, `model.variant`,
+//! `model.bn_eps` and `precision`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+pub use crate::device::Precision;
 use crate::schedule::LrSchedule;
 
 /// The extractor and detector architecture.
@@ -669,6 +670,9 @@ pub struct DetectorRunConfig {
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// The arithmetic of convolutions and products (optional, `"f32"`; see [`Precision`]).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     /// Architecture.
     pub model: ModelConfig,
     /// Data.
@@ -753,6 +757,9 @@ pub struct PretrainRunConfig {
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// The arithmetic of convolutions and products (optional, `"f32"`; see [`Precision`]).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     /// ResNet depth (18, 34, 50, 101).
     pub depth: usize,
     /// ResNet base width.

@@ -35,7 +35,7 @@ pub use config::{DetectorRunConfig, PretrainRunConfig, parse_config, read_config
 pub use detect::{
     LoadedDetector, TrainSummary, evaluate_model, evaluate_sharded, load_detector, train_detector,
 };
-pub use device::parse_device;
+pub use device::{Precision, parse_device};
 pub use dist::Communicator;
 pub use engine::{Task, Trainer};
 pub use optim::Sgd;

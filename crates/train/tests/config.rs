@@ -88,3 +88,58 @@ fn typos_missing_keys_and_wrong_types_are_named() {
         .to_string();
     assert!(e.contains("/nonexistent/x.toml"), "{e}");
 }
+
+/// `precision` is optional (f32), spelled as in the docs, left out of written configs at f32,
+/// and a run refuses what this machine cannot do before it opens data or writes anything.
+#[test]
+fn precision_key() {
+    use retinanet_train::config::Precision;
+    let d: DetectorRunConfig = parse_config(DEFAULT_DETECTOR_TOML).unwrap();
+    assert_eq!(d.precision, Precision::F32);
+    let text = toml::to_string(&d).unwrap();
+    assert!(!text.contains("precision"), "{text}");
+    let with =
+        DEFAULT_DETECTOR_TOML.replace("device = \"cpu\"", "device = \"cpu\"\nprecision = \"bf16\"");
+    let b: DetectorRunConfig = parse_config(&with).unwrap();
+    assert_eq!(b.precision, Precision::Bf16);
+    assert!(
+        toml::to_string(&b)
+            .unwrap()
+            .contains("precision = \"bf16\"")
+    );
+    let bad =
+        DEFAULT_DETECTOR_TOML.replace("device = \"cpu\"", "device = \"cpu\"\nprecision = \"fp8\"");
+    let e = parse_config::<DetectorRunConfig>(&bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("fp8") && e.contains("bf16") && e.contains("line"),
+        "{e}"
+    );
+
+    // TF32 on the CPU: refused by the run itself, naming the key, before any data or run folder.
+    let runs = std::env::temp_dir().join(format!("precision-key-{}", std::process::id()));
+    let mut cfg = d.clone();
+    cfg.precision = Precision::Tf32;
+    if let retinanet_train::config::DetectionSourceConfig::Synthetic { cache_dir, .. } =
+        &mut cfg.data.source
+    {
+        *cache_dir = runs.join("cache");
+    }
+    let opts = retinanet_train::run::RunOptions {
+        runs_dir: runs.clone(),
+        quiet: true,
+        ..Default::default()
+    };
+    let e = format!(
+        "{:#}",
+        retinanet_train::train_detector(&cfg, &opts).unwrap_err()
+    );
+    assert!(e.contains("precision = \"tf32\""), "{e}");
+    assert!(!runs.exists(), "nothing is written for a refused run");
+    let p: PretrainRunConfig = parse_config(
+        &DEFAULT_PRETRAIN_TOML.replace("device = \"cpu\"", "device = \"cpu\"\nprecision = \"f16\""),
+    )
+    .unwrap();
+    assert_eq!(p.precision, Precision::F16);
+}
