@@ -232,9 +232,7 @@ pub fn train_detector(cfg: &DetectorRunConfig, opts: &RunOptions) -> Result<Trai
         (|| {
             cfg.validate()?;
             check_divisible("train.batch_size", cfg.train.batch_size, &*comm)?;
-            let device = rank_device(&cfg.device, &*comm)?;
-            cfg.precision.apply(&device)?;
-            Ok(device)
+            rank_device(&cfg.device, cfg.precision, &*comm)
         })(),
     )?;
     let (train_ds, eval_ds) = open_on_ranks(&*comm, || {

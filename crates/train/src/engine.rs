@@ -726,20 +726,27 @@ impl Trainer {
     }
 }
 
-/// The device of this rank for a configured `spec`: with several ranks on a machine, `cuda`
-/// means `cuda:<local rank>`.
-pub fn rank_device(spec: &str, comm: &dyn Communicator) -> Result<Device> {
+/// The device of this rank for a configured `spec`, set up for `precision` (or the refusal of
+/// either): with several ranks on a machine, `cuda` means `cuda:<local rank>`.
+pub fn rank_device(
+    spec: &str,
+    precision: crate::device::Precision,
+    comm: &dyn Communicator,
+) -> Result<Device> {
     let s = spec.trim().to_ascii_lowercase();
-    if comm.local_size() > 1 && (s == "cuda" || s == "gpu") {
-        return crate::device::parse_device(&format!("cuda:{}", comm.local_rank()));
-    }
     if comm.local_size() > 1 && s.starts_with("cuda:") {
         bail!(
             "device = `{spec}` names one GPU, but {} ranks share this machine: use device = \"cuda\" (rank r takes cuda:<local rank>)",
             comm.local_size()
         );
     }
-    crate::device::parse_device(spec)
+    let device = if comm.local_size() > 1 && (s == "cuda" || s == "gpu") {
+        crate::device::parse_device(&format!("cuda:{}", comm.local_rank()))?
+    } else {
+        crate::device::parse_device(spec)?
+    };
+    precision.apply(&device)?;
+    Ok(device)
 }
 
 /// The SyncBatchNorm reducer for a run's settings: `Some` with `sync_bn` on several ranks.

@@ -49,9 +49,7 @@ pub fn pretrain(cfg: &PretrainRunConfig, opts: &RunOptions) -> Result<PretrainSu
         (|| {
             cfg.validate()?;
             check_divisible("train.batch_size", t.batch_size, &*comm)?;
-            let device = rank_device(&cfg.device, &*comm)?;
-            cfg.precision.apply(&device)?;
-            Ok(device)
+            rank_device(&cfg.device, cfg.precision, &*comm)
         })(),
     )?;
     let (train_ds, eval_ds) = open_on_ranks(&*comm, || open_classification(&cfg.data.source))?;
