@@ -4,7 +4,7 @@ detector) timed like `bench-model` -- inference (eval mode, no_grad) and one SGD
 
     python bench_torch.py --seed-dir /work/shared/reference/python --size 257 --batch 2 --mode both
 """
-import argparse, json, resource, statistics, sys, time
+import argparse, contextlib, json, resource, statistics, sys, time
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +46,18 @@ def bench_conv(a):
     y = F.conv2d(x, wt, stride=s, padding=p)
     r = torch.randn_like(y)
     gflop = 2 * b * cout * y.shape[2] * y.shape[3] * cin * k * k / 1e9
-    fwd = timed(lambda: F.conv2d(x.detach(), wt.detach(), stride=s, padding=p), a.warmup, a.iters)
+    cast = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if a.autocast else contextlib.nullcontext
+
+    def fwd_only():
+        with torch.no_grad(), cast():
+            F.conv2d(x, wt, stride=s, padding=p)
+    fwd = timed(fwd_only, a.warmup, a.iters)
 
     def both():
         x.grad = wt.grad = None
-        (F.conv2d(x, wt, stride=s, padding=p) * r).sum().backward()
+        with cast():
+            y = F.conv2d(x, wt, stride=s, padding=p)
+        (y.float() * r).sum().backward()
     fb = timed(both, a.warmup, a.iters)
     bwd = max(fb['median_s'] - fwd['median_s'], 1e-9)
     print(f"conv {a.conv}: {gflop:.3f} GFLOP, forward {fwd['median_s'] * 1e3:.2f} ms "
@@ -70,6 +77,7 @@ def main():
     ap.add_argument('--json', action='store_true')
     ap.add_argument('--device', default='cpu', help='cpu or cuda (whole-model timings only)')
     ap.add_argument('--no-tf32', action='store_true', help='on CUDA: full f32 convolutions (PyTorch lets cuDNN use TF32 by default)')
+    ap.add_argument('--autocast', choices=['bf16'], help="forward passes and loss under torch.autocast(device, bfloat16)")
     ap.add_argument('--conv', help='time one convolution B,Cin,H,W,Cout,k,stride,padding instead')
     a = ap.parse_args()
     if a.conv:
@@ -84,16 +92,17 @@ def main():
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
+    cast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if a.autocast else contextlib.nullcontext
     ext, det = Extractor().to(dev), Detector(classes=a.classes).to(dev)
     params = list(ext.parameters()) + list(det.parameters())
     x = torch.randn(a.batch, 3, a.size, a.size, device=dev)
     out = {'size': a.size, 'batch': a.batch, 'threads': a.threads, 'torch': torch.__version__,
-           'device': str(dev)}
+           'device': str(dev), 'autocast': a.autocast}
     if a.mode in ('infer', 'both'):
         ext.eval(); det.eval()
 
         def infer():
-            with torch.no_grad():
+            with torch.no_grad(), cast():
                 det(ext(x, classify=False))
         out['inference'] = timed(infer, a.warmup, a.iters, sync)
     if a.mode in ('train', 'both'):
@@ -109,8 +118,10 @@ def main():
 
         def step():
             opt.zero_grad()
-            cls, reg = det(ext(x, classify=False))
-            focal_loss(cls, reg, cls_t, reg_t, a.classes).backward()
+            with cast():
+                cls, reg = det(ext(x, classify=False))
+                loss = focal_loss(cls.float(), reg.float(), cls_t, reg_t, a.classes)
+            loss.backward()
             opt.step()
         out['train_step'] = timed(step, a.warmup, a.iters, sync)
     out['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -3,15 +3,20 @@
 # (default 2), on the same machine and thread count. Needs a release build of bench-model and a
 # PyTorch venv (../shared/tools/torch-venv.sh, default /tmp/torchenv).
 #   bins/bench-model/scripts/bench_vs_torch.sh [PYTHON] [ROUNDS]
+# PREC=bf16 compares bf16 products (CPUs with AVX512-BF16) with torch.autocast("cpu", bfloat16).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 PY=${1:-/tmp/torchenv/bin/python}
 ROUNDS=${2:-2}
-B=target/release/bench-model
-[ -x "$B" ] || cargo build --release -p bench-model
+PREC=${PREC:-f32}
+[ -x target/release/bench-model ] || cargo build --release -p bench-model
+B="target/release/bench-model --precision $PREC"
+CAST=""
+[ "$PREC" = bf16 ] && CAST="--autocast bf16"
 SEED=$(cd ../shared/reference/python 2>/dev/null && pwd || echo /work/shared/reference/python)
-P="$PY bins/bench-model/scripts/bench_torch.py --seed-dir $SEED"
-T="$PY bins/train-detector/scripts/torch_baseline.py --bench"
+P="$PY bins/bench-model/scripts/bench_torch.py --seed-dir $SEED $CAST"
+T="$PY bins/train-detector/scripts/torch_baseline.py --bench $CAST"
+echo "precision $PREC (torch: ${CAST:-f32})"
 S="--depth 18 --base-width 32 --fpn 64 --head 64 --size 129 --batch 16 --classes 4"
 lscpu | grep -E "Model name|CPU family|Model:" || true
 $B --mode infer $S --iters 1 | sed -n 2p   # the kernels' instruction set and caches

@@ -21,7 +21,7 @@ use retinanet_detector::{RetinaNet, RetinaNetConfig};
 use retinanet_extractor::{Depth, ResNetConfig};
 use retinanet_kernels::{ConvParams, conv2d, conv2d_macs};
 use retinanet_loss::{FocalLossConfig, focal_loss_detection};
-use retinanet_train::device::parse_device;
+use retinanet_train::device::{Precision, parse_device};
 use retinanet_train::model::trainable_vars;
 use retinanet_train::optim::Sgd;
 use serde::Serialize;
@@ -86,10 +86,24 @@ struct Args {
     /// Per-layer and single-convolution timings are CPU-kernel benchmarks and ignore it.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// On CUDA: let cuBLAS run f32 matrix products (and so candle's convolutions) in TF32, as
-    /// PyTorch does by default for its cuDNN convolutions.
+    /// Arithmetic of the convolutions, as the `precision` config key: f32, tf32 (CUDA) or bf16
+    /// (CPUs with AVX512-BF16; also for --layers/--conv).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
+    /// Short for `--precision tf32`: on CUDA, cuBLAS runs f32 matrix products (and so candle's
+    /// convolutions) in TF32, as PyTorch does by default for its cuDNN convolutions.
     #[arg(long)]
     tf32: bool,
+}
+
+impl Args {
+    fn precision(&self) -> Precision {
+        if self.tf32 {
+            Precision::Tf32
+        } else {
+            self.precision
+        }
+    }
 }
 
 /// Median of the wall times (seconds) of `iters` runs of `f` after `warmup` runs.
@@ -150,6 +164,8 @@ struct ModelReport {
     size: usize,
     batch: usize,
     threads: usize,
+    /// The `precision` setting the model ran in.
+    precision: &'static str,
     /// What the kernels found on this CPU (instruction set, caches).
     cpu: String,
     /// Seconds to fold BatchNorm into the convolutions, once before inference.
@@ -174,7 +190,7 @@ fn model_config(a: &Args) -> Result<RetinaNetConfig> {
 
 fn bench_model(a: &Args, threads: usize) -> Result<ModelReport> {
     let dev = parse_device(&a.device)?;
-    candle_core::cuda::set_gemm_reduced_precision_f32(a.tf32);
+    a.precision().apply(&dev)?;
     let cfg = model_config(a)?;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
@@ -188,6 +204,7 @@ fn bench_model(a: &Args, threads: usize) -> Result<ModelReport> {
         size: a.size,
         batch: a.batch,
         threads,
+        precision: a.precision().name(),
         // Filled in after the runs (see below).
         cpu: String::new(),
         fold_s: None,
@@ -545,6 +562,8 @@ fn main() -> Result<()> {
         bail!("--batch and --size must be positive")
     }
     if a.layers || a.conv.is_some() {
+        // The kernel benchmarks run on the CPU, in the precision asked for.
+        a.precision().apply(&Device::Cpu)?;
         let specs = match &a.conv {
             Some(s) => vec![parse_conv(s)?],
             None => model_convs(&a)?,
@@ -565,8 +584,8 @@ fn main() -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "{}, {}x{}, batch {}, {} threads",
-            r.model, r.size, r.size, r.batch, r.threads
+            "{}, {}x{}, batch {}, {} threads, {}",
+            r.model, r.size, r.size, r.batch, r.threads, r.precision
         );
         println!("{}", r.cpu);
         if let Some(f) = r.fold_s {

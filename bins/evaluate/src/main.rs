@@ -55,7 +55,7 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Arithmetic of the convolutions: f32, or tf32 on CUDA.
+    /// Arithmetic of the convolutions: f32, tf32 on CUDA, or bf16 on CPUs with AVX512-BF16.
     #[arg(long, value_enum, default_value = "f32")]
     precision: retinanet_train::device::Precision,
     /// No progress output.

@@ -29,6 +29,7 @@ ap.add_argument('--seed-dir', default='../shared/reference/python', help='folder
 ap.add_argument('--threads', type=int, default=2)
 ap.add_argument('--bench', action='store_true', help='time a training step and an inference instead')
 ap.add_argument('--device', default='cpu', help='with --bench: cpu or cuda')
+ap.add_argument('--autocast', choices=['bf16'], help="with --bench: forward passes and loss under torch.autocast(device, bfloat16)")
 args = ap.parse_args()
 sys.path.insert(0, args.seed_dir)
 from seed_ref import Encoder, focal_loss_detection, gen_anchors, A_HW
@@ -184,11 +185,15 @@ if args.bench:
         sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[2] / 'bench-model' / 'scripts'))
         from bench_torch import focal_loss
         loss_fn = lambda c, r, tc, tr: focal_loss(c, r, tc, tr, 4)
+    import contextlib
+    cast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if args.autocast else contextlib.nullcontext
     def step():
-        c, r = model(x); loss = loss_fn(c, r, tc, tr); opt.zero_grad(); loss.backward(); opt.step()
+        with cast():
+            c, r = model(x); loss = loss_fn(c.float(), r.float(), tc, tr)
+        opt.zero_grad(); loss.backward(); opt.step()
     def infer():
         model.eval()
-        with torch.no_grad(): model(x)
+        with torch.no_grad(), cast(): model(x)
         model.train()
     for name, f in [('train step', step), ('inference', infer)]:
         f(); sync(); ts = []

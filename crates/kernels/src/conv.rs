@@ -62,6 +62,9 @@ pub(crate) struct Geom {
     pub oh: usize,
     pub ow: usize,
     pub p: ConvParams,
+    /// Products in bf16 ([`crate::bf16`]): the setting of the thread that made this geometry
+    /// (so the op's worker threads follow it), where the geometry suits them ([`Geom::bf16_suits`]).
+    pub bf16: bool,
 }
 
 impl Geom {
@@ -85,7 +88,7 @@ impl Geom {
                 ),
             }
         };
-        Ok(Self {
+        let mut g = Self {
             b,
             cin,
             h,
@@ -96,7 +99,10 @@ impl Geom {
             oh: out(h, kh)?,
             ow: out(w, kw)?,
             p,
-        })
+            bf16: false,
+        };
+        g.bf16 = crate::bf16::bf16_products() && Self::bf16_suits(&g);
+        Ok(g)
     }
 
     /// [`Geom::new`] for a convolution with a bias of dims `bias`, which must be `[Cout]`.
@@ -114,6 +120,16 @@ impl Geom {
             )
         }
         Ok(g)
+    }
+
+    /// Whether a convolution takes bf16 products when they are on: those with 1x1 kernels (any
+    /// stride), which are packed gemms without a patch matrix. Larger kernels keep their f32
+    /// direct and Winograd kernels: on a Zen 5 (2 cores) these beat im2col + the bf16 gemm in
+    /// every 3x3 layer of ResNet-50 RetinaNet but two (docs/performance.md); Winograd F(4x4)
+    /// does 4x fewer multiplies, and building the patch matrix costs about what the faster
+    /// products save.
+    fn bf16_suits(g: &Geom) -> bool {
+        g.kh == 1 && g.kw == 1
     }
 
     /// Rows of the patch matrix (`Cin * kh * kw`).
@@ -352,7 +368,7 @@ fn row_blocks(g: &Geom) -> Vec<Range<usize>> {
 }
 
 /// `dst (m x n, row-major, row stride ldd) (+)= a · b` where `a` and `b` are given by their
-/// strides (`rs` between rows, `cs` between columns).
+/// strides (`rs` between rows, `cs` between columns); f32 operands rounded to bf16 when `bf16`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm<T: WithDType>(
     m: usize,
@@ -366,7 +382,24 @@ pub(crate) fn gemm<T: WithDType>(
     b: &[T],
     (b_rs, b_cs): (usize, usize),
     threads: usize,
+    bf16: bool,
 ) {
+    if bf16 && T::DTYPE == DType::F32 {
+        let (dst, a, b) = (as_f32_mut(dst), as_f32(a), as_f32(b));
+        return crate::bf16::gemm(
+            m,
+            n,
+            k,
+            dst,
+            ldd,
+            accumulate,
+            a,
+            (a_rs, a_cs),
+            b,
+            (b_rs, b_cs),
+            threads,
+        );
+    }
     if m == 0 || n == 0 {
         return;
     }
@@ -411,6 +444,68 @@ pub(crate) fn gemm<T: WithDType>(
             false,
             par,
         )
+    }
+}
+
+/// The weights as the left operand of a convolution's products (`m x k` at `strides`): with bf16
+/// products, rounded and packed once per op instead of once per image and row block.
+struct Weights<'a, T> {
+    wt: &'a [T],
+    strides: (usize, usize),
+    packed: Option<crate::bf16::PackedA>,
+}
+
+impl<'a, T: WithDType> Weights<'a, T> {
+    fn new(g: &Geom, wt: &'a [T], m: usize, k: usize, strides: (usize, usize)) -> Self {
+        let packed = (g.bf16 && T::DTYPE == DType::F32)
+            .then(|| crate::bf16::PackedA::new(m, k, as_f32(wt), strides, par::threads()));
+        Self {
+            wt,
+            strides,
+            packed,
+        }
+    }
+
+    /// `dst (+)= W · b`, as [`gemm`].
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [T],
+        ldd: usize,
+        accumulate: bool,
+        b: &[T],
+        b_strides: (usize, usize),
+        threads: usize,
+    ) {
+        match &self.packed {
+            Some(pa) => crate::bf16::gemm_packed(
+                pa,
+                n,
+                as_f32_mut(dst),
+                ldd,
+                accumulate,
+                as_f32(b),
+                b_strides,
+                threads,
+            ),
+            None => gemm(
+                m,
+                n,
+                k,
+                dst,
+                ldd,
+                accumulate,
+                self.wt,
+                self.strides,
+                b,
+                b_strides,
+                threads,
+                false,
+            ),
+        }
     }
 }
 
@@ -490,6 +585,11 @@ pub(crate) fn forward_fused<T: WithDType>(
     res: Option<&[T]>,
     relu: bool,
 ) -> Vec<T> {
+    if g.bf16 && T::DTYPE == DType::F32 {
+        // Winograd's transforms would round transformed values, not the operands; the direct
+        // kernel is f32: bf16 products take the packed gemm.
+        return forward_im2col_fused(g, x, wt, bias, res, relu);
+    }
     if T::DTYPE == DType::F32 && use_winograd4(g) {
         return from_f32(crate::winograd4::forward(
             g,
@@ -544,6 +644,13 @@ fn use_winograd4(g: &Geom) -> bool {
         && crate::winograd4::suitable(g)
 }
 
+/// `s` as mutable f32; call only when `T::DTYPE` is F32.
+fn as_f32_mut<T: WithDType>(s: &mut [T]) -> &mut [f32] {
+    assert_eq!(T::DTYPE, DType::F32);
+    // SAFETY: T is f32 (asserted).
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) }
+}
+
 /// `s` as f32; call only when `T::DTYPE` is F32.
 fn as_f32<T: WithDType>(s: &[T]) -> &[f32] {
     assert_eq!(T::DTYPE, DType::F32);
@@ -575,6 +682,7 @@ fn forward_im2col_fused<T: WithDType>(
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let mut y = par::zeroed::<T>(g.b * g.cout * ohw);
     let threads = par::threads();
+    let w = Weights::new(g, wt, g.cout, k, (k, 1));
     let nb = group_size(g, threads);
     if nb > 1 {
         y.par_chunks_mut(nb * g.cout * ohw)
@@ -585,7 +693,7 @@ fn forward_im2col_fused<T: WithDType>(
                 par::with_scratch((k + g.cout) * ld, |buf: &mut [T]| {
                     let (cols, out) = buf.split_at_mut(k * ld);
                     group_cols(g, x, b0, n, cols);
-                    gemm(g.cout, ld, k, out, ld, false, wt, (k, 1), cols, (ld, 1), 1);
+                    w.gemm(g.cout, ld, k, out, ld, false, cols, (ld, 1), 1);
                     // Back to [n, Cout, HW], adding the bias (and residual) and applying the
                     // ReLU on the way.
                     for (j, dst) in yg.chunks_exact_mut(ohw).enumerate() {
@@ -636,15 +744,13 @@ fn forward_im2col_fused<T: WithDType>(
         for rows in &blocks {
             let (r0, n) = (rows.start * g.ow, rows.len() * g.ow);
             with_cols(g, xb, rows.clone(), gemm_threads, |src| {
-                gemm(
+                w.gemm(
                     g.cout,
                     n,
                     k,
                     &mut yb[r0..],
                     ohw,
                     accumulate,
-                    wt,
-                    (k, 1),
                     src,
                     (n, 1),
                     gemm_threads,
@@ -702,6 +808,12 @@ fn with_cols<T: WithDType, R>(
 
 /// Input gradient: `dx[b] = col2im(Wᵀ · dy[b])`.
 pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
+    if g.bf16 && T::DTYPE == DType::F32 {
+        return match transposed(g) {
+            Some(gt) => forward(&gt, dy, &flip_transpose(g, wt), None, false),
+            None => backward_input_im2col(g, dy, wt),
+        };
+    }
     if T::DTYPE == DType::F32
         && crate::winograd4::suitable(g)
         && transposed(g).is_some_and(|gt| use_winograd4(&gt))
@@ -742,6 +854,7 @@ pub(crate) fn transposed(g: &Geom) -> Option<Geom> {
             padding: g.kh - 1 - g.p.padding,
             ..g.p
         },
+        bf16: g.bf16,
     })
 }
 
@@ -767,6 +880,8 @@ pub(crate) fn backward_input_im2col<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) 
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.h * g.w);
     let mut dx = par::zeroed::<T>(g.b * chw);
     let threads = par::threads();
+    // Wᵀ: k x Cout.
+    let w = Weights::new(g, wt, k, g.cout, (1, k));
     let nb = group_size(g, threads);
     if nb > 1 {
         dx.par_chunks_mut(nb * chw)
@@ -777,7 +892,7 @@ pub(crate) fn backward_input_im2col<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) 
                 par::with_scratch((g.cout + k) * ld, |buf: &mut [T]| {
                     let (dyg, cols) = buf.split_at_mut(g.cout * ld);
                     gather_group(dy, b0, n, g.cout, ohw, dyg);
-                    gemm(k, ld, g.cout, cols, ld, false, wt, (1, k), dyg, (ld, 1), 1);
+                    w.gemm(k, ld, g.cout, cols, ld, false, dyg, (ld, 1), 1);
                     par::sequential(|| {
                         for (i, dxb) in dxg.chunks_exact_mut(chw).enumerate() {
                             col2im_at(g, cols, (ld, i * ohw), 0..g.oh, dxb);
@@ -791,39 +906,14 @@ pub(crate) fn backward_input_im2col<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) 
     let run = |bi: usize, dxb: &mut [T], gemm_threads: usize| {
         let dyb = &dy[bi * g.cout * ohw..(bi + 1) * g.cout * ohw];
         if g.is_pointwise() {
-            let w_t = (1, k);
-            gemm(
-                k,
-                ohw,
-                g.cout,
-                dxb,
-                ohw,
-                false,
-                wt,
-                w_t,
-                dyb,
-                (ohw, 1),
-                gemm_threads,
-            );
+            w.gemm(k, ohw, g.cout, dxb, ohw, false, dyb, (ohw, 1), gemm_threads);
             return;
         }
         for rows in &blocks {
             let (r0, n) = (rows.start * g.ow, rows.len() * g.ow);
             par::with_scratch(k * n, |cols: &mut [T]| {
                 let dyr = &dyb[r0..];
-                gemm(
-                    k,
-                    n,
-                    g.cout,
-                    cols,
-                    n,
-                    false,
-                    wt,
-                    (1, k),
-                    dyr,
-                    (ohw, 1),
-                    gemm_threads,
-                );
+                w.gemm(k, n, g.cout, cols, n, false, dyr, (ohw, 1), gemm_threads);
                 if gemm_threads > 1 {
                     col2im(g, cols, rows.clone(), dxb);
                 } else {
@@ -846,7 +936,7 @@ pub(crate) fn backward_input_im2col<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) 
 
 /// Weight gradient: `dW = Σ_b dy[b] · cols(x[b])ᵀ`.
 pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
-    if T::DTYPE == DType::F32 && crate::direct::suitable(g) {
+    if T::DTYPE == DType::F32 && !g.bf16 && crate::direct::suitable(g) {
         let dw = crate::direct::backward_weight(g, as_f32(x), as_f32(dy));
         // SAFETY: T is f32 (checked above): same layout, same allocation.
         let mut dw = std::mem::ManuallyDrop::new(dw);
@@ -885,6 +975,7 @@ pub(crate) fn backward_weight_im2col<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) 
                         cols,
                         (1, ld),
                         1,
+                        g.bf16,
                     );
                 });
                 dw
@@ -914,6 +1005,7 @@ pub(crate) fn backward_weight_im2col<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) 
                     src,
                     (1, n),
                     gemm_threads,
+                    g.bf16,
                 )
             });
         }
@@ -1306,6 +1398,12 @@ impl CustomOp3 for Conv2dResidual {
             Shape::from((g.b, g.cout, g.oh, g.ow))
         ))
     }
+}
+
+/// Whether a convolution of these shapes multiplies in bf16 when bf16 products are on
+/// ([`crate::bf16`]): those with 1x1 kernels; larger kernels stay on their f32 kernels.
+pub fn conv2d_takes_bf16(x_dims: &[usize], w_dims: &[usize], p: ConvParams) -> Result<bool> {
+    Ok(Geom::bf16_suits(&Geom::new(x_dims, w_dims, p)?))
 }
 
 /// Output dims `[B, Cout, OH, OW]` of a convolution of `x_dims` by `w_dims` (errors as

@@ -36,6 +36,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+pub mod bf16;
 mod bn;
 mod conv;
 pub mod cpu;
@@ -52,7 +53,10 @@ pub use bn::{
     BatchNormOutput, SumReducer, add_relu, batch_norm_train, batch_norm_train_act,
     batch_norm_train_synced, channel_affine, relu,
 };
-pub use conv::{ConvParams, conv2d, conv2d_add_relu, conv2d_macs, conv2d_out_dims, conv2d_relu};
+pub use conv::{
+    ConvParams, conv2d, conv2d_add_relu, conv2d_macs, conv2d_out_dims, conv2d_relu,
+    conv2d_takes_bf16,
+};
 pub use par::zeroed;
 pub use sgd::{SgdStep, sgd_step, sgd_supported};
 

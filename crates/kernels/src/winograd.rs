@@ -135,6 +135,7 @@ fn run<T: WithDType>(g: &Geom, x: &[T], u: &[T], bias: Option<&[T]>, relu: bool)
                     &v[xi * cin * tb..(xi + 1) * cin * tb],
                     (tb, 1),
                     1,
+                    false,
                 );
             }
             // Y = Aᵀ M A per tile, written into [B, Cout, OH, OW].

@@ -645,6 +645,7 @@ fn products(
             &u[p * cinp * NR..(p + 1) * cinp * NR],
             (NR, 1),
             1,
+            false,
         );
     }
 }

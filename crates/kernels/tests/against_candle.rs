@@ -591,3 +591,143 @@ fn conv2d_add_relu_matches_candle() -> Result<()> {
     assert!(e.to_string().contains("residual"), "{e}");
     Ok(())
 }
+
+/// `t` with every element rounded to bf16 (what bf16 products see of an operand).
+fn round_bf16(t: &Tensor) -> Result<Tensor> {
+    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    let v: Vec<f32> = v.into_iter().map(retinanet_kernels::bf16::round).collect();
+    Tensor::from_vec(v, t.dims(), t.device())
+}
+
+/// bf16 products (CPUs with AVX512-BF16): every geometry that takes them, forward and both
+/// gradients, equals the convolution of the bf16-rounded operands computed in f32 by candle (or in f64 where candle's
+/// backward is wrong) to f32 rounding, 1e-5 relative; and the plain f32 convolution to bf16
+/// rounding, 1e-2 relative. The upstream gradient is rounded too, as the backward products see it.
+/// The geometries kept in f32 give the f32 results bit for bit.
+#[test]
+fn conv2d_bf16_products_match_rounded_operands() -> Result<()> {
+    use retinanet_kernels::bf16;
+    if !bf16::available() {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        assert!(bf16::with_bf16_products(true, || ()).is_err());
+        return Ok(());
+    }
+    let dev = Device::Cpu;
+    // CASES and more 1x1 shapes: odd channel counts, strides 1-3, several images, long rows.
+    let extra: &[Case] = &[
+        (2, 33, 13, 11, 70, 1, 1, 0, 1),
+        (3, 257, 9, 7, 65, 1, 2, 0, 1),
+        (1, 600, 5, 5, 130, 1, 3, 0, 1),
+        (2, 16, 40, 41, 200, 1, 1, 0, 1),
+    ];
+    let mut took = 0;
+    for &(b, cin, h, w, cout, k, s, p, d) in CASES.iter().chain(extra) {
+        let case = format!("{:?}", (b, cin, h, w, cout, k, s, p, d));
+        let x = Var::from_tensor(&randn(0f32, 1., (b, cin, h, w), &dev)?)?;
+        let wt = Var::from_tensor(&randn(0f32, 1., (cout, cin, k, k), &dev)?)?;
+        let params = ConvParams {
+            stride: s,
+            padding: p,
+            dilation: d,
+        };
+        let dims = retinanet_kernels::conv2d_out_dims(x.dims(), wt.dims(), params)?;
+        let r = randn(0f32, 1., dims.as_slice(), &dev)?;
+        let (y, gx, gw) = bf16::with_bf16_products(true, || -> Result<_> {
+            let y = conv2d(x.as_tensor(), wt.as_tensor(), None, params)?;
+            let g = (&y * &r)?.sum_all()?.backward()?;
+            Ok((y, g.get(&x).unwrap().clone(), g.get(&wt).unwrap().clone()))
+        })
+        .expect("bf16 available")?;
+        let f32_y = conv2d(x.as_tensor(), wt.as_tensor(), None, params)?;
+        if !retinanet_kernels::conv2d_takes_bf16(x.dims(), wt.dims(), params)? {
+            // Kept in f32 (kernels over 1x1): the f32 results, bit for bit.
+            let g = (&f32_y * &r)?.sum_all()?.backward()?;
+            assert_eq!(rel_err(&y, &f32_y)?, 0.0, "{case}");
+            assert_eq!(rel_err(&gx, g.get(&x).unwrap())?, 0.0, "{case}");
+            assert_eq!(rel_err(&gw, g.get(&wt).unwrap())?, 0.0, "{case}");
+            continue;
+        }
+        took += 1;
+        assert!(
+            rel_err(&y, &f32_y)? > 0.0,
+            "{case}: bf16 products gave the f32 result"
+        );
+        assert_close(&format!("bf16 y vs f32 {case}"), &y, &f32_y, 1e-2)?;
+
+        let (xr, wr, rr) = (
+            Var::from_tensor(&round_bf16(x.as_tensor())?)?,
+            Var::from_tensor(&round_bf16(wt.as_tensor())?)?,
+            round_bf16(&r)?,
+        );
+        let rem = |n: usize| (n + 2 * p - d * (k - 1) - 1) % s;
+        let (want_y, want_gx, want_gw) = if rem(h) == rem(w) {
+            let yc = xr.as_tensor().conv2d(wr.as_tensor(), p, s, d, 1)?;
+            let gc = (&yc * &rr)?.sum_all()?.backward()?;
+            (
+                yc,
+                gc.get(&xr).unwrap().clone(),
+                gc.get(&wr).unwrap().clone(),
+            )
+        } else {
+            let f64s = |t: &Tensor| -> Result<Vec<f64>> {
+                t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()
+            };
+            let (ny, ngx, ngw) = naive(
+                &f64s(xr.as_tensor())?,
+                &f64s(wr.as_tensor())?,
+                (b, cin, h, w),
+                (cout, k),
+                (s, p, d),
+                &f64s(&rr)?,
+            );
+            (
+                Tensor::from_vec(ny, y.dims(), &dev)?.to_dtype(DType::F32)?,
+                Tensor::from_vec(ngx, gx.dims(), &dev)?.to_dtype(DType::F32)?,
+                Tensor::from_vec(ngw, gw.dims(), &dev)?.to_dtype(DType::F32)?,
+            )
+        };
+        assert_close(&format!("bf16 y {case}"), &y, &want_y, 1e-5)?;
+        assert_close(&format!("bf16 gx {case}"), &gx, &want_gx, 1e-5)?;
+        assert_close(&format!("bf16 gw {case}"), &gw, &want_gw, 1e-5)?;
+    }
+    assert_eq!(took, 7, "1x1 shapes that took bf16 products");
+
+    // The fused epilogues: bias, ReLU and residual are added in f32 to the bf16 products.
+    use retinanet_kernels::conv2d_add_relu;
+    for &(b, cin, h, wd, cout, k, s, p) in &[
+        (2, 32, 17, 15, 48, 1, 1, 0),
+        (1, 64, 20, 21, 96, 1, 1, 0),
+        (2, 40, 9, 8, 24, 1, 2, 0),
+        (1, 300, 6, 5, 20, 1, 2, 0),
+        (3, 130, 7, 9, 70, 1, 1, 0),
+    ] {
+        let x = randn(0., 1., (b, cin, h, wd), &dev)?;
+        let w = randn(0., 0.2, (cout, cin, k, k), &dev)?;
+        assert!(retinanet_kernels::conv2d_takes_bf16(
+            x.dims(),
+            w.dims(),
+            ConvParams::new(s, p)
+        )?);
+        let bias = randn(0., 1., cout, &dev)?;
+        let lin = round_bf16(&x)?
+            .conv2d(&round_bf16(&w)?, p, s, 1, 1)?
+            .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
+        let res = randn(0., 1., lin.dims(), &dev)?;
+        let (relu, add) = bf16::with_bf16_products(true, || -> Result<_> {
+            Ok((
+                conv2d_relu(&x, &w, Some(&bias), ConvParams::new(s, p))?,
+                conv2d_add_relu(&x, &w, Some(&bias), &res, ConvParams::new(s, p))?,
+            ))
+        })
+        .expect("bf16 available")?;
+        let case = format!("{:?}", (b, cin, h, wd, cout, k, s, p));
+        assert_close(&format!("bf16 relu {case}"), &relu, &lin.relu()?, 1e-5)?;
+        assert_close(
+            &format!("bf16 add_relu {case}"),
+            &add,
+            &(&lin + &res)?.relu()?,
+            1e-5,
+        )?;
+    }
+    Ok(())
+}

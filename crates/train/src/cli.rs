@@ -23,7 +23,7 @@ pub struct RunArgs {
     /// Override the config's device: cpu, cuda, cuda:N.
     #[arg(long)]
     pub device: Option<String>,
-    /// Override the config's precision (f32; tf32 on CUDA).
+    /// Override the config's precision (f32; tf32 on CUDA; bf16 on CPUs with AVX512-BF16).
     #[arg(long, value_enum)]
     pub precision: Option<crate::device::Precision>,
     /// Override the config's run name.

@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 /// every mode, and so do checkpoints.
 ///
 /// What runs where in this version: `f32` everywhere (the default, bit-stable); `tf32` on CUDA
-/// (cuBLAS products with TF32 tensor cores). `bf16` and `f16` are refused, with the reason:
-/// on the CPU bf16 needs AVX512-BF16, and no bf16 kernels are written yet even where the CPU has
-/// it (docs/performance.md); on the GPU the mixed-precision path is not written yet
-/// (docs/cuda.md).
+/// (cuBLAS products with TF32 tensor cores); `bf16` on CPUs with AVX512-BF16 (every
+/// convolution product, forward and backward, with bf16-rounded operands and f32 sums;
+/// docs/performance.md). The rest is refused with the reason: bf16 on a CPU without
+/// AVX512-BF16, f16 on the CPU, bf16 and f16 on the GPU (docs/cuda.md).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -45,36 +45,46 @@ impl Precision {
     }
 
     /// Sets the process up to compute in this precision on `device`, or refuses it, saying why
-    /// and what to use instead.
+    /// and what to use instead ([`Precision::check`]). On the CPU this is a process-wide
+    /// setting of the convolution kernels ([`retinanet_kernels::bf16::set_bf16_products`]),
+    /// so `f32` also turns bf16 products off again.
     pub fn apply(self, device: &Device) -> Result<()> {
+        self.check(device)?;
+        if device.is_cpu() {
+            retinanet_kernels::bf16::set_bf16_products(self == Self::Bf16)
+                .map_err(|e| anyhow::anyhow!("precision = \"bf16\": {e}"))?;
+            return Ok(());
+        }
+        // cuBLAS's f32 products: TF32 tensor cores or full f32.
+        candle_core::cuda::set_gemm_reduced_precision_f32(self == Self::Tf32);
+        Ok(())
+    }
+
+    /// Whether this precision can run on `device`, without changing anything: the refusal says
+    /// why and what to use instead.
+    pub fn check(self, device: &Device) -> Result<()> {
         let key = format!("precision = \"{}\"", self.name());
         if device.is_cpu() {
+            let cpu =
+                || retinanet_kernels::cpu::model_name().unwrap_or_else(|| "this CPU".to_string());
             return match self {
                 Self::F32 => Ok(()),
                 Self::Tf32 => bail!(
                     "{key}: TF32 is a format of the GPU's tensor cores; the CPU computes f32 products at full precision: use precision = \"f32\" on the CPU"
                 ),
-                Self::Bf16 | Self::F16 => {
-                    let cpu = retinanet_kernels::cpu::model_name()
-                        .unwrap_or_else(|| "this CPU".to_string());
-                    if self == Self::Bf16 && !retinanet_kernels::cpu::has_bf16() {
-                        bail!(
-                            "{key} on the CPU needs bf16 dot products in hardware (AVX512-BF16: AMD Zen 4, Intel Cooper Lake, Sapphire Rapids and later), which {cpu} does not have: use precision = \"f32\""
-                        )
-                    }
-                    bail!(
-                        "{key}: this version has no {} kernels for the CPU ({cpu}): use precision = \"f32\" (see docs/performance.md)",
-                        self.name()
-                    )
-                }
+                Self::Bf16 if retinanet_kernels::bf16::available() => Ok(()),
+                Self::Bf16 => bail!(
+                    "{key} on the CPU needs bf16 dot products in hardware (AVX512-BF16: AMD Zen 4, Intel Cooper Lake, Sapphire Rapids and later), which {} does not have: use precision = \"f32\"",
+                    cpu()
+                ),
+                Self::F16 => bail!(
+                    "{key}: this version has no f16 kernels for the CPU ({}): use precision = \"f32\", or \"bf16\" on a CPU with AVX512-BF16 (see docs/performance.md)",
+                    cpu()
+                ),
             };
         }
         match self {
-            Self::F32 | Self::Tf32 => {
-                // cuBLAS's f32 products: TF32 tensor cores or full f32.
-                candle_core::cuda::set_gemm_reduced_precision_f32(self == Self::Tf32);
-                Ok(())
-            }
+            Self::F32 | Self::Tf32 => Ok(()),
             Self::Bf16 | Self::F16 => bail!(
                 "{key}: mixed-precision training and inference on the GPU are not in this version: use precision = \"f32\" or \"tf32\" (see docs/cuda.md)"
             ),
@@ -118,17 +128,21 @@ mod tests {
             e.contains("precision = \"tf32\"") && e.contains("\"f32\""),
             "{e}"
         );
-        let e = Precision::Bf16.apply(&cpu).unwrap_err().to_string();
-        assert!(
-            e.contains("precision = \"bf16\"") && e.contains("\"f32\""),
-            "{e}"
-        );
-        // Which refusal depends on the CPU: without AVX512-BF16 it names the missing feature.
-        assert_eq!(
-            e.contains("AVX512-BF16"),
-            !retinanet_kernels::cpu::has_bf16(),
-            "{e}"
-        );
+        // bf16 runs where the CPU has AVX512-BF16; elsewhere the refusal names the feature.
+        // `check`, not `apply`: turning bf16 on is process-wide and would reach the other tests
+        // of this binary (tests/bf16.rs runs it in a process of its own).
+        match Precision::Bf16.check(&cpu) {
+            Ok(()) => assert!(retinanet_kernels::bf16::available()),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains("precision = \"bf16\"") && e.contains("\"f32\""),
+                    "{e}"
+                );
+                assert!(e.contains("AVX512-BF16"), "{e}");
+                assert!(!retinanet_kernels::bf16::available());
+            }
+        }
         let e = Precision::F16.apply(&cpu).unwrap_err().to_string();
         assert!(e.contains("precision = \"f16\""), "{e}");
         for p in [
