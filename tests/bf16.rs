@@ -4,7 +4,7 @@
 //! weights of an uninterrupted one; elsewhere the run is refused before anything is written.
 
 use candle_core::Device;
-use retinanet_integration_tests::{quiet, tiny_detector_toml};
+use retinanet_integration_tests::{logged_losses, quiet, tiny_detector_toml};
 use retinanet_train::config::{DetectorRunConfig, Precision};
 use retinanet_train::{RunOptions, load_checkpoint, parse_config, train_detector};
 
@@ -13,18 +13,6 @@ fn config(cache: &std::path::Path, name: &str, precision: Precision) -> Detector
         parse_config(&tiny_detector_toml(cache, name, "cpu", "", 2, "[0.25]")).unwrap();
     cfg.precision = precision;
     cfg
-}
-
-/// The per-step losses of a run's log.
-fn losses(log: &std::path::Path) -> Vec<f64> {
-    std::fs::read_to_string(log)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["loss"].as_f64().unwrap()
-        })
-        .collect()
 }
 
 fn weights(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {
@@ -60,7 +48,10 @@ fn bf16_trains_close_to_f32_and_resumes_exactly() {
     // The run ended with bf16 turned on; an f32 run turns it off again.
     assert!(retinanet_kernels::bf16::bf16_products());
 
-    let (lf, lb) = (losses(&f.run.train_log()), losses(&b.run.train_log()));
+    let (lf, lb) = (
+        logged_losses(&f.run.train_log()),
+        logged_losses(&b.run.train_log()),
+    );
     assert_eq!((lf.len(), lb.len()), (12, 12));
     // Same data, same initial weights: the losses differ by bf16 rounding only, and training
     // stays near the f32 run. (The first loss may agree to the last bit: at initialisation the
@@ -104,7 +95,7 @@ fn bf16_trains_close_to_f32_and_resumes_exactly() {
     .unwrap();
     assert_eq!(second.steps, 12);
     assert_eq!(weights(&second.run.checkpoint()), wb);
-    assert_eq!(losses(&second.run.train_log()), lb);
+    assert_eq!(logged_losses(&second.run.train_log()), lb);
 
     // And f32 again in the same process: bit-identical to the first f32 run.
     let f2 = train_detector(&config(&cache, "f2", Precision::F32), &quiet(&runs)).unwrap();

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use retinanet_detector::{RetinaNetConfig, is_buffer};
-use retinanet_integration_tests::tiny_detector_toml;
+use retinanet_integration_tests::{logged_losses, tiny_detector_toml};
 use retinanet_loss::{FocalLossConfig, focal_loss_detection};
 use retinanet_train::model::{build_retinanet, retinanet_config, trainable_vars};
 use retinanet_train::{RunOptions, Sgd, load_checkpoint, parse_config, train_detector};
@@ -175,17 +175,6 @@ fn run_config(cache: &Path, name: &str, device: &str) -> retinanet_train::Detect
     parse_config(&tiny_detector_toml(cache, name, device, "", 2, "[]")).unwrap()
 }
 
-fn losses(log: &Path) -> Vec<f64> {
-    std::fs::read_to_string(log)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["loss"].as_f64().unwrap()
-        })
-        .collect()
-}
-
 #[test]
 fn a_training_run_on_cuda_follows_the_cpu_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -199,7 +188,10 @@ fn a_training_run_on_cuda_follows_the_cpu_run() {
     let c = train_detector(&run_config(&cache, "cpu", "cpu"), &opts).unwrap();
     let g = train_detector(&run_config(&cache, "gpu", "cuda"), &opts).unwrap();
     assert_eq!((c.steps, g.steps), (12, 12));
-    let (lc, lg) = (losses(&c.run.train_log()), losses(&g.run.train_log()));
+    let (lc, lg) = (
+        logged_losses(&c.run.train_log()),
+        logged_losses(&g.run.train_log()),
+    );
     assert_eq!(lc.len(), 12);
     eprintln!("losses cpu {lc:?}\n       cuda {lg:?}");
     for (i, (a, b)) in lc.iter().zip(&lg).enumerate() {

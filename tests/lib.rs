@@ -131,3 +131,15 @@ pub fn quiet(runs: &Path) -> retinanet_train::RunOptions {
         ..Default::default()
     }
 }
+
+/// The per-step losses of a detector run's training log (`train_log()`), in step order.
+pub fn logged_losses(log: &Path) -> Vec<f64> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["loss"].as_f64().unwrap()
+        })
+        .collect()
+}
