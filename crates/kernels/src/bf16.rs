@@ -329,7 +329,7 @@ unsafe fn tile(
 }
 
 /// Two bf16 in one word, `lo` in the low half (the first of a pair, as `vdpbf16ps` reads it).
-fn pair(lo: f32, hi: f32) -> u32 {
+pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
     u32::from(to_bf16(lo)) | (u32::from(to_bf16(hi)) << 16)
 }
 

@@ -123,13 +123,16 @@ impl Geom {
     }
 
     /// Whether a convolution takes bf16 products when they are on: those with 1x1 kernels (any
-    /// stride), which are packed gemms without a patch matrix. Larger kernels keep their f32
-    /// direct and Winograd kernels: on a Zen 5 (2 cores) these beat im2col + the bf16 gemm in
-    /// every 3x3 layer of ResNet-50 RetinaNet but two (docs/performance.md); Winograd F(4x4)
-    /// does 4x fewer multiplies, and building the patch matrix costs about what the faster
-    /// products save.
+    /// stride), which are packed gemms without a patch matrix, and the larger kernels that the
+    /// direct kernel takes in f32 (its bf16 form reads bf16 channel pairs of the padded input:
+    /// still no patch matrix). The layers that Winograd takes keep it in f32: F(4x4) does 4x
+    /// fewer multiplies than a direct sum, more than the 2x that bf16 products give, and in
+    /// bf16 its transformed operands would carry 6x the error of rounding the inputs (1.4-1.7%
+    /// rms of the output against 0.24%, 256 -> 256 at 32x32; docs/performance.md). Through
+    /// im2col + the bf16 gemm, building the patch matrix costs about what the faster products
+    /// save (measured on a Zen 5, 2 cores).
     fn bf16_suits(g: &Geom) -> bool {
-        g.kh == 1 && g.kw == 1
+        g.is_1x1() || (crate::direct::suitable(g) && !use_winograd4(g) && !use_winograd(g))
     }
 
     /// Rows of the patch matrix (`Cin * kh * kw`).
@@ -139,6 +142,11 @@ impl Geom {
 
     pub(crate) fn ohw(&self) -> usize {
         self.oh * self.ow
+    }
+
+    /// Whether the kernel is 1x1 (any stride or padding).
+    pub(crate) fn is_1x1(&self) -> bool {
+        self.kh == 1 && self.kw == 1
     }
 
     /// Whether the patch matrix of an image is the image itself.
@@ -586,9 +594,18 @@ pub(crate) fn forward_fused<T: WithDType>(
     relu: bool,
 ) -> Vec<T> {
     if g.bf16 && T::DTYPE == DType::F32 {
-        // Winograd's transforms would round transformed values, not the operands; the direct
-        // kernel is f32: bf16 products take the packed gemm.
-        return forward_im2col_fused(g, x, wt, bias, res, relu);
+        // 1x1: the packed bf16 gemm; larger kernels: the direct kernel's bf16 form.
+        if g.is_1x1() {
+            return forward_im2col_fused(g, x, wt, bias, res, relu);
+        }
+        return from_f32(crate::direct::forward_bf16(
+            g,
+            as_f32(x),
+            as_f32(wt),
+            bias.map(as_f32),
+            res.map(as_f32),
+            relu,
+        ));
     }
     if T::DTYPE == DType::F32 && use_winograd4(g) {
         return from_f32(crate::winograd4::forward(
@@ -809,8 +826,12 @@ fn with_cols<T: WithDType, R>(
 /// Input gradient: `dx[b] = col2im(Wᵀ · dy[b])`.
 pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
     if g.bf16 && T::DTYPE == DType::F32 {
+        // The transposed convolution in bf16 where it suits them itself (else its f32 route).
         return match transposed(g) {
-            Some(gt) => forward(&gt, dy, &flip_transpose(g, wt), None, false),
+            Some(mut gt) => {
+                gt.bf16 = Geom::bf16_suits(&gt);
+                forward(&gt, dy, &flip_transpose(g, wt), None, false)
+            }
             None => backward_input_im2col(g, dy, wt),
         };
     }
@@ -936,7 +957,9 @@ pub(crate) fn backward_input_im2col<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) 
 
 /// Weight gradient: `dW = Σ_b dy[b] · cols(x[b])ᵀ`.
 pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
-    if T::DTYPE == DType::F32 && !g.bf16 && crate::direct::suitable(g) {
+    // The direct kernel's weight gradient (kernels larger than 1x1) stays f32 under bf16
+    // products: its sums run over positions, which the padded input does not pair.
+    if T::DTYPE == DType::F32 && crate::direct::suitable(g) {
         let dw = crate::direct::backward_weight(g, as_f32(x), as_f32(dy));
         // SAFETY: T is f32 (checked above): same layout, same allocation.
         let mut dw = std::mem::ManuallyDrop::new(dw);
@@ -1400,10 +1423,31 @@ impl CustomOp3 for Conv2dResidual {
     }
 }
 
-/// Whether a convolution of these shapes multiplies in bf16 when bf16 products are on
-/// ([`crate::bf16`]): those with 1x1 kernels; larger kernels stay on their f32 kernels.
-pub fn conv2d_takes_bf16(x_dims: &[usize], w_dims: &[usize], p: ConvParams) -> Result<bool> {
-    Ok(Geom::bf16_suits(&Geom::new(x_dims, w_dims, p)?))
+/// Which products of a convolution multiply in bf16 when bf16 products are on ([`crate::bf16`]);
+/// the others run in f32, bit for bit as with bf16 products off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bf16Products {
+    pub forward: bool,
+    pub input_grad: bool,
+    pub weight_grad: bool,
+}
+
+/// [`Bf16Products`] of a convolution of these shapes: 1x1 kernels in all three products; the
+/// larger kernels the direct kernel takes in their forward pass, and in their input gradient
+/// where its transposed convolution is such a layer too (stride 1) or goes through im2col
+/// (strided), the weight gradient in f32; the layers Winograd takes in f32.
+pub fn conv2d_bf16_products(
+    x_dims: &[usize],
+    w_dims: &[usize],
+    p: ConvParams,
+) -> Result<Bf16Products> {
+    let g = Geom::new(x_dims, w_dims, p)?;
+    let on = Geom::bf16_suits(&g);
+    Ok(Bf16Products {
+        forward: on,
+        input_grad: on && transposed(&g).is_none_or(|gt| Geom::bf16_suits(&gt)),
+        weight_grad: on && g.is_1x1(),
+    })
 }
 
 /// Output dims `[B, Cout, OH, OW]` of a convolution of `x_dims` by `w_dims` (errors as

@@ -264,7 +264,7 @@ impl Blocks {
         (n - 1) * rows * self.cb + rows * self.width(n - 1)
     }
     /// Block `bi` of a [`Blocks::len`] buffer.
-    fn block<'a>(&self, buf: &'a [f32], rows: usize, bi: usize) -> &'a [f32] {
+    fn block<'a, T>(&self, buf: &'a [T], rows: usize, bi: usize) -> &'a [T] {
         &buf[bi * rows * self.cb..][..rows * self.width(bi)]
     }
 }
@@ -322,12 +322,63 @@ fn forward_with(
             }
         });
     let toff: Vec<usize> = (0..taps).map(|t| (t / k) * wp + t % k).collect();
+    let epi = Epilogue {
+        bias,
+        res,
+        relu,
+        vector_store: !generic,
+    };
+    by_chunks(g, bl, g.cin, epi, |bi, o| {
+        let ctx = Ctx {
+            xp,
+            w: bl.block(&wpk, kk, bi),
+            cin: g.cin,
+            plane,
+            wp,
+            toff: &toff,
+        };
+        // SAFETY: the CPU has `isa` (`isa()` or the caller checked); every position of
+        // `o.base` reads its window inside `xp` (Geom's output size keeps windows in the padded
+        // input), and the chunk writes only its own positions of `y`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            let ks = if generic { 0 } else { k };
+            match (isa, o.nco.div_ceil(isa.lanes())) {
+                (Isa::Avx512, 4) => kernel_size!(ks, avx512::run::<6, 4>(&ctx, o)),
+                (Isa::Avx512, 3) => kernel_size!(ks, avx512::run::<6, 3>(&ctx, o)),
+                (Isa::Avx512, 2) => kernel_size!(ks, avx512::run::<8, 2>(&ctx, o)),
+                (Isa::Avx512, _) => kernel_size!(ks, avx512::run::<12, 1>(&ctx, o)),
+                (Isa::Avx2, 2) => kernel_size!(ks, avx2::run::<6, 2>(&ctx, o)),
+                (Isa::Avx2, _) => kernel_size!(ks, avx2::run::<12, 1>(&ctx, o)),
+            }
+        }
+    })
+}
 
+/// What the forward kernels do to a sum before storing it: bias, residual, ReLU, and whether
+/// the instruction set's vector epilogue may write the tiles it handles.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    bias: Option<&'a [f32]>,
+    res: Option<&'a [f32]>,
+    relu: bool,
+    vector_store: bool,
+}
+
+/// The output of a forward pass, computed in chunks of positions (a few per thread, a multiple
+/// of every tile height), each chunk all channel blocks of `bl` in turn: `kernel(bi, out)` for
+/// block `bi` of the chunk's positions, whose window origins `out.base` are offsets in a padded
+/// input of `planes` planes per image. (Capping the chunks so that their input rows stay in L2
+/// made no difference on 161x161 maps: the prefetchers stream them.)
+fn by_chunks(
+    g: &Geom,
+    bl: Blocks,
+    planes: usize,
+    epi: Epilogue,
+    kernel: impl Fn(usize, &Out) + Sync,
+) -> Vec<f32> {
     let ohw = g.ohw();
     let total = g.b * ohw;
-    // Chunks of positions, a few per thread (a multiple of every tile height); each chunk does
-    // all channel blocks. (Capping them so that their input rows stay in L2 made no difference
-    // on 161x161 maps: the prefetchers stream them.)
     let chunk = total
         .div_ceil(crate::par::threads() * 4)
         .next_multiple_of(24)
@@ -338,53 +389,229 @@ fn forward_with(
         let job = |ci: usize| {
             let lo = ci * chunk;
             let hi = (lo + chunk).min(total);
-            // Offset in `xp` of each position's window origin, and of its output channel 0 in `y`.
-            let base = window_bases(g, lo..hi);
+            // Offset in the padded input of each position's window origin, and of its output
+            // channel 0 in `y`.
+            let base = window_bases_planes(g, planes, lo..hi);
             let dst: Vec<usize> = (lo..hi)
                 .map(|pos| (pos / ohw) * g.cout * ohw + pos % ohw)
                 .collect();
             for bi in 0..bl.count() {
-                let co0 = bi * bl.cb;
-                let nco = bl.channels(bi);
-                let ctx = Ctx {
-                    xp,
-                    w: bl.block(&wpk, kk, bi),
-                    cin: g.cin,
-                    plane,
-                    wp,
-                    toff: &toff,
-                };
                 let o = Out {
                     base: &base,
                     dst: &dst,
-                    co0,
-                    nco,
+                    co0: bi * bl.cb,
+                    nco: bl.channels(bi),
                     ohw,
-                    bias,
-                    res,
-                    relu,
-                    vector_store: !generic,
+                    bias: epi.bias,
+                    res: epi.res,
+                    relu: epi.relu,
+                    vector_store: epi.vector_store,
                     y: out,
                 };
-                // SAFETY: the CPU has `isa` (`isa()` or the caller checked); every position of
-                // `base` reads its window inside `xp` (Geom's output size keeps windows in the
-                // padded input), and the chunk writes only its own positions of `y`.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    let ks = if generic { 0 } else { k };
-                    match (isa, nco.div_ceil(isa.lanes())) {
-                        (Isa::Avx512, 4) => kernel_size!(ks, avx512::run::<6, 4>(&ctx, &o)),
-                        (Isa::Avx512, 3) => kernel_size!(ks, avx512::run::<6, 3>(&ctx, &o)),
-                        (Isa::Avx512, 2) => kernel_size!(ks, avx512::run::<8, 2>(&ctx, &o)),
-                        (Isa::Avx512, _) => kernel_size!(ks, avx512::run::<12, 1>(&ctx, &o)),
-                        (Isa::Avx2, 2) => kernel_size!(ks, avx2::run::<6, 2>(&ctx, &o)),
-                        (Isa::Avx2, _) => kernel_size!(ks, avx2::run::<12, 1>(&ctx, &o)),
-                    }
-                }
+                kernel(bi, &o);
             }
         };
         crate::par::for_each_index(total.div_ceil(chunk), job);
     })
+}
+
+/// The forward pass in bf16 products (the CPU must have AVX512-BF16: `crate::bf16::available()`):
+/// input and weights rounded to bf16 (nearest even) as they are laid out, products summed in
+/// f32 by `vdpbf16ps`, bias, residual and ReLU in f32. The input is padded as pairs of
+/// channels (`[B][Cin/2][H'][W']` words, channel `2p` in the low half, a zero channel after an
+/// odd last one) and the weights packed `[block][Cin/2][tap][lanes]` in the same pairs, so one
+/// 32-bit broadcast of a position's pair meets 16 output channels' pairs per instruction: the
+/// f32 kernel's tiles, twice the multiply-adds per instruction.
+pub(crate) fn forward_bf16(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    res: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    assert!(
+        crate::bf16::available(),
+        "bf16 products without AVX512-BF16"
+    );
+    assert_eq!(x.len(), g.b * g.cin * g.h * g.w);
+    assert_eq!(w.len(), g.cout * g.cin * g.kh * g.kw);
+    let k = g.kh;
+    let taps = k * k;
+    let (wp, plane) = padded_dims(g);
+    let cp = g.cin.div_ceil(2);
+    let xp = pad_pairs(g, x);
+    let xp: &[u32] = &xp;
+    let kk = cp * taps;
+    let bl = Blocks::new(Isa::Avx512, g.cout);
+    let mut wpk = vec![0u32; bl.len(kk)];
+    let tap = |co: usize, ci: usize, t: usize| {
+        if ci < g.cin {
+            w[(co * g.cin + ci) * taps + t]
+        } else {
+            0.0
+        }
+    };
+    wpk.par_chunks_mut(kk * bl.cb)
+        .enumerate()
+        .for_each(|(bi, dst)| {
+            let lw = bl.width(bi);
+            for c in 0..bl.channels(bi) {
+                let co = bi * bl.cb + c;
+                for p in 0..cp {
+                    for t in 0..taps {
+                        dst[(p * taps + t) * lw + c] =
+                            crate::bf16::pair(tap(co, 2 * p, t), tap(co, 2 * p + 1, t));
+                    }
+                }
+            }
+        });
+    let toff: Vec<usize> = (0..taps).map(|t| (t / k) * wp + t % k).collect();
+    let epi = Epilogue {
+        bias,
+        res,
+        relu,
+        vector_store: true,
+    };
+    by_chunks(g, bl, cp, epi, |bi, o| {
+        let ctx = PairCtx {
+            xp,
+            w: bl.block(&wpk, kk, bi),
+            pairs: cp,
+            plane,
+            wp,
+            toff: &toff,
+        };
+        // SAFETY: the CPU has AVX-512F, -BW and -BF16 (asserted); every position of `o.base`
+        // reads its window inside `xp`, and the chunk writes only its own positions of `y`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            match o.nco.div_ceil(16) {
+                4 => kernel_size!(k, avx512_bf16::run::<6, 4>(&ctx, o)),
+                3 => kernel_size!(k, avx512_bf16::run::<6, 3>(&ctx, o)),
+                2 => kernel_size!(k, avx512_bf16::run::<8, 2>(&ctx, o)),
+                _ => kernel_size!(k, avx512_bf16::run::<12, 1>(&ctx, o)),
+            }
+        }
+    })
+}
+
+/// `x` zero-padded as bf16 channel pairs (see [`forward_bf16`]): `[B][Cin/2][H'][W']` words.
+fn pad_pairs(g: &Geom, x: &[f32]) -> Vec<u32> {
+    let pad = g.p.padding;
+    let (wp, plane) = padded_dims(g);
+    let (cp, hw) = (g.cin.div_ceil(2), g.h * g.w);
+    let mut v = vec![0u32; g.b * cp * plane];
+    v.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+        let (b, p) = (i / cp, i % cp);
+        let lo = &x[(b * g.cin + 2 * p) * hw..][..hw];
+        let hi = (2 * p + 1 < g.cin).then(|| &x[(b * g.cin + 2 * p + 1) * hw..][..hw]);
+        for r in 0..g.h {
+            let d = &mut dst[(r + pad) * wp + pad..][..g.w];
+            let l = &lo[r * g.w..][..g.w];
+            match hi {
+                Some(hi) => {
+                    for ((d, &a), &b) in d.iter_mut().zip(l).zip(&hi[r * g.w..][..g.w]) {
+                        *d = crate::bf16::pair(a, b);
+                    }
+                }
+                None => {
+                    for (d, &a) in d.iter_mut().zip(l) {
+                        *d = crate::bf16::pair(a, 0.0);
+                    }
+                }
+            }
+        }
+    });
+    v
+}
+
+/// [`Ctx`] of the bf16 kernel: the input and weights as channel pairs.
+struct PairCtx<'a> {
+    xp: &'a [u32],
+    /// Packed weights of one channel block: `[pair][tap][width]`.
+    w: &'a [u32],
+    pairs: usize,
+    plane: usize,
+    wp: usize,
+    toff: &'a [usize],
+}
+
+/// The bf16 forward micro-kernel: the f32 kernel's tiles (`MT` positions x `NV` vectors of 16
+/// output channels), each step one channel pair of one tap.
+#[cfg(target_arch = "x86_64")]
+mod avx512_bf16 {
+    use super::{Out, PairCtx};
+    use std::arch::x86_64::*;
+
+    /// See the f32 kernel's `run`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn run<const MT: usize, const NV: usize, const K: usize>(
+        ctx: &PairCtx,
+        o: &Out,
+    ) {
+        let mut tile = [[0f32; 64]; MT];
+        for (bases, dsts) in o.base.chunks(MT).zip(o.dst.chunks(MT)) {
+            let mut b = [bases[0]; MT];
+            b[..bases.len()].copy_from_slice(bases);
+            // SAFETY: as in `forward_bf16`; the epilogue writes this chunk's positions only.
+            unsafe {
+                micro::<MT, NV, K>(ctx, &b, &mut tile);
+                super::avx512::epilogue(o, &tile, dsts);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn micro<const MT: usize, const NV: usize, const K: usize>(
+        ctx: &PairCtx,
+        base: &[usize; MT],
+        tile: &mut [[f32; 64]; MT],
+    ) {
+        // SAFETY: as the caller's contract.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NV]; MT];
+            let xp = ctx.xp.as_ptr();
+            let mut wptr = ctx.w.as_ptr();
+            macro_rules! tap {
+                ($xt:expr) => {{
+                    let wv: [__m512bh; NV] = std::array::from_fn(|v| {
+                        std::mem::transmute(_mm512_loadu_si512(wptr.add(16 * v).cast()))
+                    });
+                    let xt = $xt;
+                    for j in 0..MT {
+                        let xv: __m512bh =
+                            std::mem::transmute(_mm512_set1_epi32(*xt.add(base[j]) as i32));
+                        for v in 0..NV {
+                            acc[j][v] = _mm512_dpbf16_ps(acc[j][v], xv, wv[v]);
+                        }
+                    }
+                    wptr = wptr.add(16 * NV);
+                }};
+            }
+            for c in 0..ctx.pairs {
+                let xc = xp.add(c * ctx.plane);
+                if K > 0 {
+                    for r in 0..K {
+                        let xr = xc.add(r * ctx.wp);
+                        for col in 0..K {
+                            tap!(xr.add(col));
+                        }
+                    }
+                } else {
+                    for &t in ctx.toff {
+                        tap!(xc.add(t));
+                    }
+                }
+            }
+            for (row, a) in tile.iter_mut().zip(&acc) {
+                for (v, &av) in a.iter().enumerate() {
+                    _mm512_storeu_ps(row.as_mut_ptr().add(16 * v), av);
+                }
+            }
+        }
+    }
 }
 
 /// `dst[m * lw + c] = src[c * n + m]` for channels `c < nc` and positions `m < n` (`lw >= nc`;
@@ -465,12 +692,17 @@ fn pad_input<'a>(g: &Geom, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
 
 /// Offset in the padded input of each output position's window origin, over the whole batch.
 fn window_bases(g: &Geom, positions: std::ops::Range<usize>) -> Vec<usize> {
+    window_bases_planes(g, g.cin, positions)
+}
+
+/// [`window_bases`] for a padded input of `planes` planes per image (channel pairs for bf16).
+fn window_bases_planes(g: &Geom, planes: usize, positions: std::ops::Range<usize>) -> Vec<usize> {
     let (wp, plane) = padded_dims(g);
     let (ohw, s) = (g.ohw(), g.p.stride);
     positions
         .map(|pos| {
             let (b, m) = (pos / ohw, pos % ohw);
-            b * g.cin * plane + (m / g.ow) * s * wp + (m % g.ow) * s
+            b * planes * plane + (m / g.ow) * s * wp + (m % g.ow) * s
         })
         .collect()
 }
@@ -657,7 +889,11 @@ macro_rules! direct_kernels {
             /// consecutive in `y`, so where the tile's are (the last `dst` `n - 1` past the
             /// first) each channel's values go to one run of addresses.
             #[inline]
-            unsafe fn epilogue<const MT: usize>(o: &Out, tile: &[[f32; $cb]; MT], dsts: &[usize]) {
+            pub(super) unsafe fn epilogue<const MT: usize>(
+                o: &Out,
+                tile: &[[f32; $cb]; MT],
+                dsts: &[usize],
+            ) {
                 let n = dsts.len();
                 let run = dsts[n - 1] == dsts[0] + n - 1;
                 // `(acc + bias) + residual` (`+ 0.0` without one), then the ReLU.

@@ -54,8 +54,8 @@ pub use bn::{
     batch_norm_train_synced, channel_affine, relu,
 };
 pub use conv::{
-    ConvParams, conv2d, conv2d_add_relu, conv2d_macs, conv2d_out_dims, conv2d_relu,
-    conv2d_takes_bf16,
+    Bf16Products, ConvParams, conv2d, conv2d_add_relu, conv2d_bf16_products, conv2d_macs,
+    conv2d_out_dims, conv2d_relu,
 };
 pub use par::zeroed;
 pub use sgd::{SgdStep, sgd_step, sgd_supported};

@@ -599,11 +599,12 @@ fn round_bf16(t: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(v, t.dims(), t.device())
 }
 
-/// bf16 products (CPUs with AVX512-BF16): every geometry that takes them, forward and both
-/// gradients, equals the convolution of the bf16-rounded operands computed in f32 by candle (or in f64 where candle's
-/// backward is wrong) to f32 rounding, 1e-5 relative; and the plain f32 convolution to bf16
-/// rounding, 1e-2 relative. The upstream gradient is rounded too, as the backward products see it.
-/// The geometries kept in f32 give the f32 results bit for bit.
+/// bf16 products (CPUs with AVX512-BF16): every product of every geometry that takes them
+/// (forward, input gradient, weight gradient: `conv2d_bf16_products`) equals the convolution of
+/// the bf16-rounded operands computed in f32 by candle (or in f64 where candle's backward is
+/// wrong) to f32 rounding, 1e-5 relative, and the plain f32 convolution to bf16 rounding, 1e-2
+/// relative. The upstream gradient is rounded too, as the backward products see it. The products
+/// kept in f32 give the f32 results bit for bit.
 #[test]
 fn conv2d_bf16_products_match_rounded_operands() -> Result<()> {
     use retinanet_kernels::bf16;
@@ -613,14 +614,23 @@ fn conv2d_bf16_products_match_rounded_operands() -> Result<()> {
         return Ok(());
     }
     let dev = Device::Cpu;
-    // CASES and more 1x1 shapes: odd channel counts, strides 1-3, several images, long rows.
+    // CASES and more shapes: 1x1 with odd channel counts, strides 1-3, several images, long
+    // rows; the direct kernel's bf16 form with a 3-channel 7x7 stem, odd channel pairs, stride 2,
+    // a 5x5 kernel (the offset-table loop), output blocks of 1-4 vectors and a partial one.
     let extra: &[Case] = &[
         (2, 33, 13, 11, 70, 1, 1, 0, 1),
         (3, 257, 9, 7, 65, 1, 2, 0, 1),
         (1, 600, 5, 5, 130, 1, 3, 0, 1),
         (2, 16, 40, 41, 200, 1, 1, 0, 1),
+        (2, 3, 37, 35, 32, 7, 2, 3, 1),
+        (2, 33, 17, 15, 70, 3, 1, 1, 1),
+        (2, 64, 21, 19, 128, 3, 2, 1, 1),
+        (1, 12, 20, 18, 20, 5, 1, 2, 1),
+        (3, 48, 9, 11, 40, 3, 1, 1, 1),
+        (1, 7, 16, 16, 250, 3, 1, 0, 1),
     ];
-    let mut took = 0;
+    let mut took = [0usize; 3];
+    let mut wide = [0usize; 2];
     for &(b, cin, h, w, cout, k, s, p, d) in CASES.iter().chain(extra) {
         let case = format!("{:?}", (b, cin, h, w, cout, k, s, p, d));
         let x = Var::from_tensor(&randn(0f32, 1., (b, cin, h, w), &dev)?)?;
@@ -632,27 +642,53 @@ fn conv2d_bf16_products_match_rounded_operands() -> Result<()> {
         };
         let dims = retinanet_kernels::conv2d_out_dims(x.dims(), wt.dims(), params)?;
         let r = randn(0f32, 1., dims.as_slice(), &dev)?;
-        let (y, gx, gw) = bf16::with_bf16_products(true, || -> Result<_> {
+        let got = bf16::with_bf16_products(true, || -> Result<_> {
             let y = conv2d(x.as_tensor(), wt.as_tensor(), None, params)?;
             let g = (&y * &r)?.sum_all()?.backward()?;
-            Ok((y, g.get(&x).unwrap().clone(), g.get(&wt).unwrap().clone()))
+            Ok([y, g.get(&x).unwrap().clone(), g.get(&wt).unwrap().clone()])
         })
         .expect("bf16 available")?;
         let f32_y = conv2d(x.as_tensor(), wt.as_tensor(), None, params)?;
-        if !retinanet_kernels::conv2d_takes_bf16(x.dims(), wt.dims(), params)? {
-            // Kept in f32 (kernels over 1x1): the f32 results, bit for bit.
-            let g = (&f32_y * &r)?.sum_all()?.backward()?;
-            assert_eq!(rel_err(&y, &f32_y)?, 0.0, "{case}");
-            assert_eq!(rel_err(&gx, g.get(&x).unwrap())?, 0.0, "{case}");
-            assert_eq!(rel_err(&gw, g.get(&wt).unwrap())?, 0.0, "{case}");
+        let g32 = (&f32_y * &r)?.sum_all()?.backward()?;
+        let f32s = [
+            f32_y.clone(),
+            g32.get(&x).unwrap().clone(),
+            g32.get(&wt).unwrap().clone(),
+        ];
+        let parts = retinanet_kernels::conv2d_bf16_products(x.dims(), wt.dims(), params)?;
+        let on = [parts.forward, parts.input_grad, parts.weight_grad];
+        if !on[0] {
+            assert_eq!(
+                on, [false; 3],
+                "{case}: backward in bf16 without the forward"
+            );
+        }
+        let names = ["y", "gx", "gw"];
+        for i in 0..3 {
+            if !on[i] {
+                // Kept in f32: the f32 results, bit for bit.
+                assert_eq!(rel_err(&got[i], &f32s[i])?, 0.0, "{} {case}", names[i]);
+                continue;
+            }
+            took[i] += 1;
+            if k > 1 && i < 2 {
+                wide[i] += 1;
+            }
+            assert!(
+                rel_err(&got[i], &f32s[i])? > 0.0,
+                "{case}: bf16 products gave the f32 {}",
+                names[i]
+            );
+            assert_close(
+                &format!("bf16 {} vs f32 {case}", names[i]),
+                &got[i],
+                &f32s[i],
+                1e-2,
+            )?;
+        }
+        if !on[0] {
             continue;
         }
-        took += 1;
-        assert!(
-            rel_err(&y, &f32_y)? > 0.0,
-            "{case}: bf16 products gave the f32 result"
-        );
-        assert_close(&format!("bf16 y vs f32 {case}"), &y, &f32_y, 1e-2)?;
 
         let (xr, wr, rr) = (
             Var::from_tensor(&round_bf16(x.as_tensor())?)?,
@@ -660,14 +696,14 @@ fn conv2d_bf16_products_match_rounded_operands() -> Result<()> {
             round_bf16(&r)?,
         );
         let rem = |n: usize| (n + 2 * p - d * (k - 1) - 1) % s;
-        let (want_y, want_gx, want_gw) = if rem(h) == rem(w) {
+        let want = if rem(h) == rem(w) {
             let yc = xr.as_tensor().conv2d(wr.as_tensor(), p, s, d, 1)?;
             let gc = (&yc * &rr)?.sum_all()?.backward()?;
-            (
+            [
                 yc,
                 gc.get(&xr).unwrap().clone(),
                 gc.get(&wr).unwrap().clone(),
-            )
+            ]
         } else {
             let f64s = |t: &Tensor| -> Result<Vec<f64>> {
                 t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()
@@ -680,17 +716,29 @@ fn conv2d_bf16_products_match_rounded_operands() -> Result<()> {
                 (s, p, d),
                 &f64s(&rr)?,
             );
-            (
-                Tensor::from_vec(ny, y.dims(), &dev)?.to_dtype(DType::F32)?,
-                Tensor::from_vec(ngx, gx.dims(), &dev)?.to_dtype(DType::F32)?,
-                Tensor::from_vec(ngw, gw.dims(), &dev)?.to_dtype(DType::F32)?,
-            )
+            [
+                Tensor::from_vec(ny, got[0].dims(), &dev)?.to_dtype(DType::F32)?,
+                Tensor::from_vec(ngx, got[1].dims(), &dev)?.to_dtype(DType::F32)?,
+                Tensor::from_vec(ngw, got[2].dims(), &dev)?.to_dtype(DType::F32)?,
+            ]
         };
-        assert_close(&format!("bf16 y {case}"), &y, &want_y, 1e-5)?;
-        assert_close(&format!("bf16 gx {case}"), &gx, &want_gx, 1e-5)?;
-        assert_close(&format!("bf16 gw {case}"), &gw, &want_gw, 1e-5)?;
+        for i in (0..3).filter(|&i| on[i]) {
+            assert_close(
+                &format!("bf16 {} {case}", names[i]),
+                &got[i],
+                &want[i],
+                1e-5,
+            )?;
+        }
     }
-    assert_eq!(took, 7, "1x1 shapes that took bf16 products");
+    eprintln!("bf16 products taken (forward, input grad, weight grad): {took:?}, k > 1: {wide:?}");
+    assert_eq!(
+        took[2], 7,
+        "1x1 shapes whose weight gradient took bf16 products"
+    );
+    // The direct kernel's bf16 form: the stem, stride 1 and 2, 5x5; input gradients through it
+    // (stride 1) and through im2col (stride 2).
+    assert!(wide[0] >= 5 && wide[1] >= 3, "{wide:?}");
 
     // The fused epilogues: bias, ReLU and residual are added in f32 to the bf16 products.
     use retinanet_kernels::conv2d_add_relu;
@@ -700,14 +748,14 @@ fn conv2d_bf16_products_match_rounded_operands() -> Result<()> {
         (2, 40, 9, 8, 24, 1, 2, 0),
         (1, 300, 6, 5, 20, 1, 2, 0),
         (3, 130, 7, 9, 70, 1, 1, 0),
+        (2, 35, 17, 15, 72, 3, 1, 1),
+        (2, 32, 18, 19, 64, 3, 2, 1),
     ] {
         let x = randn(0., 1., (b, cin, h, wd), &dev)?;
         let w = randn(0., 0.2, (cout, cin, k, k), &dev)?;
-        assert!(retinanet_kernels::conv2d_takes_bf16(
-            x.dims(),
-            w.dims(),
-            ConvParams::new(s, p)
-        )?);
+        let parts =
+            retinanet_kernels::conv2d_bf16_products(x.dims(), w.dims(), ConvParams::new(s, p))?;
+        assert!(parts.forward, "{:?}", (b, cin, h, wd, cout, k, s, p));
         let bias = randn(0., 1., cout, &dev)?;
         let lin = round_bf16(&x)?
             .conv2d(&round_bf16(&w)?, p, s, 1, 1)?
