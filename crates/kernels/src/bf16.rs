@@ -1,12 +1,14 @@
 //! bf16 products on CPUs with AVX512-BF16: the `precision = "bf16"` setting on the CPU.
 //!
 //! Tensors stay f32 (master weights, activations, batch-norm statistics, loss, optimiser): what
-//! changes is how the convolutions multiply. With bf16 products on, every convolution product —
-//! forward, input gradient, weight gradient — rounds both operands to bf16 (round to nearest
-//! even) while packing them and sums the products in f32 with `vdpbf16ps`, which does twice the
-//! multiply-adds of an f32 FMA per instruction. That is what PyTorch's
-//! `torch.autocast("cpu", dtype=torch.bfloat16)` does to a convolution's inputs, without casting
-//! the tensors themselves.
+//! changes is how the convolutions multiply. With bf16 products on, a convolution product that
+//! takes them rounds both operands to bf16 (round to nearest even) while packing them and sums
+//! the products in f32 with `vdpbf16ps`, which does twice the multiply-adds of an f32 FMA per
+//! instruction. That is what PyTorch's `torch.autocast("cpu", dtype=torch.bfloat16)` does to a
+//! convolution's inputs, without casting the tensors themselves. Which products take them is
+//! chosen for speed ([`crate::conv2d_bf16_products`]): all three of 1x1 layers (this module's
+//! gemm), the forward pass and stride-1 input gradient of the direct kernel's layers (its bf16
+//! form); Winograd layers and the direct weight gradient stay f32, which is faster there.
 //!
 //! Like the CPU's own instructions, bf16 conversion here treats subnormal f32 inputs as zero.
 
