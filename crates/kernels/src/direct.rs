@@ -267,6 +267,32 @@ impl Blocks {
     fn block<'a, T>(&self, buf: &'a [T], rows: usize, bi: usize) -> &'a [T] {
         &buf[bi * rows * self.cb..][..rows * self.width(bi)]
     }
+    /// A [`Blocks::len`] buffer of `rows` rows with `value(co, row)` at lane `co` of each row
+    /// (packed weights: `[block][row][lanes]`), zero lanes past Cout; in parallel over blocks.
+    fn pack<T: Copy + Default + Send>(
+        &self,
+        rows: usize,
+        value: impl Fn(usize, usize) -> T + Sync,
+    ) -> Vec<T> {
+        let mut buf = vec![T::default(); self.len(rows)];
+        buf.par_chunks_mut(rows * self.cb)
+            .enumerate()
+            .for_each(|(bi, dst)| {
+                let lw = self.width(bi);
+                for c in 0..self.channels(bi) {
+                    let co = bi * self.cb + c;
+                    for i in 0..rows {
+                        dst[i * lw + c] = value(co, i);
+                    }
+                }
+            });
+        buf
+    }
+}
+
+/// Offset in a padded plane of row length `wp` of each tap of a `k x k` kernel.
+fn tap_offsets(k: usize, wp: usize) -> Vec<usize> {
+    (0..k * k).map(|t| (t / k) * wp + t % k).collect()
 }
 
 /// `y = conv(x, w) (+ bias) (+ res)`, then ReLU if asked; `x` `[B, Cin, H, W]`, `w`
@@ -309,19 +335,8 @@ fn forward_with(
     let taps = k * k;
     let kk = g.cin * taps;
     let bl = Blocks::new(isa, g.cout);
-    let mut wpk = vec![0f32; bl.len(kk)];
-    wpk.par_chunks_mut(kk * bl.cb)
-        .enumerate()
-        .for_each(|(bi, dst)| {
-            let lw = bl.width(bi);
-            for c in 0..bl.channels(bi) {
-                let co = bi * bl.cb + c;
-                for (i, &v) in w[co * kk..(co + 1) * kk].iter().enumerate() {
-                    dst[i * lw + c] = v;
-                }
-            }
-        });
-    let toff: Vec<usize> = (0..taps).map(|t| (t / k) * wp + t % k).collect();
+    let wpk = bl.pack(kk, |co, i| w[co * kk + i]);
+    let toff = tap_offsets(k, wp);
     let epi = Epilogue {
         bias,
         res,
@@ -402,10 +417,7 @@ fn by_chunks(
                     co0: bi * bl.cb,
                     nco: bl.channels(bi),
                     ohw,
-                    bias: epi.bias,
-                    res: epi.res,
-                    relu: epi.relu,
-                    vector_store: epi.vector_store,
+                    epi,
                     y: out,
                 };
                 kernel(bi, &o);
@@ -444,7 +456,6 @@ pub(crate) fn forward_bf16(
     let xp: &[u32] = &xp;
     let kk = cp * taps;
     let bl = Blocks::new(Isa::Avx512, g.cout);
-    let mut wpk = vec![0u32; bl.len(kk)];
     let tap = |co: usize, ci: usize, t: usize| {
         if ci < g.cin {
             w[(co * g.cin + ci) * taps + t]
@@ -452,26 +463,18 @@ pub(crate) fn forward_bf16(
             0.0
         }
     };
-    wpk.par_chunks_mut(kk * bl.cb)
-        .enumerate()
-        .for_each(|(bi, dst)| {
-            let lw = bl.width(bi);
-            for c in 0..bl.channels(bi) {
-                let co = bi * bl.cb + c;
-                for p in 0..cp {
-                    for t in 0..taps {
-                        dst[(p * taps + t) * lw + c] =
-                            crate::bf16::pair(tap(co, 2 * p, t), tap(co, 2 * p + 1, t));
-                    }
-                }
-            }
-        });
-    let toff: Vec<usize> = (0..taps).map(|t| (t / k) * wp + t % k).collect();
+    // Row `i` of a block is channel pair `i / taps` at tap `i % taps`.
+    let wpk = bl.pack(kk, |co, i| {
+        let (p, t) = (i / taps, i % taps);
+        crate::bf16::pair(tap(co, 2 * p, t), tap(co, 2 * p + 1, t))
+    });
+    let toff = tap_offsets(k, wp);
+    // The bf16 kernel stores through the scalar epilogue (AVX-512 has no vector one).
     let epi = Epilogue {
         bias,
         res,
         relu,
-        vector_store: true,
+        vector_store: false,
     };
     by_chunks(g, bl, cp, epi, |bi, o| {
         let ctx = PairCtx {
@@ -844,11 +847,7 @@ struct Out<'a> {
     co0: usize,
     nco: usize,
     ohw: usize,
-    bias: Option<&'a [f32]>,
-    res: Option<&'a [f32]>,
-    relu: bool,
-    /// Whether the instruction set's vector epilogue may write the tiles it handles.
-    vector_store: bool,
+    epi: Epilogue<'a>,
     y: SendPtr<f32>,
 }
 
@@ -879,7 +878,7 @@ macro_rules! direct_kernels {
                     unsafe { micro::<MT, NV, K>(ctx, &b, &mut tile) };
                     // SAFETY: in bounds, and these positions belong to this chunk alone; the
                     // vector epilogue returns false (writing nothing) where it does not apply.
-                    if !(o.vector_store && unsafe { $vepi(o, &tile, dsts) }) {
+                    if !(o.epi.vector_store && unsafe { $vepi(o, &tile, dsts) }) {
                         unsafe { epilogue(o, &tile, dsts) };
                     }
                 }
@@ -899,15 +898,15 @@ macro_rules! direct_kernels {
                 // `(acc + bias) + residual` (`+ 0.0` without one), then the ReLU.
                 let value = |acc: f32, bv: f32, r: f32| {
                     let v = acc + bv + r;
-                    if o.relu && v < 0.0 { 0.0 } else { v }
+                    if o.epi.relu && v < 0.0 { 0.0 } else { v }
                 };
                 for c in 0..o.nco {
                     let co = o.co0 + c;
-                    let bv = o.bias.map_or(0.0, |bb| bb[co]);
+                    let bv = o.epi.bias.map_or(0.0, |bb| bb[co]);
                     if run {
                         let at = dsts[0] + co * o.ohw;
                         let y = unsafe { o.y.0.add(at) };
-                        match o.res {
+                        match o.epi.res {
                             Some(r) => {
                                 let r = &r[at..at + n];
                                 for (j, (row, &r)) in tile.iter().zip(r).enumerate() {
@@ -923,7 +922,7 @@ macro_rules! direct_kernels {
                         continue;
                     }
                     for (row, &d) in tile.iter().zip(dsts) {
-                        let r = o.res.map_or(0.0, |r| r[d + co * o.ohw]);
+                        let r = o.epi.res.map_or(0.0, |r| r[d + co * o.ohw]);
                         unsafe { *o.y.0.add(d + co * o.ohw) = value(row[c], bv, r) };
                     }
                 }
@@ -1198,8 +1197,8 @@ mod avx2_epilogue {
                 }
                 let co = o.co0 + c;
                 let at = dsts[0] + co * o.ohw;
-                let bv = _mm256_set1_ps(o.bias.map_or(0.0, |b| b[co]));
-                let rv = match o.res {
+                let bv = _mm256_set1_ps(o.epi.bias.map_or(0.0, |b| b[co]));
+                let rv = match o.epi.res {
                     Some(r) => {
                         let r = &r[at..at + 6];
                         // SAFETY: `r` holds 6 floats: 4 at 0, 2 at 4.
@@ -1212,7 +1211,7 @@ mod avx2_epilogue {
                     None => zero,
                 };
                 let mut v = _mm256_add_ps(_mm256_add_ps(col, bv), rv);
-                if o.relu {
+                if o.epi.relu {
                     v = _mm256_max_ps(zero, v);
                 }
                 // SAFETY: positions `at..at + 6` of this channel belong to this chunk alone
