@@ -65,6 +65,9 @@ pub(crate) struct Geom {
     /// Products in bf16 ([`crate::bf16`]): the setting of the thread that made this geometry
     /// (so the op's worker threads follow it), where the geometry suits them ([`Geom::bf16_suits`]).
     pub bf16: bool,
+    /// The weight gradient in bf16 products: the setting of that thread, where the geometry
+    /// suits them ([`Geom::bf16_weight_grad_suits`]).
+    pub bf16_weight_grad: bool,
 }
 
 impl Geom {
@@ -100,8 +103,11 @@ impl Geom {
             ow: out(w, kw)?,
             p,
             bf16: false,
+            bf16_weight_grad: false,
         };
-        g.bf16 = crate::bf16::bf16_products() && Self::bf16_suits(&g);
+        let on = crate::bf16::bf16_products();
+        g.bf16 = on && Self::bf16_suits(&g);
+        g.bf16_weight_grad = on && Self::bf16_weight_grad_suits(&g);
         Ok(g)
     }
 
@@ -133,6 +139,14 @@ impl Geom {
     /// save (measured on a Zen 5, 2 cores).
     fn bf16_suits(g: &Geom) -> bool {
         g.is_1x1() || (crate::direct::suitable(g) && !use_winograd4(g) && !use_winograd(g))
+    }
+
+    /// Whether the weight gradient takes bf16 products when they are on: 1x1 kernels (the packed
+    /// gemm) and every larger kernel the direct kernel takes, the layers that Winograd computes
+    /// forward included: the weight gradient is a direct sum over positions there too, and its
+    /// bf16 form pairs neighbouring positions (no transform to carry the rounding).
+    fn bf16_weight_grad_suits(g: &Geom) -> bool {
+        g.is_1x1() || crate::direct::suitable(g)
     }
 
     /// Rows of the patch matrix (`Cin * kh * kw`).
@@ -876,6 +890,7 @@ pub(crate) fn transposed(g: &Geom) -> Option<Geom> {
             ..g.p
         },
         bf16: g.bf16,
+        bf16_weight_grad: false,
     })
 }
 
@@ -957,10 +972,12 @@ pub(crate) fn backward_input_im2col<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) 
 
 /// Weight gradient: `dW = Σ_b dy[b] · cols(x[b])ᵀ`.
 pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
-    // The direct kernel's weight gradient (kernels larger than 1x1) stays f32 under bf16
-    // products: its sums run over positions, which the padded input does not pair.
     if T::DTYPE == DType::F32 && crate::direct::suitable(g) {
-        let dw = crate::direct::backward_weight(g, as_f32(x), as_f32(dy));
+        let dw = if g.bf16_weight_grad {
+            crate::direct::backward_weight_bf16(g, as_f32(x), as_f32(dy))
+        } else {
+            crate::direct::backward_weight(g, as_f32(x), as_f32(dy))
+        };
         // SAFETY: T is f32 (checked above): same layout, same allocation.
         let mut dw = std::mem::ManuallyDrop::new(dw);
         return unsafe {
@@ -1435,7 +1452,8 @@ pub struct Bf16Products {
 /// [`Bf16Products`] of a convolution of these shapes: 1x1 kernels in all three products; the
 /// larger kernels the direct kernel takes in their forward pass, and in their input gradient
 /// where its transposed convolution is such a layer too (stride 1) or goes through im2col
-/// (strided), the weight gradient in f32; the layers Winograd takes in f32.
+/// (strided); the weight gradient of every layer the direct kernel takes in f32 (the layers
+/// Winograd computes forward included); the other products in f32.
 pub fn conv2d_bf16_products(
     x_dims: &[usize],
     w_dims: &[usize],
@@ -1446,7 +1464,7 @@ pub fn conv2d_bf16_products(
     Ok(Bf16Products {
         forward: on,
         input_grad: on && transposed(&g).is_none_or(|gt| Geom::bf16_suits(&gt)),
-        weight_grad: on && g.is_1x1(),
+        weight_grad: Geom::bf16_weight_grad_suits(&g),
     })
 }
 

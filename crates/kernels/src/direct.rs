@@ -100,6 +100,8 @@ fn candidates() -> &'static [Isa] {
 enum Op {
     Forward,
     WeightGrad,
+    /// The weight gradient in bf16 products (AVX-512 only).
+    WeightGradBf16,
 }
 
 type Key = (Op, [usize; 8]);
@@ -125,25 +127,29 @@ fn plans(op: Op) -> &'static [Plan] {
     use std::sync::OnceLock;
     static FORWARD: OnceLock<Vec<Plan>> = OnceLock::new();
     static WEIGHT_GRAD: OnceLock<Vec<Plan>> = OnceLock::new();
+    static WEIGHT_GRAD_BF16: OnceLock<Vec<Plan>> = OnceLock::new();
     let cell = match op {
         Op::Forward => &FORWARD,
         Op::WeightGrad => &WEIGHT_GRAD,
+        Op::WeightGradBf16 => &WEIGHT_GRAD_BF16,
     };
     cell.get_or_init(|| plans_uncached(op))
 }
 
 fn plans_uncached(op: Op) -> Vec<Plan> {
     let mut v = Vec::new();
+    let blocks = |isa: Isa| position_blocks(isa.lanes() * isa.max_vectors());
     for &isa in candidates() {
         match op {
             Op::Forward => v.push(Plan { isa, pblock: 0 }),
-            Op::WeightGrad => {
-                let cb = isa.lanes() * isa.max_vectors();
-                for pblock in position_blocks(cb) {
-                    v.push(Plan { isa, pblock });
-                }
-            }
+            Op::WeightGrad => v.extend(blocks(isa).into_iter().map(|pblock| Plan { isa, pblock })),
+            // bf16 products exist in AVX-512 only, whatever `RETINANET_ISA` caps.
+            Op::WeightGradBf16 => {}
         }
+    }
+    if op == Op::WeightGradBf16 {
+        let isa = Isa::Avx512;
+        v.extend(blocks(isa).into_iter().map(|pblock| Plan { isa, pblock }));
     }
     if std::env::var("RETINANET_TUNE").is_ok_and(|v| v == "0") {
         v.truncate(1);
@@ -208,7 +214,11 @@ pub(crate) fn tuning_summary() -> Option<String> {
     }
     let mut parts = Vec::new();
     if candidates().len() > 1 {
-        let n = |i: Isa| m.values().filter(|c| c.isa == i).count();
+        let n = |i: Isa| {
+            m.iter()
+                .filter(|((op, _), c)| *op != Op::WeightGradBf16 && c.isa == i)
+                .count()
+        };
         parts.push(format!(
             "layer shapes measured faster with avx512 {}, avx2 {}",
             n(Isa::Avx512),
@@ -501,32 +511,33 @@ pub(crate) fn forward_bf16(
 
 /// `x` zero-padded as bf16 channel pairs (see [`forward_bf16`]): `[B][Cin/2][H'][W']` words.
 fn pad_pairs(g: &Geom, x: &[f32]) -> Vec<u32> {
-    let pad = g.p.padding;
-    let (wp, plane) = padded_dims(g);
     let (cp, hw) = (g.cin.div_ceil(2), g.h * g.w);
-    let mut v = vec![0u32; g.b * cp * plane];
-    v.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+    padded_planes(g, g.b * cp, 0u32, |i, r, dst| {
         let (b, p) = (i / cp, i % cp);
-        let lo = &x[(b * g.cin + 2 * p) * hw..][..hw];
-        let hi = (2 * p + 1 < g.cin).then(|| &x[(b * g.cin + 2 * p + 1) * hw..][..hw]);
-        for r in 0..g.h {
-            let d = &mut dst[(r + pad) * wp + pad..][..g.w];
-            let l = &lo[r * g.w..][..g.w];
-            match hi {
-                Some(hi) => {
-                    for ((d, &a), &b) in d.iter_mut().zip(l).zip(&hi[r * g.w..][..g.w]) {
-                        *d = crate::bf16::pair(a, b);
-                    }
-                }
-                None => {
-                    for (d, &a) in d.iter_mut().zip(l) {
-                        *d = crate::bf16::pair(a, 0.0);
-                    }
-                }
-            }
-        }
-    });
-    v
+        let row = |c: usize| &x[(b * g.cin + c) * hw + r * g.w..][..g.w];
+        let hi = (2 * p + 1 < g.cin).then(|| row(2 * p + 1));
+        pair_words(row(2 * p), hi, dst);
+    })
+}
+
+/// `dst[i] = pair(lo[i], hi[i])` (`hi` zero where `None`) for every `i < dst.len()`; the CPU
+/// must have AVX512-BF16.
+fn pair_words(lo: &[f32], hi: Option<&[f32]>, dst: &mut [std::mem::MaybeUninit<u32>]) {
+    let n = dst.len();
+    assert!(lo.len() >= n && hi.is_none_or(|h| h.len() >= n));
+    assert!(crate::bf16::available());
+    // SAFETY: the CPU has AVX-512F, -BW and -BF16 (asserted); the lengths are asserted.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        avx512_bf16::pair_words(
+            lo.as_ptr(),
+            hi.map(<[f32]>::as_ptr),
+            n,
+            dst.as_mut_ptr().cast(),
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16 products run on x86-64 only");
 }
 
 /// [`Ctx`] of the bf16 kernel: the input and weights as channel pairs.
@@ -544,7 +555,7 @@ struct PairCtx<'a> {
 /// output channels), each step one channel pair of one tap.
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16 {
-    use super::{Out, PairCtx};
+    use super::{Out, PairCtx, WCtx};
     use std::arch::x86_64::*;
 
     /// See the f32 kernel's `run`.
@@ -615,6 +626,86 @@ mod avx512_bf16 {
             }
         }
     }
+    /// `dst[i] = pair(lo[i], hi[i])` (`hi` zero where null) for `i < n`, 16 at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn pair_words(
+        lo: *const f32,
+        hi: Option<*const f32>,
+        n: usize,
+        dst: *mut u32,
+    ) {
+        // SAFETY: the caller's contract: `n` values readable at `lo` (and `hi`), writable at
+        // `dst`; the masked loads and stores touch nothing past them.
+        unsafe {
+            for i in (0..n).step_by(16) {
+                let m: __mmask16 = if n - i >= 16 { !0 } else { (1 << (n - i)) - 1 };
+                let l = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, lo.add(i)));
+                let l = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(l));
+                let w = match hi {
+                    Some(hi) => {
+                        let h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, hi.add(i)));
+                        let h = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(h));
+                        _mm512_or_si512(l, _mm512_slli_epi32::<16>(h))
+                    }
+                    None => l,
+                };
+                _mm512_mask_storeu_epi32(dst.add(i).cast(), m, w);
+            }
+        }
+    }
+
+    /// `dst[i]` = bf16 bits of `src[i]` for `i < n`, 16 at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn to_bf16_row(src: *const f32, n: usize, dst: *mut u16) {
+        // SAFETY: as in `pair_words`.
+        unsafe {
+            for i in (0..n).step_by(16) {
+                let m: __mmask16 = if n - i >= 16 { !0 } else { (1 << (n - i)) - 1 };
+                let h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src.add(i)));
+                let h = std::mem::transmute::<__m256bh, __m256i>(h);
+                _mm256_mask_storeu_epi16(dst.add(i).cast(), m, h);
+            }
+        }
+    }
+
+    /// The weight gradient's tiles (see the f32 kernel's `wrun`) over pairs of positions.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn wrun<const MT: usize, const NV: usize>(ctx: &WCtx<u32>) {
+        // SAFETY: as the caller's contract.
+        unsafe { super::avx512::wtiles::<u32, MT, NV>(ctx, wmicro::<MT, NV>) }
+    }
+
+    /// `acc[j][v] += Σ_{pair in range} dy[pair][16v..16(v+1)] · xq[base[pair] + off[j]]`, each
+    /// term the two positions of a pair.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn wmicro<const MT: usize, const NV: usize>(
+        ctx: &WCtx<u32>,
+        off: &[usize; MT],
+        range: std::ops::Range<usize>,
+        acc: &mut [[__m512; NV]; MT],
+    ) {
+        // SAFETY: as the caller's contract.
+        unsafe {
+            let mut a = *acc;
+            let xp = ctx.xp.as_ptr();
+            let width = ctx.dyt.len() / ctx.base.len();
+            for pos in range {
+                let d = ctx.dyt.as_ptr().add(pos * width);
+                let dv: [__m512bh; NV] = std::array::from_fn(|v| {
+                    std::mem::transmute(_mm512_loadu_si512(d.add(16 * v).cast()))
+                });
+                let xb = xp.add(*ctx.base.get_unchecked(pos));
+                for j in 0..MT {
+                    let xv: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*xb.add(off[j]) as i32));
+                    for v in 0..NV {
+                        a[j][v] = _mm512_dpbf16_ps(a[j][v], dv[v], xv);
+                    }
+                }
+            }
+            *acc = a;
+        }
+    }
 }
 
 /// `dst[m * lw + c] = src[c * n + m]` for channels `c < nc` and positions `m < n` (`lw >= nc`;
@@ -667,30 +758,44 @@ fn padded_dims(g: &Geom) -> (usize, usize) {
 /// The input with `padding` zeros around every plane (the input itself without padding).
 fn pad_input<'a>(g: &Geom, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
     use std::mem::MaybeUninit;
-    let pad = g.p.padding;
-    if pad == 0 {
+    if g.p.padding == 0 {
         return x.into();
     }
-    let (wp, plane) = padded_dims(g);
-    let zero = MaybeUninit::new(0f32);
-    let v = crate::par::filled_later(g.b * g.cin * plane, |v| {
-        v.par_chunks_mut(plane)
-            .zip(x.par_chunks(g.h * g.w))
-            .for_each(|(dst, src)| {
-                // Every element once: top rows, each row's margins and values, bottom rows.
-                dst[..pad * wp].fill(zero);
-                for (r, row) in src.chunks_exact(g.w).enumerate() {
-                    let d = &mut dst[(r + pad) * wp..][..wp];
-                    d[..pad].fill(zero);
-                    for (o, &i) in d[pad..pad + g.w].iter_mut().zip(row) {
-                        *o = MaybeUninit::new(i);
-                    }
-                    d[pad + g.w..].fill(zero);
-                }
-                dst[(g.h + pad) * wp..].fill(zero);
-            })
+    let hw = g.h * g.w;
+    let v = padded_planes(g, g.b * g.cin, 0f32, |i, r, dst| {
+        for (o, &v) in dst.iter_mut().zip(&x[i * hw + r * g.w..][..g.w]) {
+            *o = MaybeUninit::new(v);
+        }
     });
     v.into()
+}
+
+/// `planes` planes of `H' x W'` (the padded input's dims) with `zero` in the margins of
+/// `padding` and `row(plane, r, dst)` writing the `W` values of input row `r`: every element
+/// written once, in parallel over the planes.
+fn padded_planes<T: Copy + Send + Sync>(
+    g: &Geom,
+    planes: usize,
+    zero: T,
+    row: impl Fn(usize, usize, &mut [std::mem::MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    use std::mem::MaybeUninit;
+    let pad = g.p.padding;
+    let (wp, plane) = padded_dims(g);
+    let zero = MaybeUninit::new(zero);
+    crate::par::filled_later(planes * plane, |v| {
+        v.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+            // Top rows, each row's margins and values, bottom rows.
+            dst[..pad * wp].fill(zero);
+            for r in 0..g.h {
+                let d = &mut dst[(r + pad) * wp..][..wp];
+                d[..pad].fill(zero);
+                row(i, r, &mut d[pad..pad + g.w]);
+                d[pad + g.w..].fill(zero);
+            }
+            dst[(g.h + pad) * wp..].fill(zero);
+        })
+    })
 }
 
 /// Offset in the padded input of each output position's window origin, over the whole batch.
@@ -728,8 +833,6 @@ pub(crate) fn backward_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
 fn backward_weight_with(isa: Isa, pblock: usize, g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("the direct kernel is selected only on x86-64");
-    let k = g.kh;
-    let (wp, plane) = padded_dims(g);
     let xp = pad_input(g, x);
     let xp: &[f32] = &xp;
     let ohw = g.ohw();
@@ -750,31 +853,18 @@ fn backward_weight_with(isa: Isa, pblock: usize, g: &Geom, x: &[f32], dy: &[f32]
         transpose_into(src, ohw, nc, dst, bl.width(bi), isa);
     });
     let base = window_bases(g, 0..total);
-    let taps = k * k;
-    let kk = g.cin * taps;
-    // Offset of each (ci, tap) from a window origin.
-    let koff: Vec<usize> = (0..kk)
-        .map(|i| (i / taps) * plane + (i % taps / k) * wp + i % k)
-        .collect();
-    let mut dw = vec![0f32; g.cout * kk];
-    // Tasks: (channel block, group of taps); each owns its entries of dw. 48 is a multiple of
-    // every tile's tap count.
-    let group = 48;
-    let groups = kk.div_ceil(group);
-    let out = SendPtr(dw.as_mut_ptr());
-    let job = |t: usize| {
-        let (bi, gi) = (t / groups, t % groups);
+    by_tap_groups(g, bl, |bi, k0, offs, dw| {
         let ctx = WCtx {
             xp,
             base: &base,
             dyt: bl.block(&dyt, total, bi),
-            offs: &koff[gi * group..((gi + 1) * group).min(kk)],
-            k0: gi * group,
+            offs,
+            k0,
             co0: bi * bl.cb,
             nco: bl.channels(bi),
-            kk,
+            kk: g.k(),
             pblock,
-            dw: out,
+            dw,
         };
         // SAFETY: the CPU has `isa`; every window read lies inside `xp`, and this task writes
         // only its own taps of `dw`.
@@ -789,9 +879,164 @@ fn backward_weight_with(isa: Isa, pblock: usize, g: &Geom, x: &[f32], dy: &[f32]
                 (Isa::Avx2, _) => avx2::wrun::<12, 1>(&ctx),
             }
         }
-    };
-    crate::par::for_each_index(bl.count() * groups, job);
+    })
+}
+
+/// The weight gradient `[Cout, Cin, k, k]`, computed in tasks of one channel block of `bl` and
+/// one group of taps, each owning its entries of `dw`: `kernel(bi, k0, offs, dw)` for block `bi`
+/// and the taps from `k0` on, `offs` their offsets from a window origin in the padded input.
+fn by_tap_groups(
+    g: &Geom,
+    bl: Blocks,
+    kernel: impl Fn(usize, usize, &[usize], SendPtr<f32>) + Sync,
+) -> Vec<f32> {
+    let k = g.kh;
+    let (wp, plane) = padded_dims(g);
+    let taps = k * k;
+    let kk = g.k();
+    // Offset of each (ci, tap) from a window origin.
+    let koff: Vec<usize> = (0..kk)
+        .map(|i| (i / taps) * plane + (i % taps / k) * wp + i % k)
+        .collect();
+    let mut dw = vec![0f32; g.cout * kk];
+    // 48 is a multiple of every tile's tap count.
+    let group = 48;
+    let groups = kk.div_ceil(group);
+    let out = SendPtr(dw.as_mut_ptr());
+    crate::par::for_each_index(bl.count() * groups, |t| {
+        let (bi, gi) = (t / groups, t % groups);
+        let k0 = gi * group;
+        kernel(bi, k0, &koff[k0..(k0 + group).min(kk)], out);
+    });
     dw
+}
+
+/// [`backward_weight`] in bf16 products (the CPU must have AVX512-BF16): `dy` and the input
+/// rounded to bf16 (nearest even), products summed in f32 by `vdpbf16ps` over pairs of
+/// neighbouring positions of an output row. `dy` is laid out per channel block as
+/// `[pair][lanes]` words (the row's first position in the low half, a zero after an odd last
+/// one) and the padded input as words pairing each element with the one `stride` to its right,
+/// so one 32-bit broadcast of a tap meets 16 output channels' pairs per instruction: the f32
+/// kernel's tiles, twice the multiply-adds per instruction, half the steps.
+pub(crate) fn backward_weight_bf16(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    assert!(
+        crate::bf16::available(),
+        "bf16 products without AVX512-BF16"
+    );
+    assert_eq!(x.len(), g.b * g.cin * g.h * g.w);
+    assert_eq!(dy.len(), g.b * g.cout * g.ohw());
+    tuned(Op::WeightGradBf16, g, |p| {
+        backward_weight_bf16_with(p.pblock, g, x, dy)
+    })
+}
+
+fn backward_weight_bf16_with(pblock: usize, g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (s, ow, ohw) = (g.p.stride, g.ow, g.ohw());
+    let (wp, plane) = padded_dims(g);
+    let xq = position_pairs(g, x);
+    let xq: &[u32] = &xq;
+    let hq = ow.div_ceil(2);
+    let per_image = g.oh * hq;
+    let total = g.b * per_image;
+    let bl = Blocks::new(Isa::Avx512, g.cout);
+    // dy as [block][pair][lanes] words, zero lanes past Cout; one task per (block, image): its
+    // channels' rows in bf16 (an odd row padded with a zero), which as words are the pairs
+    // `[c][pair]`, then transposed.
+    let mut dyq = crate::par::zeroed::<u32>(bl.len(total));
+    let mut parts: Vec<(usize, usize, &mut [u32])> = Vec::with_capacity(bl.count() * g.b);
+    for (bi, blk) in dyq.chunks_mut(total * bl.cb).enumerate() {
+        for (b, dst) in blk.chunks_mut(per_image * bl.width(bi)).enumerate() {
+            parts.push((bi, b, dst));
+        }
+    }
+    parts.into_par_iter().for_each(|(bi, b, dst)| {
+        let nc = bl.channels(bi);
+        let src = &dy[(b * g.cout + bi * bl.cb) * ohw..][..nc * ohw];
+        let mut half = vec![0u16; nc * 2 * per_image];
+        for (row, d) in src.chunks_exact(ow).zip(half.chunks_exact_mut(2 * hq)) {
+            to_bf16_row(row, &mut d[..ow]);
+        }
+        let words: Vec<u32> = half
+            .chunks_exact(2)
+            .map(|h| u32::from(h[0]) | (u32::from(h[1]) << 16))
+            .collect();
+        // SAFETY: f32 and u32 have one size and alignment; the transpose moves bits unchanged.
+        let (wf, df) = unsafe {
+            (
+                std::slice::from_raw_parts(words.as_ptr().cast::<f32>(), words.len()),
+                std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()),
+            )
+        };
+        transpose_into(wf, per_image, nc, df, bl.width(bi), Isa::Avx512);
+    });
+    // Window origin of each pair's first position.
+    let base: Vec<usize> = (0..total)
+        .map(|q| {
+            let (b, r) = (q / per_image, q % per_image);
+            b * g.cin * plane + (r / hq) * s * wp + 2 * (r % hq) * s
+        })
+        .collect();
+    by_tap_groups(g, bl, |bi, k0, offs, dw| {
+        let ctx = WCtx {
+            xp: xq,
+            base: &base,
+            dyt: bl.block(&dyq, total, bi),
+            offs,
+            k0,
+            co0: bi * bl.cb,
+            nco: bl.channels(bi),
+            kk: g.k(),
+            pblock,
+            dw,
+        };
+        // SAFETY: the CPU has AVX-512F, -BW and -BF16 (asserted); every window read lies inside
+        // `xq` (same layout as the padded input), and this task writes only its own taps of `dw`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            match ctx.nco.div_ceil(16) {
+                4 => avx512_bf16::wrun::<6, 4>(&ctx),
+                3 => avx512_bf16::wrun::<6, 3>(&ctx),
+                2 => avx512_bf16::wrun::<8, 2>(&ctx),
+                _ => avx512_bf16::wrun::<12, 1>(&ctx),
+            }
+        }
+    })
+}
+
+/// The padded input as words pairing each element with the one `stride` to its right in its
+/// row, zero past the row's end (only a missing second position of a pair, whose dy is zero,
+/// reads those): `[B][Cin][H'][W']` words, each element written once.
+fn position_pairs(g: &Geom, x: &[f32]) -> Vec<u32> {
+    use std::mem::MaybeUninit;
+    let (pad, s, hw) = (g.p.padding, g.p.stride, g.h * g.w);
+    let (wp, plane) = padded_dims(g);
+    crate::par::filled_later(g.b * g.cin * plane, |v| {
+        v.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+            // One padded row, with zeros past its end for the partners of its last elements.
+            let mut row = vec![0f32; wp + s];
+            for (r, d) in dst.chunks_exact_mut(wp).enumerate() {
+                if r < pad || r >= pad + g.h {
+                    d.fill(MaybeUninit::new(0));
+                    continue;
+                }
+                row[pad..pad + g.w].copy_from_slice(&x[i * hw + (r - pad) * g.w..][..g.w]);
+                pair_words(&row[..wp], Some(&row[s..]), d);
+            }
+        })
+    })
+}
+
+/// `dst[i]` = bf16 bits of `src[i]`, for every `i < dst.len()`; the CPU must have AVX512-BF16.
+fn to_bf16_row(src: &[f32], dst: &mut [u16]) {
+    let n = dst.len();
+    assert!(src.len() >= n && crate::bf16::available());
+    // SAFETY: the CPU has AVX-512F, -BW and -BF16 (asserted); the lengths are asserted.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        avx512_bf16::to_bf16_row(src.as_ptr(), n, dst.as_mut_ptr())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16 products run on x86-64 only");
 }
 
 /// Positions per block of the weight gradient, the candidates of its measured choice: the
@@ -810,12 +1055,13 @@ fn l1_block(isa: Isa) -> usize {
     position_blocks(isa.lanes() * isa.max_vectors())[0]
 }
 
-struct WCtx<'a> {
-    xp: &'a [f32],
-    /// Window origin of every position.
+/// One task of the weight gradient; `T` is f32, or u32 for pairs of bf16 (positions).
+struct WCtx<'a, T> {
+    xp: &'a [T],
+    /// Window origin of every position (pair).
     base: &'a [usize],
     /// `dy` of one channel block, `[pos][width]`.
-    dyt: &'a [f32],
+    dyt: &'a [T],
     /// Offsets of this task's taps from a window origin; the first is tap `k0`.
     offs: &'a [usize],
     k0: usize,
@@ -985,7 +1231,22 @@ macro_rules! direct_kernels {
             /// block, summed over all positions in blocks of `ctx.pblock`, written to
             /// `dw[co][k0 + j]`.
             #[target_feature(enable = $feat)]
-            pub(super) unsafe fn wrun<const MT: usize, const NV: usize>(ctx: &WCtx) {
+            pub(super) unsafe fn wrun<const MT: usize, const NV: usize>(ctx: &WCtx<f32>) {
+                // SAFETY: as the caller's contract.
+                unsafe { wtiles::<f32, MT, NV>(ctx, wmicro::<MT, NV>) }
+            }
+
+            /// [`wrun`] with the sum over a range of positions (pairs) done by `micro`.
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn wtiles<T, const MT: usize, const NV: usize>(
+                ctx: &WCtx<T>,
+                micro: unsafe fn(
+                    &WCtx<T>,
+                    &[usize; MT],
+                    std::ops::Range<usize>,
+                    &mut [[$v; NV]; MT],
+                ),
+            ) {
                 let total = ctx.base.len();
                 let offs = ctx.offs;
                 let tiles = offs.len().div_ceil(MT);
@@ -997,7 +1258,7 @@ macro_rules! direct_kernels {
                         let mut off = [o[0]; MT];
                         off[..o.len()].copy_from_slice(o);
                         // SAFETY: as in `backward_weight`.
-                        unsafe { wmicro::<MT, NV>(ctx, &off, p0..p1, a) };
+                        unsafe { micro(ctx, &off, p0..p1, a) };
                     }
                 }
                 let mut tile = [[0f32; $cb]; MT];
@@ -1022,7 +1283,7 @@ macro_rules! direct_kernels {
             #[target_feature(enable = $feat)]
             #[inline]
             unsafe fn wmicro<const MT: usize, const NV: usize>(
-                ctx: &WCtx,
+                ctx: &WCtx<f32>,
                 off: &[usize; MT],
                 range: std::ops::Range<usize>,
                 acc: &mut [[$v; NV]; MT],
