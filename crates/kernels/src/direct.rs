@@ -1792,6 +1792,19 @@ mod tests {
                     "position block {pb} differs from 8192"
                 );
             }
+            // The bf16 weight gradient's blocks of position pairs, likewise.
+            if crate::bf16::available() {
+                let want = backward_weight_bf16_with(8192, &g, &x, &dy);
+                for pb in [64, 100, 256, 1000] {
+                    let got = backward_weight_bf16_with(pb, &g, &x, &dy);
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "bf16: position block {pb} differs from 8192"
+                    );
+                }
+            }
         }
     }
 }
