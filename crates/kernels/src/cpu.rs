@@ -158,7 +158,8 @@ pub fn l1d_bytes() -> usize {
 
 /// One line on what the kernels found: instruction set, bf16, L1d and L2 sizes, and (after
 /// some work) what the measured choices took: instruction sets where the CPU has several,
-/// weight-gradient position blocks (for benchmark reports).
+/// weight-gradient position blocks; and how often transformed kernels were reused (for
+/// benchmark reports).
 pub fn summary() -> String {
     let kib = |b: Option<usize>| b.map_or("?".to_string(), |b| format!("{} KiB", b >> 10));
     let mut s = format!(
@@ -169,6 +170,9 @@ pub fn summary() -> String {
         kib(cache_bytes(2)),
     );
     if let Some(t) = crate::direct::tuning_summary() {
+        s.push_str(&format!("; {t}"));
+    }
+    if let Some(t) = crate::reuse::summary() {
         s.push_str(&format!("; {t}"));
     }
     s

@@ -18,6 +18,10 @@
 //! * [`sgd_step`]: SGD with momentum and weight decay updating parameters and momentum buffers
 //!   in place, two parallel passes per tensor.
 //!
+//! Winograd's transformed kernels are kept for weights seen again (the head's pyramid levels,
+//! inference over many images), found by content: `RETINANET_TRANSFORM_CACHE_MB` (default 256,
+//! 0 off) bounds the memory they take.
+//!
 //! Every op falls back to candle's own operations off the CPU or for dtypes other than f32/f64.
 //! Work is spread over rayon's global pool; see [`configure_runtime`] for the process settings
 //! that matter on the CPU.
@@ -45,6 +49,7 @@ mod direct;
 pub mod dtype;
 mod par;
 mod reduce;
+mod reuse;
 mod sgd;
 mod winograd;
 mod winograd4;

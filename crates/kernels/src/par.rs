@@ -50,16 +50,19 @@ pub(crate) fn for_each_index(n: usize, f: impl Fn(usize) + Send + Sync) {
 }
 
 thread_local! {
-    /// Per-thread scratch memory reused across calls (patch matrices), so large buffers are not
-    /// mapped, zero-filled and unmapped by the allocator on every convolution.
-    static SCRATCH: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-thread scratch memory reused across calls (patch matrices, Winograd's buffers), so
+    /// large buffers are not mapped, zero-filled and unmapped by the allocator on every
+    /// convolution; two, for a call nested in another (a transformed kernel held while the
+    /// input's buffers are in use).
+    static SCRATCH: [std::cell::RefCell<Vec<u64>>; 2] =
+        const { [std::cell::RefCell::new(Vec::new()), std::cell::RefCell::new(Vec::new())] };
 }
 
 /// Largest scratch buffer kept between calls (32 MiB a thread); larger ones are allocated per call.
 const MAX_CACHED_WORDS: usize = 4 << 20;
 
 /// Runs `f` with a scratch slice of `len` elements of `T` (contents unspecified: `f` must write
-/// before it reads). Nested calls on one thread get a fresh allocation.
+/// before it reads). Calls nested more than two deep on one thread get a fresh allocation.
 pub(crate) fn with_scratch<T: candle_core::WithDType, R>(
     len: usize,
     f: impl FnOnce(&mut [T]) -> R,
@@ -68,18 +71,18 @@ pub(crate) fn with_scratch<T: candle_core::WithDType, R>(
     if words > MAX_CACHED_WORDS {
         return f(&mut vec![T::zero(); len]);
     }
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < words {
-                buf.resize(words, 0);
-            }
-            // SAFETY: the buffer holds at least `len * size_of::<T>()` initialised bytes, is
-            // 8-byte aligned (enough for every candle dtype) and every bit pattern is a valid
-            // value of those plain numeric types.
-            let s = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<T>(), len) };
-            f(s)
+    SCRATCH.with(|cells| {
+        let Some(mut buf) = cells.iter().find_map(|c| c.try_borrow_mut().ok()) else {
+            return f(&mut vec![T::zero(); len]);
+        };
+        if buf.len() < words {
+            buf.resize(words, 0);
         }
-        Err(_) => f(&mut vec![T::zero(); len]),
+        // SAFETY: the buffer holds at least `len * size_of::<T>()` initialised bytes, is
+        // 8-byte aligned (enough for every candle dtype) and every bit pattern is a valid
+        // value of those plain numeric types.
+        let s = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<T>(), len) };
+        f(s)
     })
 }
 

@@ -904,44 +904,57 @@ fn run(
     // Every element is written by exactly one tile.
     let mut y = Vec::<f32>::with_capacity(g.b * g.cout * g.oh * g.ow);
     let yp = SendPtr(y.as_mut_ptr());
-    let len = u_len + xb_len + 36 * group * (cinp + coutp);
-    crate::par::with_scratch(len, |buf: &mut [f32]| {
-        let (u, buf) = buf.split_at_mut(u_len);
-        let (xb, buf) = buf.split_at_mut(xb_len);
-        kernel_transform(w, g.cout, g.cin, flip_transpose, avx2, u);
-        pack_input(g, x, pl.hp, pl.wp, xb, avx2);
-        let (u, xb) = (&*u, &*xb);
-        let (vbuf, mbuf) = buf.split_at_mut(36 * group * cinp);
-        for t0 in (0..nt).step_by(group) {
-            let tg = group.min(nt - t0);
-            let (v, m) = (&mut vbuf[..36 * tg * cinp], &mut mbuf[..36 * tg * coutp]);
-            let vp = SendPtr(v.as_mut_ptr());
-            (0..tg.div_ceil(TASK_TILES)).into_par_iter().for_each(|c| {
-                let js = c * TASK_TILES..((c + 1) * TASK_TILES).min(tg);
-                input_tiles(avx2, &pl, xb, t0, tg, js, &vp);
-            });
-            // Rows of tiles per product task: all of them, or fewer so that 36 x parts tasks
-            // give every thread several.
-            let parts = (4 * threads).div_ceil(36).min(tg.div_ceil(32)).max(1);
-            let rows = tg.div_ceil(parts);
-            m.par_chunks_mut(tg * coutp)
-                .zip(v.par_chunks(tg * cinp))
-                .enumerate()
-                .flat_map(|(xi, (mx, vx))| {
-                    mx.par_chunks_mut(rows * coutp)
-                        .zip(vx.par_chunks(rows * cinp))
-                        .map(move |(mr, vr)| (xi, mr, vr))
-                })
-                .for_each(|(xi, mr, vr)| {
-                    let ux = &u[xi * cinp * coutp..(xi + 1) * cinp * coutp];
-                    products(isa, mr.len() / coutp, cinp, coutp, vr, ux, mr);
+    let len = xb_len + 36 * group * (cinp + coutp);
+    // The transformed kernel from the cache where these weights were transformed before (the
+    // head's other pyramid levels, inference's earlier images).
+    let tag = crate::reuse::Tag {
+        kind: "winograd4 U",
+        dims: [
+            g.cout,
+            g.cin,
+            usize::from(flip_transpose),
+            usize::from(avx2),
+        ],
+    };
+    let transform = |u: &mut [f32]| kernel_transform(w, g.cout, g.cin, flip_transpose, avx2, u);
+    let cache = crate::reuse::global();
+    crate::reuse::Cache::with_derived(cache, tag, w, u_len, transform, |u| {
+        crate::par::with_scratch(len, |buf: &mut [f32]| {
+            let (xb, buf) = buf.split_at_mut(xb_len);
+            pack_input(g, x, pl.hp, pl.wp, xb, avx2);
+            let xb = &*xb;
+            let (vbuf, mbuf) = buf.split_at_mut(36 * group * cinp);
+            for t0 in (0..nt).step_by(group) {
+                let tg = group.min(nt - t0);
+                let (v, m) = (&mut vbuf[..36 * tg * cinp], &mut mbuf[..36 * tg * coutp]);
+                let vp = SendPtr(v.as_mut_ptr());
+                (0..tg.div_ceil(TASK_TILES)).into_par_iter().for_each(|c| {
+                    let js = c * TASK_TILES..((c + 1) * TASK_TILES).min(tg);
+                    input_tiles(avx2, &pl, xb, t0, tg, js, &vp);
                 });
-            let m = &*m;
-            (0..tg.div_ceil(TASK_TILES)).into_par_iter().for_each(|c| {
-                let js = c * TASK_TILES..((c + 1) * TASK_TILES).min(tg);
-                output_tiles(avx2, &pl, m, t0, tg, js, bias, res, relu, &yp, avx2);
-            });
-        }
+                // Rows of tiles per product task: all of them, or fewer so that 36 x parts tasks
+                // give every thread several.
+                let parts = (4 * threads).div_ceil(36).min(tg.div_ceil(32)).max(1);
+                let rows = tg.div_ceil(parts);
+                m.par_chunks_mut(tg * coutp)
+                    .zip(v.par_chunks(tg * cinp))
+                    .enumerate()
+                    .flat_map(|(xi, (mx, vx))| {
+                        mx.par_chunks_mut(rows * coutp)
+                            .zip(vx.par_chunks(rows * cinp))
+                            .map(move |(mr, vr)| (xi, mr, vr))
+                    })
+                    .for_each(|(xi, mr, vr)| {
+                        let ux = &u[xi * cinp * coutp..(xi + 1) * cinp * coutp];
+                        products(isa, mr.len() / coutp, cinp, coutp, vr, ux, mr);
+                    });
+                let m = &*m;
+                (0..tg.div_ceil(TASK_TILES)).into_par_iter().for_each(|c| {
+                    let js = c * TASK_TILES..((c + 1) * TASK_TILES).min(tg);
+                    output_tiles(avx2, &pl, m, t0, tg, js, bias, res, relu, &yp, avx2);
+                });
+            }
+        })
     });
     // SAFETY: the tiles cover the output (th * 4 >= oh, tw * 4 >= ow) and each wrote its part.
     unsafe { y.set_len(g.b * g.cout * g.oh * g.ow) };
@@ -1001,6 +1014,31 @@ mod tests {
         assert_eq!(a.len(), r.len());
         let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
         a.iter().zip(r).fold(0f32, |m, (a, r)| m.max((a - r).abs())) / scale
+    }
+
+    /// Transformed kernels come from the cache only for the same weights: a repeated call
+    /// gives the same bits, weights changed in place (one value the fingerprint does not
+    /// sample, as an SGD step might leave the others) give the new result, and the forward
+    /// pass and the input gradient (the flipped kernel) of the same weights do not mix.
+    #[test]
+    fn transformed_kernels_are_reused_only_for_the_same_weights() {
+        let g = Geom::new(&[2, 128, 20, 20], &[128, 128, 3, 3], ConvParams::new(1, 1)).unwrap();
+        assert!(suitable(&g));
+        let x = det(2 * 128 * 400, 1.0, 11);
+        let mut wt = det(128 * 128 * 9, 0.05, 12);
+        let dy = det(2 * 128 * 400, 1.0, 13);
+        let y1 = forward(&g, &x, &wt, None, None, false);
+        let d1 = backward_input(&g, &dy, &wt);
+        assert_eq!(forward(&g, &x, &wt, None, None, false), y1);
+        assert_eq!(backward_input(&g, &dy, &wt), d1);
+        assert!(rel_err(&d1, &backward_input_im2col(&g, &dy, &wt)) <= 2e-5);
+        // Weight (co 0, ci 0, tap 1): the fingerprint samples every 2,304th value.
+        wt[1] += 0.5;
+        let y2 = forward(&g, &x, &wt, None, None, false);
+        assert!(rel_err(&y2, &forward_im2col(&g, &x, &wt, None, false)) <= 2e-5);
+        assert!(y2[..400] != y1[..400], "channel 0 must see the new weight");
+        let d2 = backward_input(&g, &dy, &wt);
+        assert!(rel_err(&d2, &backward_input_im2col(&g, &dy, &wt)) <= 2e-5);
     }
 
     /// F(4x4, 3x3) against im2col + gemm (to 2e-5 of the largest output: sums of up to 4,680

@@ -1,0 +1,291 @@
+//! Derived forms of weights kept while the weights do not change: Winograd's transformed
+//! kernels. A detector head runs each of its convolutions on every pyramid level with the same
+//! weights, and inference runs every layer on every image with the same weights; the transform
+//! of a 256 -> 256 kernel (36 x 256 x 256 floats) costs about as much as the products of one
+//! small level. An entry is found by the weights' content — a fingerprint of sampled values,
+//! then a full comparison — never by their address, so weights updated in place (the SGD step)
+//! or a freed buffer reused for other weights can never return a stale transform.
+//!
+//! The cache holds at most `RETINANET_TRANSFORM_CACHE_MB` MiB (default 256; 0 turns it off),
+//! least recently used entries evicted first; evicted buffers are recycled for the next entries
+//! so that steady training does not map (and page-fault) fresh memory on every call.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// What was derived from the weights, and their shape: entries match only with equal tags.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Tag {
+    pub kind: &'static str,
+    pub dims: [usize; 4],
+}
+
+struct Entry {
+    tag: Tag,
+    fp: u64,
+    /// Length of the derived form at the front of `buf`; the weights' copy follows it.
+    len: usize,
+    buf: Arc<Vec<f32>>,
+    used: u64,
+}
+
+/// The cache of one budget (the process has one, [`global`]; tests make their own).
+pub(crate) struct Cache {
+    budget: usize,
+    entries: Vec<Entry>,
+    /// Evicted buffers no caller holds, for reuse.
+    spare: Vec<Vec<f32>>,
+    clock: u64,
+    hits: u64,
+    misses: u64,
+}
+
+impl Cache {
+    pub(crate) fn new(budget_bytes: usize) -> Self {
+        Cache {
+            budget: budget_bytes,
+            entries: Vec::new(),
+            spare: Vec::new(),
+            clock: 0,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        let e: usize = self.entries.iter().map(|e| e.buf.capacity()).sum();
+        let s: usize = self.spare.iter().map(Vec::capacity).sum();
+        (e + s) * 4
+    }
+
+    fn find(&mut self, tag: Tag, fp: u64, src: &[f32]) -> Option<Arc<Vec<f32>>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let hit = self
+            .entries
+            .iter_mut()
+            .find(|e| e.tag == tag && e.fp == fp && e.buf[e.len..] == *src)
+            .map(|e| {
+                e.used = clock;
+                e.buf.clone()
+            });
+        match hit {
+            Some(_) => self.hits += 1,
+            None => self.misses += 1,
+        }
+        hit
+    }
+
+    /// A buffer of `n` floats for a new entry (contents unspecified: the caller overwrites
+    /// them), with room made for it: least recently used entries evicted into the spares until
+    /// it fits beside the others, then the smallest spare large enough reused, the rest of the
+    /// spares dropped while over the budget.
+    fn buffer(&mut self, n: usize) -> Vec<f32> {
+        let held = |c: &Cache| c.entries.iter().map(|e| e.buf.capacity()).sum::<usize>() * 4;
+        while held(self) + n * 4 > self.budget {
+            let Some(i) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].used) else {
+                break;
+            };
+            if let Ok(v) = Arc::try_unwrap(self.entries.swap_remove(i).buf) {
+                self.spare.push(v);
+            }
+        }
+        let best = (0..self.spare.len())
+            .filter(|&i| self.spare[i].capacity() >= n)
+            .min_by_key(|&i| self.spare[i].capacity());
+        let mut v = best.map_or_else(Vec::new, |i| self.spare.swap_remove(i));
+        while self.bytes() + n.max(v.capacity()) * 4 > self.budget && !self.spare.is_empty() {
+            let i = (0..self.spare.len())
+                .max_by_key(|&i| self.spare[i].capacity())
+                .expect("not empty");
+            self.spare.swap_remove(i);
+        }
+        if v.len() >= n {
+            v.truncate(n);
+        } else {
+            v.resize(n, 0.0);
+        }
+        v
+    }
+
+    fn insert(&mut self, tag: Tag, fp: u64, len: usize, buf: Arc<Vec<f32>>) {
+        self.clock += 1;
+        self.entries.push(Entry {
+            tag,
+            fp,
+            len,
+            buf,
+            used: self.clock,
+        });
+    }
+
+    /// `use_(d)` with `d` the `len` floats that `derive` writes from `src` (all of them): from
+    /// an entry of equal tag and weights if there is one, else derived now and kept.
+    pub(crate) fn with_derived<R>(
+        cache: &Mutex<Cache>,
+        tag: Tag,
+        src: &[f32],
+        len: usize,
+        derive: impl FnOnce(&mut [f32]),
+        use_: impl FnOnce(&[f32]) -> R,
+    ) -> R {
+        let lock = || cache.lock().unwrap_or_else(|e| e.into_inner());
+        let budget = lock().budget;
+        if (len + src.len()) * 4 > budget {
+            return crate::par::with_scratch(len, |d: &mut [f32]| {
+                derive(d);
+                use_(d)
+            });
+        }
+        let fp = fingerprint(src);
+        if let Some(buf) = lock().find(tag, fp, src) {
+            return use_(&buf[..len]);
+        }
+        let mut buf = lock().buffer(len + src.len());
+        derive(&mut buf[..len]);
+        buf[len..].copy_from_slice(src);
+        let buf = Arc::new(buf);
+        let r = use_(&buf[..len]);
+        lock().insert(tag, fp, len, buf);
+        r
+    }
+
+    /// `(hits, misses)` so far.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (self.hits, self.misses)
+    }
+}
+
+/// FNV-1a over the length and 64 values spread over `src`: differing weights almost always
+/// differ here (a full comparison decides).
+fn fingerprint(src: &[f32]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut mix = |v: u64| {
+        h ^= v;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    mix(src.len() as u64);
+    let step = src.len().div_ceil(64).max(1);
+    for v in src.iter().step_by(step) {
+        mix(u64::from(v.to_bits()));
+    }
+    h
+}
+
+/// The process's cache (budget from `RETINANET_TRANSFORM_CACHE_MB`, default 256 MiB).
+pub(crate) fn global() -> &'static Mutex<Cache> {
+    static C: OnceLock<Mutex<Cache>> = OnceLock::new();
+    C.get_or_init(|| {
+        let mb = std::env::var("RETINANET_TRANSFORM_CACHE_MB")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(256);
+        Mutex::new(Cache::new(mb << 20))
+    })
+}
+
+/// `"transformed kernels reused in 40 of 58 calls (cache 180 MiB)"`, or `None` before any.
+pub(crate) fn summary() -> Option<String> {
+    let c = global().lock().unwrap_or_else(|e| e.into_inner());
+    let (hits, misses) = c.counts();
+    (hits + misses > 0).then(|| {
+        format!(
+            "transformed kernels reused in {hits} of {} calls (cache {} MiB)",
+            hits + misses,
+            c.bytes() >> 20
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TAG: Tag = Tag {
+        kind: "test",
+        dims: [1, 2, 3, 4],
+    };
+
+    /// `d[i] = 2 src[i] + 1`, counting the calls.
+    fn derive_into(src: &[f32], calls: &std::cell::Cell<usize>) -> impl FnOnce(&mut [f32]) {
+        move |d: &mut [f32]| {
+            calls.set(calls.get() + 1);
+            for (d, &s) in d.iter_mut().zip(src) {
+                *d = 2.0 * s + 1.0;
+            }
+        }
+    }
+
+    fn get(c: &Mutex<Cache>, tag: Tag, src: &[f32], calls: &std::cell::Cell<usize>) -> Vec<f32> {
+        Cache::with_derived(
+            c,
+            tag,
+            src,
+            src.len(),
+            derive_into(src, calls),
+            <[f32]>::to_vec,
+        )
+    }
+
+    #[test]
+    fn reuses_only_for_equal_weights_and_tag() {
+        let c = Mutex::new(Cache::new(1 << 20));
+        let calls = std::cell::Cell::new(0);
+        let mut w: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
+        let want: Vec<f32> = w.iter().map(|&s| 2.0 * s + 1.0).collect();
+        assert_eq!(get(&c, TAG, &w, &calls), want);
+        assert_eq!(get(&c, TAG, &w, &calls), want);
+        assert_eq!(calls.get(), 1, "the second call reuses the first");
+        // A value the fingerprint does not sample (index 1: samples are 16 apart) changes: the
+        // full comparison sees it.
+        w[1] = -7.0;
+        let got = get(&c, TAG, &w, &calls);
+        assert_eq!(got[1], -13.0);
+        assert_eq!(calls.get(), 2);
+        // Same weights, another tag (a flipped kernel, other dims): derived anew.
+        let other = Tag {
+            kind: "other",
+            ..TAG
+        };
+        get(&c, other, &w, &calls);
+        assert_eq!(calls.get(), 3);
+        assert_eq!(c.lock().unwrap().counts(), (1, 3));
+    }
+
+    #[test]
+    fn evicts_least_recently_used_within_budget() {
+        // Room for two entries of 1,000 derived floats + 1,000 weights (8 KB each).
+        let c = Mutex::new(Cache::new(20_000));
+        let calls = std::cell::Cell::new(0);
+        let ws: Vec<Vec<f32>> = (0..3)
+            .map(|k| (0..1000).map(|i| (i * (k + 1)) as f32).collect())
+            .collect();
+        get(&c, TAG, &ws[0], &calls);
+        get(&c, TAG, &ws[1], &calls);
+        get(&c, TAG, &ws[0], &calls); // hit; ws[1] is now the least recent
+        get(&c, TAG, &ws[2], &calls); // evicts ws[1]
+        assert_eq!(calls.get(), 3);
+        get(&c, TAG, &ws[0], &calls);
+        assert_eq!(calls.get(), 3, "ws[0] stayed");
+        get(&c, TAG, &ws[1], &calls);
+        assert_eq!(calls.get(), 4, "ws[1] was evicted");
+        let cache = c.lock().unwrap();
+        assert!(cache.bytes() <= 20_000, "{}", cache.bytes());
+        // Above the budget nothing is kept, and the result is still right.
+        drop(cache);
+        let big: Vec<f32> = (0..10_000).map(|i| i as f32).collect();
+        let got = get(&c, TAG, &big, &calls);
+        assert_eq!(got[9_999], 19_999.0);
+        get(&c, TAG, &big, &calls);
+        assert_eq!(calls.get(), 6);
+    }
+
+    #[test]
+    fn zero_budget_derives_every_time() {
+        let c = Mutex::new(Cache::new(0));
+        let calls = std::cell::Cell::new(0);
+        let w = vec![1.5f32; 100];
+        assert_eq!(get(&c, TAG, &w, &calls), vec![4.0; 100]);
+        get(&c, TAG, &w, &calls);
+        assert_eq!(calls.get(), 2);
+    }
+}
