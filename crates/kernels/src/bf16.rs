@@ -57,12 +57,13 @@ pub fn bf16_products() -> bool {
         .unwrap_or_else(|| ON.load(Ordering::Relaxed))
 }
 
-/// Whether this CPU can run the bf16 kernels (AVX512-F, -BW and -BF16).
+/// Whether this CPU can run the bf16 kernels (AVX512-F, -BW, -VL and -BF16).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -654,8 +654,9 @@ mod avx512_bf16 {
         }
     }
 
-    /// `dst[i]` = bf16 bits of `src[i]` for `i < n`, 16 at a time.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    /// `dst[i]` = bf16 bits of `src[i]` for `i < n`, 16 at a time (the masked 256-bit store
+    /// is AVX-512VL, which every CPU with AVX512-BF16 has).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn to_bf16_row(src: *const f32, n: usize, dst: *mut u16) {
         // SAFETY: as in `pair_words`.
         unsafe {
