@@ -57,19 +57,23 @@ pub fn bf16_products() -> bool {
         .unwrap_or_else(|| ON.load(Ordering::Relaxed))
 }
 
-/// Whether this CPU can run the bf16 kernels (AVX512-F, -BW, -VL and -BF16).
+/// Whether this CPU can run the bf16 kernels (AVX512-F, -BW, -VL and -BF16); detected once
+/// (the kernels check it per row of their conversions).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
 fn unavailable() -> String {

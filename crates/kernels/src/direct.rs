@@ -279,23 +279,31 @@ impl Blocks {
     }
     /// A [`Blocks::len`] buffer of `rows` rows with `value(co, row)` at lane `co` of each row
     /// (packed weights: `[block][row][lanes]`), zero lanes past Cout; in parallel over blocks.
+    ///
+    /// In parallel over blocks of 64 rows (one channel block of 64 outputs is all of a layer's
+    /// weights up to 64 channels), each row written in one sweep.
     fn pack<T: Copy + Default + Send>(
         &self,
         rows: usize,
         value: impl Fn(usize, usize) -> T + Sync,
     ) -> Vec<T> {
+        const ROWS: usize = 64;
         let mut buf = vec![T::default(); self.len(rows)];
-        buf.par_chunks_mut(rows * self.cb)
-            .enumerate()
-            .for_each(|(bi, dst)| {
-                let lw = self.width(bi);
-                for c in 0..self.channels(bi) {
-                    let co = bi * self.cb + c;
-                    for i in 0..rows {
-                        dst[i * lw + c] = value(co, i);
-                    }
+        let mut parts: Vec<(usize, usize, &mut [T])> = Vec::new();
+        for (bi, blk) in buf.chunks_mut(rows * self.cb).enumerate() {
+            let lw = self.width(bi);
+            for (ri, dst) in blk.chunks_mut(ROWS * lw).enumerate() {
+                parts.push((bi, ri * ROWS, dst));
+            }
+        }
+        parts.into_par_iter().for_each(|(bi, r0, dst)| {
+            let (lw, nc) = (self.width(bi), self.channels(bi));
+            for (i, row) in dst.chunks_exact_mut(lw).enumerate() {
+                for (c, d) in row[..nc].iter_mut().enumerate() {
+                    *d = value(bi * self.cb + c, r0 + i);
                 }
-            });
+            }
+        });
         buf
     }
 }
