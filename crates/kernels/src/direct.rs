@@ -277,15 +277,18 @@ impl Blocks {
     fn block<'a, T>(&self, buf: &'a [T], rows: usize, bi: usize) -> &'a [T] {
         &buf[bi * rows * self.cb..][..rows * self.width(bi)]
     }
-    /// A [`Blocks::len`] buffer of `rows` rows with `value(co, row)` at lane `co` of each row
-    /// (packed weights: `[block][row][lanes]`), zero lanes past Cout; in parallel over blocks.
+    /// A [`Blocks::len`] buffer of `rows` rows holding output channel `co`'s values in lane
+    /// `co` of each row (packed weights: `[block][row][lanes]`), zero lanes past Cout:
+    /// `column(co, r0, out)` writes channel `co`'s values of rows `r0..r0 + out.len()`.
     ///
     /// In parallel over blocks of 64 rows (one channel block of 64 outputs is all of a layer's
-    /// weights up to 64 channels), each row written in one sweep.
+    /// weights up to 64 channels), channel by channel: each reads a run of its weights while
+    /// the 64 rows written stay in L1. (Per value, with the row split into channel pair and tap
+    /// by a division, a 256 -> 256 3x3 layer took 1.2 ms to pack, as long as its convolution.)
     fn pack<T: Copy + Default + Send>(
         &self,
         rows: usize,
-        value: impl Fn(usize, usize) -> T + Sync,
+        column: impl Fn(usize, usize, &mut [T]) + Sync,
     ) -> Vec<T> {
         const ROWS: usize = 64;
         let mut buf = vec![T::default(); self.len(rows)];
@@ -297,10 +300,13 @@ impl Blocks {
             }
         }
         parts.into_par_iter().for_each(|(bi, r0, dst)| {
-            let (lw, nc) = (self.width(bi), self.channels(bi));
-            for (i, row) in dst.chunks_exact_mut(lw).enumerate() {
-                for (c, d) in row[..nc].iter_mut().enumerate() {
-                    *d = value(bi * self.cb + c, r0 + i);
+            let lw = self.width(bi);
+            let n = dst.len() / lw;
+            let mut col = [T::default(); ROWS];
+            for c in 0..self.channels(bi) {
+                column(bi * self.cb + c, r0, &mut col[..n]);
+                for (i, &v) in col[..n].iter().enumerate() {
+                    dst[i * lw + c] = v;
                 }
             }
         });
@@ -353,7 +359,9 @@ fn forward_with(
     let taps = k * k;
     let kk = g.cin * taps;
     let bl = Blocks::new(isa, g.cout);
-    let wpk = bl.pack(kk, |co, i| w[co * kk + i]);
+    let wpk = bl.pack(kk, |co, r0, out| {
+        out.copy_from_slice(&w[co * kk + r0..][..out.len()]);
+    });
     let toff = tap_offsets(k, wp);
     let epi = Epilogue {
         bias,
@@ -474,17 +482,23 @@ pub(crate) fn forward_bf16(
     let xp: &[u32] = &xp;
     let kk = cp * taps;
     let bl = Blocks::new(Isa::Avx512, g.cout);
-    let tap = |co: usize, ci: usize, t: usize| {
-        if ci < g.cin {
-            w[(co * g.cin + ci) * taps + t]
-        } else {
-            0.0
+    // Row `i` of a block is channel pair `i / taps` at tap `i % taps`; a zero channel pairs
+    // with an odd last one.
+    let wpk = bl.pack(kk, |co, r0, out| {
+        let wc = &w[co * g.cin * taps..][..g.cin * taps];
+        let (mut p, mut t) = (r0 / taps, r0 % taps);
+        for o in out {
+            let hi = if 2 * p + 1 < g.cin {
+                wc[(2 * p + 1) * taps + t]
+            } else {
+                0.0
+            };
+            *o = crate::bf16::pair(wc[2 * p * taps + t], hi);
+            t += 1;
+            if t == taps {
+                (p, t) = (p + 1, 0);
+            }
         }
-    };
-    // Row `i` of a block is channel pair `i / taps` at tap `i % taps`.
-    let wpk = bl.pack(kk, |co, i| {
-        let (p, t) = (i / taps, i % taps);
-        crate::bf16::pair(tap(co, 2 * p, t), tap(co, 2 * p + 1, t))
     });
     let toff = tap_offsets(k, wp);
     // The bf16 kernel stores through the scalar epilogue (AVX-512 has no vector one).
