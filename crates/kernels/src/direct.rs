@@ -285,13 +285,16 @@ impl Blocks {
     /// weights up to 64 channels), channel by channel: each reads a run of its weights while
     /// the 64 rows written stay in L1. (Per value, with the row split into channel pair and tap
     /// by a division, a 256 -> 256 3x3 layer took 1.2 ms to pack, as long as its convolution.)
-    fn pack<T: Copy + Default + Send>(
+    ///
+    /// `buf` ([`Blocks::len`] long) is overwritten entirely, zero lanes included.
+    fn pack_into<T: Copy + Default + Send>(
         &self,
+        buf: &mut [T],
         rows: usize,
         column: impl Fn(usize, usize, &mut [T]) + Sync,
-    ) -> Vec<T> {
+    ) {
         const ROWS: usize = 64;
-        let mut buf = vec![T::default(); self.len(rows)];
+        assert_eq!(buf.len(), self.len(rows));
         let mut parts: Vec<(usize, usize, &mut [T])> = Vec::new();
         for (bi, blk) in buf.chunks_mut(rows * self.cb).enumerate() {
             let lw = self.width(bi);
@@ -302,15 +305,73 @@ impl Blocks {
         parts.into_par_iter().for_each(|(bi, r0, dst)| {
             let lw = self.width(bi);
             let n = dst.len() / lw;
+            let nc = self.channels(bi);
             let mut col = [T::default(); ROWS];
-            for c in 0..self.channels(bi) {
+            for c in 0..nc {
                 column(bi * self.cb + c, r0, &mut col[..n]);
                 for (i, &v) in col[..n].iter().enumerate() {
                     dst[i * lw + c] = v;
                 }
             }
+            for row in dst.chunks_exact_mut(lw) {
+                row[nc..].fill(T::default());
+            }
         });
-        buf
+    }
+
+    /// `use_(packed)` with the weights `w` packed by [`Blocks::pack_into`] (`T`: f32, or u32
+    /// for bf16 pairs), from the transform cache ([`crate::reuse`]) where these weights were
+    /// packed the same way before: the head's convolutions on each pyramid level, inference on
+    /// every image. `kind` names the packing (with the ISA's lanes and the shape in the tag).
+    fn with_packed<T: Word, R>(
+        &self,
+        kind: &'static str,
+        dims: [usize; 3],
+        w: &[f32],
+        rows: usize,
+        column: impl Fn(usize, usize, &mut [T]) + Sync,
+        use_: impl FnOnce(&[T]) -> R,
+    ) -> R {
+        let tag = crate::reuse::Tag {
+            kind,
+            dims: [dims[0], dims[1], dims[2], self.cb],
+        };
+        let len = self.len(rows);
+        crate::reuse::Cache::with_derived(
+            crate::reuse::global(),
+            tag,
+            w,
+            len,
+            |d| self.pack_into(T::from_f32s(d), rows, column),
+            |d| use_(T::from_f32s_ref(d)),
+        )
+    }
+}
+
+/// 32-bit values stored in the transform cache's f32 buffers as bits: f32, u32 (bf16 pairs).
+trait Word: Copy + Default + Send + Sync {
+    fn from_f32s(s: &mut [f32]) -> &mut [Self];
+    fn from_f32s_ref(s: &[f32]) -> &[Self];
+}
+
+impl Word for f32 {
+    fn from_f32s(s: &mut [f32]) -> &mut [f32] {
+        s
+    }
+    fn from_f32s_ref(s: &[f32]) -> &[f32] {
+        s
+    }
+}
+
+impl Word for u32 {
+    fn from_f32s(s: &mut [f32]) -> &mut [u32] {
+        // SAFETY: same size and alignment, every bit pattern valid for both; the words are only
+        // moved, never used as floats.
+        unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u32>(), s.len()) }
+    }
+    fn from_f32s_ref(s: &[f32]) -> &[u32] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u32>(), s.len()) }
     }
 }
 
@@ -359,40 +420,43 @@ fn forward_with(
     let taps = k * k;
     let kk = g.cin * taps;
     let bl = Blocks::new(isa, g.cout);
-    let wpk = bl.pack(kk, |co, r0, out| {
+    let column = |co: usize, r0: usize, out: &mut [f32]| {
         out.copy_from_slice(&w[co * kk + r0..][..out.len()]);
-    });
-    let toff = tap_offsets(k, wp);
-    let epi = Epilogue {
-        bias,
-        res,
-        relu,
-        vector_store: !generic,
     };
-    by_chunks(g, bl, g.cin, epi, |bi, o| {
-        let ctx = Ctx {
-            xp,
-            w: bl.block(&wpk, kk, bi),
-            cin: g.cin,
-            plane,
-            wp,
-            toff: &toff,
+    let dims = [g.cout, g.cin, k];
+    bl.with_packed("direct f32 weights", dims, w, kk, column, |wpk| {
+        let toff = tap_offsets(k, wp);
+        let epi = Epilogue {
+            bias,
+            res,
+            relu,
+            vector_store: !generic,
         };
-        // SAFETY: the CPU has `isa` (`isa()` or the caller checked); every position of
-        // `o.base` reads its window inside `xp` (Geom's output size keeps windows in the padded
-        // input), and the chunk writes only its own positions of `y`.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            let ks = if generic { 0 } else { k };
-            match (isa, o.nco.div_ceil(isa.lanes())) {
-                (Isa::Avx512, 4) => kernel_size!(ks, avx512::run::<6, 4>(&ctx, o)),
-                (Isa::Avx512, 3) => kernel_size!(ks, avx512::run::<6, 3>(&ctx, o)),
-                (Isa::Avx512, 2) => kernel_size!(ks, avx512::run::<8, 2>(&ctx, o)),
-                (Isa::Avx512, _) => kernel_size!(ks, avx512::run::<12, 1>(&ctx, o)),
-                (Isa::Avx2, 2) => kernel_size!(ks, avx2::run::<6, 2>(&ctx, o)),
-                (Isa::Avx2, _) => kernel_size!(ks, avx2::run::<12, 1>(&ctx, o)),
+        by_chunks(g, bl, g.cin, epi, |bi, o| {
+            let ctx = Ctx {
+                xp,
+                w: bl.block(&wpk, kk, bi),
+                cin: g.cin,
+                plane,
+                wp,
+                toff: &toff,
+            };
+            // SAFETY: the CPU has `isa` (`isa()` or the caller checked); every position of
+            // `o.base` reads its window inside `xp` (Geom's output size keeps windows in the padded
+            // input), and the chunk writes only its own positions of `y`.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                let ks = if generic { 0 } else { k };
+                match (isa, o.nco.div_ceil(isa.lanes())) {
+                    (Isa::Avx512, 4) => kernel_size!(ks, avx512::run::<6, 4>(&ctx, o)),
+                    (Isa::Avx512, 3) => kernel_size!(ks, avx512::run::<6, 3>(&ctx, o)),
+                    (Isa::Avx512, 2) => kernel_size!(ks, avx512::run::<8, 2>(&ctx, o)),
+                    (Isa::Avx512, _) => kernel_size!(ks, avx512::run::<12, 1>(&ctx, o)),
+                    (Isa::Avx2, 2) => kernel_size!(ks, avx2::run::<6, 2>(&ctx, o)),
+                    (Isa::Avx2, _) => kernel_size!(ks, avx2::run::<12, 1>(&ctx, o)),
+                }
             }
-        }
+        })
     })
 }
 
@@ -484,7 +548,7 @@ pub(crate) fn forward_bf16(
     let bl = Blocks::new(Isa::Avx512, g.cout);
     // Row `i` of a block is channel pair `i / taps` at tap `i % taps`; a zero channel pairs
     // with an odd last one.
-    let wpk = bl.pack(kk, |co, r0, out| {
+    let column = |co: usize, r0: usize, out: &mut [u32]| {
         let wc = &w[co * g.cin * taps..][..g.cin * taps];
         let (mut p, mut t) = (r0 / taps, r0 % taps);
         for o in out {
@@ -499,35 +563,38 @@ pub(crate) fn forward_bf16(
                 (p, t) = (p + 1, 0);
             }
         }
-    });
-    let toff = tap_offsets(k, wp);
-    // The bf16 kernel stores through the scalar epilogue (AVX-512 has no vector one).
-    let epi = Epilogue {
-        bias,
-        res,
-        relu,
-        vector_store: false,
     };
-    by_chunks(g, bl, cp, epi, |bi, o| {
-        let ctx = PairCtx {
-            xp,
-            w: bl.block(&wpk, kk, bi),
-            pairs: cp,
-            plane,
-            wp,
-            toff: &toff,
+    let dims = [g.cout, g.cin, k];
+    bl.with_packed("direct bf16 weight pairs", dims, w, kk, column, |wpk| {
+        let toff = tap_offsets(k, wp);
+        // The bf16 kernel stores through the scalar epilogue (AVX-512 has no vector one).
+        let epi = Epilogue {
+            bias,
+            res,
+            relu,
+            vector_store: false,
         };
-        // SAFETY: the CPU has AVX-512F, -BW and -BF16 (asserted); every position of `o.base`
-        // reads its window inside `xp`, and the chunk writes only its own positions of `y`.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            match o.nco.div_ceil(16) {
-                4 => kernel_size!(k, avx512_bf16::run::<6, 4>(&ctx, o)),
-                3 => kernel_size!(k, avx512_bf16::run::<6, 3>(&ctx, o)),
-                2 => kernel_size!(k, avx512_bf16::run::<8, 2>(&ctx, o)),
-                _ => kernel_size!(k, avx512_bf16::run::<12, 1>(&ctx, o)),
+        by_chunks(g, bl, cp, epi, |bi, o| {
+            let ctx = PairCtx {
+                xp,
+                w: bl.block(&wpk, kk, bi),
+                pairs: cp,
+                plane,
+                wp,
+                toff: &toff,
+            };
+            // SAFETY: the CPU has AVX-512F, -BW and -BF16 (asserted); every position of `o.base`
+            // reads its window inside `xp`, and the chunk writes only its own positions of `y`.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                match o.nco.div_ceil(16) {
+                    4 => kernel_size!(k, avx512_bf16::run::<6, 4>(&ctx, o)),
+                    3 => kernel_size!(k, avx512_bf16::run::<6, 3>(&ctx, o)),
+                    2 => kernel_size!(k, avx512_bf16::run::<8, 2>(&ctx, o)),
+                    _ => kernel_size!(k, avx512_bf16::run::<12, 1>(&ctx, o)),
+                }
             }
-        }
+        })
     })
 }
 
@@ -1594,6 +1661,52 @@ mod tests {
     /// this CPU has, against im2col + gemm, whatever `suitable` says: every tile width (1-4
     /// vectors, several blocks), strides 1-3, tiles that cross rows and images, positions that
     /// do not fill the last tile.
+    /// Packed weights come from the cache only for the same weights: repeated calls give the
+    /// same bits, a weight changed in place (not one the fingerprint samples) the new result,
+    /// in f32 on every ISA and in bf16.
+    #[test]
+    fn packed_weights_are_reused_only_for_the_same_weights() {
+        let g = Geom::new(&[2, 24, 10, 9], &[40, 24, 3, 3], ConvParams::new(1, 1)).unwrap();
+        let x = values(2 * 24 * 90, 31);
+        let mut wt = values(40 * 24 * 9, 32);
+        let reference = |wt: &[f32]| crate::conv::forward_im2col(&g, &x, wt, None, false);
+        let rel = |a: &[f32], r: &[f32]| {
+            let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+            a.iter().zip(r).fold(0f32, |m, (a, r)| m.max((a - r).abs())) / scale
+        };
+        for round in 0..2 {
+            // 8,640 weights: the fingerprint samples every 135th; change weight 1 of channel 0.
+            if round == 1 {
+                wt[1] += 0.75;
+            }
+            let want = reference(&wt);
+            for &isa in &crate::cpu::vector_isas() {
+                let f = || forward_with(isa, &g, &x, &wt, None, None, false, false);
+                let a = f();
+                assert_eq!(a, f(), "{isa:?} round {round}: repeated call");
+                assert!(rel(&a, &want) < 1e-5, "{isa:?} round {round}");
+            }
+            if crate::bf16::available() {
+                let f = || forward_bf16(&g, &x, &wt, None, None, false);
+                let a = f();
+                assert_eq!(a, f(), "bf16 round {round}: repeated call");
+                assert!(rel(&a, &want) < 1e-2, "bf16 round {round}");
+                if round == 1 {
+                    // Channel 0 moved by 0.75 x its inputs: far beyond bf16 rounding.
+                    let old = {
+                        let mut w0 = wt.clone();
+                        w0[1] -= 0.75;
+                        reference(&w0)
+                    };
+                    assert!(
+                        rel(&a[..90], &old[..90]) > 0.05,
+                        "bf16 kept the old weights"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn matches_im2col() {
         let isas = crate::cpu::vector_isas();

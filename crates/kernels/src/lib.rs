@@ -18,7 +18,8 @@
 //! * [`sgd_step`]: SGD with momentum and weight decay updating parameters and momentum buffers
 //!   in place, two parallel passes per tensor.
 //!
-//! Winograd's transformed kernels are kept for weights seen again (the head's pyramid levels,
+//! Winograd's transformed kernels and the direct kernel's packed weights are kept for weights
+//! seen again (the head's pyramid levels,
 //! inference over many images), found by content: `RETINANET_TRANSFORM_CACHE_MB` (default 256,
 //! 0 off) bounds the memory they take.
 //!

@@ -1,5 +1,5 @@
 //! Derived forms of weights kept while the weights do not change: Winograd's transformed
-//! kernels. A detector head runs each of its convolutions on every pyramid level with the same
+//! kernels and the direct kernel's packed weights (f32 blocks, bf16 pairs). A detector head runs each of its convolutions on every pyramid level with the same
 //! weights, and inference runs every layer on every image with the same weights; the transform
 //! of a 256 -> 256 kernel (36 x 256 x 256 floats) costs about as much as the products of one
 //! small level. An entry is found by the weights' content — a fingerprint of sampled values,
