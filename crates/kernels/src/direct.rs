@@ -435,7 +435,7 @@ fn forward_with(
         by_chunks(g, bl, g.cin, epi, |bi, o| {
             let ctx = Ctx {
                 xp,
-                w: bl.block(&wpk, kk, bi),
+                w: bl.block(wpk, kk, bi),
                 cin: g.cin,
                 plane,
                 wp,
@@ -577,7 +577,7 @@ pub(crate) fn forward_bf16(
         by_chunks(g, bl, cp, epi, |bi, o| {
             let ctx = PairCtx {
                 xp,
-                w: bl.block(&wpk, kk, bi),
+                w: bl.block(wpk, kk, bi),
                 pairs: cp,
                 plane,
                 wp,
