@@ -8,7 +8,9 @@
 //! convolution's inputs, without casting the tensors themselves. Which products take them is
 //! chosen for speed ([`crate::conv2d_bf16_products`]): all three of 1x1 layers (this module's
 //! gemm), the forward pass and stride-1 input gradient of the direct kernel's layers (its bf16
-//! form); Winograd layers and the direct weight gradient stay f32, which is faster there.
+//! form, channel pairs), and the weight gradient of every layer the direct kernel takes,
+//! Winograd's included (position pairs); Winograd's forward pass and input gradient and the
+//! im2col layers stay f32, which is faster (and, for Winograd, more accurate) there.
 //!
 //! Like the CPU's own instructions, bf16 conversion here treats subnormal f32 inputs as zero.
 
