@@ -57,22 +57,29 @@ impl Cache {
         (e + s) * 4
     }
 
-    fn find(&mut self, tag: Tag, fp: u64, src: &[f32]) -> Option<Arc<Vec<f32>>> {
+    /// Entries whose tag and fingerprint match (the caller compares their weights outside the
+    /// lock).
+    fn candidates(&self, tag: Tag, fp: u64) -> Vec<(usize, Arc<Vec<f32>>)> {
+        self.entries
+            .iter()
+            .filter(|e| e.tag == tag && e.fp == fp)
+            .map(|e| (e.len, e.buf.clone()))
+            .collect()
+    }
+
+    /// Counts a lookup, marking the entry holding `hit` (if any) as just used.
+    fn record(&mut self, hit: Option<&Arc<Vec<f32>>>) {
         self.clock += 1;
         let clock = self.clock;
-        let hit = self
-            .entries
-            .iter_mut()
-            .find(|e| e.tag == tag && e.fp == fp && e.buf[e.len..] == *src)
-            .map(|e| {
-                e.used = clock;
-                e.buf.clone()
-            });
         match hit {
-            Some(_) => self.hits += 1,
+            Some(buf) => {
+                self.hits += 1;
+                if let Some(e) = self.entries.iter_mut().find(|e| Arc::ptr_eq(&e.buf, buf)) {
+                    e.used = clock;
+                }
+            }
             None => self.misses += 1,
         }
-        hit
     }
 
     /// A buffer of `n` floats for a new entry (contents unspecified: the caller overwrites
@@ -137,7 +144,15 @@ impl Cache {
             });
         }
         let fp = fingerprint(src);
-        if let Some(buf) = lock().find(tag, fp, src) {
+        // The full comparison (bit for bit: -0.0 is not 0.0 to a transform) runs outside the
+        // lock and on all threads: a ResNet-50 compares ~100 MB of weights per image.
+        let hit = lock()
+            .candidates(tag, fp)
+            .into_iter()
+            .find(|(l, b)| *l == len && same_bits(&b[len..], src))
+            .map(|(_, b)| b);
+        lock().record(hit.as_ref());
+        if let Some(buf) = hit {
             return use_(&buf[..len]);
         }
         let mut buf = lock().buffer(len + src.len());
@@ -153,6 +168,24 @@ impl Cache {
     pub(crate) fn counts(&self) -> (u64, u64) {
         (self.hits, self.misses)
     }
+}
+
+/// Whether `a` and `b` hold the same bits, compared in parallel for large slices.
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 15;
+    // As words, so the comparison is one memcmp per chunk.
+    let words = |x: &[f32]| {
+        // SAFETY: u32 has f32's size and alignment, and every bit pattern is a u32.
+        unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u32>(), x.len()) }
+    };
+    let eq = |(x, y): (&[f32], &[f32])| words(x) == words(y);
+    a.len() == b.len()
+        && if a.len() <= CHUNK {
+            eq((a, b))
+        } else {
+            a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).all(eq)
+        }
 }
 
 /// FNV-1a over the length and 64 values spread over `src`: differing weights almost always
@@ -277,6 +310,26 @@ mod tests {
         assert_eq!(got[9_999], 19_999.0);
         get(&c, TAG, &big, &calls);
         assert_eq!(calls.get(), 6);
+    }
+
+    #[test]
+    fn compares_bits_not_values() {
+        let c = Mutex::new(Cache::new(1 << 22));
+        let calls = std::cell::Cell::new(0);
+        // Large enough for the parallel comparison; -0.0 == 0.0 as floats, not as bits.
+        let mut w = vec![0.0f32; 100_000];
+        get(&c, TAG, &w, &calls);
+        w[50_001] = -0.0;
+        let got = get(&c, TAG, &w, &calls);
+        assert_eq!(calls.get(), 2, "-0.0 must not match 0.0");
+        assert_eq!(got[50_001].to_bits(), 1.0f32.to_bits());
+        get(&c, TAG, &w, &calls);
+        assert_eq!(calls.get(), 2, "the same bits match");
+        // A NaN matches itself bit for bit.
+        w[7] = f32::NAN;
+        get(&c, TAG, &w, &calls);
+        get(&c, TAG, &w, &calls);
+        assert_eq!(calls.get(), 3);
     }
 
     #[test]
