@@ -273,6 +273,23 @@ impl Blocks {
         let n = self.count();
         (n - 1) * rows * self.cb + rows * self.width(n - 1)
     }
+    /// A [`Blocks::len`] buffer of `images * per_image` rows cut into one part per channel
+    /// block and image: `(block, image, rows)`, for tasks that fill it in parallel.
+    fn image_parts<'a, T>(
+        &self,
+        buf: &'a mut [T],
+        images: usize,
+        per_image: usize,
+    ) -> Vec<(usize, usize, &'a mut [T])> {
+        let mut parts = Vec::with_capacity(self.count() * images);
+        for (bi, blk) in buf.chunks_mut(images * per_image * self.cb).enumerate() {
+            for (b, dst) in blk.chunks_mut(per_image * self.width(bi)).enumerate() {
+                parts.push((bi, b, dst));
+            }
+        }
+        parts
+    }
+
     /// Block `bi` of a [`Blocks::len`] buffer.
     fn block<'a, T>(&self, buf: &'a [T], rows: usize, bi: usize) -> &'a [T] {
         &buf[bi * rows * self.cb..][..rows * self.width(bi)]
@@ -931,54 +948,42 @@ fn backward_weight_with(isa: Isa, pblock: usize, g: &Geom, x: &[f32], dy: &[f32]
     // dy as [block][pos][lanes] (block `bi` at `bi * total * cb`), zero lanes past Cout; one
     // task per (block, image).
     let mut dyt = crate::par::zeroed::<f32>(bl.len(total));
-    let mut parts: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(bl.count() * g.b);
-    for (bi, blk) in dyt.chunks_mut(total * bl.cb).enumerate() {
-        for (b, dst) in blk.chunks_mut(ohw * bl.width(bi)).enumerate() {
-            parts.push((bi, b, dst));
-        }
-    }
+    let parts = bl.image_parts(&mut dyt, g.b, ohw);
     parts.into_par_iter().for_each(|(bi, b, dst)| {
         let nc = bl.channels(bi);
         let src = &dy[(b * g.cout + bi * bl.cb) * ohw..][..nc * ohw];
         transpose_into(src, ohw, nc, dst, bl.width(bi), isa);
     });
     let base = window_bases(g, 0..total);
-    by_tap_groups(g, bl, |bi, k0, offs, dw| {
-        let ctx = WCtx {
-            xp,
-            base: &base,
-            dyt: bl.block(&dyt, total, bi),
-            offs,
-            k0,
-            co0: bi * bl.cb,
-            nco: bl.channels(bi),
-            kk: g.k(),
-            pblock,
-            dw,
-        };
+    by_tap_groups(g, bl, xp, &base, &dyt, pblock, |ctx| {
         // SAFETY: the CPU has `isa`; every window read lies inside `xp`, and this task writes
         // only its own taps of `dw`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match (isa, ctx.nco.div_ceil(isa.lanes())) {
-                (Isa::Avx512, 4) => avx512::wrun::<6, 4>(&ctx),
-                (Isa::Avx512, 3) => avx512::wrun::<6, 3>(&ctx),
-                (Isa::Avx512, 2) => avx512::wrun::<8, 2>(&ctx),
-                (Isa::Avx512, _) => avx512::wrun::<12, 1>(&ctx),
-                (Isa::Avx2, 2) => avx2::wrun::<6, 2>(&ctx),
-                (Isa::Avx2, _) => avx2::wrun::<12, 1>(&ctx),
+                (Isa::Avx512, 4) => avx512::wrun::<6, 4>(ctx),
+                (Isa::Avx512, 3) => avx512::wrun::<6, 3>(ctx),
+                (Isa::Avx512, 2) => avx512::wrun::<8, 2>(ctx),
+                (Isa::Avx512, _) => avx512::wrun::<12, 1>(ctx),
+                (Isa::Avx2, 2) => avx2::wrun::<6, 2>(ctx),
+                (Isa::Avx2, _) => avx2::wrun::<12, 1>(ctx),
             }
         }
     })
 }
 
 /// The weight gradient `[Cout, Cin, k, k]`, computed in tasks of one channel block of `bl` and
-/// one group of taps, each owning its entries of `dw`: `kernel(bi, k0, offs, dw)` for block `bi`
-/// and the taps from `k0` on, `offs` their offsets from a window origin in the padded input.
-fn by_tap_groups(
+/// one group of taps, each owning its entries of `dw`: `kernel(ctx)` with the task's [`WCtx`]
+/// over the padded input `xp`, window origins `base` (one per position, or position pair) and
+/// `dyt` laid out per channel block as `[base.len()][lanes]`.
+fn by_tap_groups<T: Sync>(
     g: &Geom,
     bl: Blocks,
-    kernel: impl Fn(usize, usize, &[usize], SendPtr<f32>) + Sync,
+    xp: &[T],
+    base: &[usize],
+    dyt: &[T],
+    pblock: usize,
+    kernel: impl Fn(&WCtx<T>) + Sync,
 ) -> Vec<f32> {
     let k = g.kh;
     let (wp, plane) = padded_dims(g);
@@ -996,7 +1001,18 @@ fn by_tap_groups(
     crate::par::for_each_index(bl.count() * groups, |t| {
         let (bi, gi) = (t / groups, t % groups);
         let k0 = gi * group;
-        kernel(bi, k0, &koff[k0..(k0 + group).min(kk)], out);
+        kernel(&WCtx {
+            xp,
+            base,
+            dyt: bl.block(dyt, base.len(), bi),
+            offs: &koff[k0..(k0 + group).min(kk)],
+            k0,
+            co0: bi * bl.cb,
+            nco: bl.channels(bi),
+            kk,
+            pblock,
+            dw: out,
+        });
     });
     dw
 }
@@ -1033,23 +1049,19 @@ fn backward_weight_bf16_with(pblock: usize, g: &Geom, x: &[f32], dy: &[f32]) -> 
     // channels' rows in bf16 (an odd row padded with a zero), which as words are the pairs
     // `[c][pair]`, then transposed.
     let mut dyq = crate::par::zeroed::<u32>(bl.len(total));
-    let mut parts: Vec<(usize, usize, &mut [u32])> = Vec::with_capacity(bl.count() * g.b);
-    for (bi, blk) in dyq.chunks_mut(total * bl.cb).enumerate() {
-        for (b, dst) in blk.chunks_mut(per_image * bl.width(bi)).enumerate() {
-            parts.push((bi, b, dst));
-        }
-    }
+    let parts = bl.image_parts(&mut dyq, g.b, per_image);
     parts.into_par_iter().for_each(|(bi, b, dst)| {
         let nc = bl.channels(bi);
         let src = &dy[(b * g.cout + bi * bl.cb) * ohw..][..nc * ohw];
-        let mut half = vec![0u16; nc * 2 * per_image];
+        let mut words = vec![0u32; nc * per_image];
+        // SAFETY: a u32 buffer seen as twice as many u16 (alignment 4 >= 2); on x86-64 (little
+        // endian) bf16 `2q` is the low half of word `q`, as `vdpbf16ps` pairs them.
+        let half = unsafe {
+            std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u16>(), 2 * words.len())
+        };
         for (row, d) in src.chunks_exact(ow).zip(half.chunks_exact_mut(2 * hq)) {
             to_bf16_row(row, &mut d[..ow]);
         }
-        let words: Vec<u32> = half
-            .chunks_exact(2)
-            .map(|h| u32::from(h[0]) | (u32::from(h[1]) << 16))
-            .collect();
         // SAFETY: f32 and u32 have one size and alignment; the transpose moves bits unchanged.
         let (wf, df) = unsafe {
             (
@@ -1066,28 +1078,16 @@ fn backward_weight_bf16_with(pblock: usize, g: &Geom, x: &[f32], dy: &[f32]) -> 
             b * g.cin * plane + (r / hq) * s * wp + 2 * (r % hq) * s
         })
         .collect();
-    by_tap_groups(g, bl, |bi, k0, offs, dw| {
-        let ctx = WCtx {
-            xp: xq,
-            base: &base,
-            dyt: bl.block(&dyq, total, bi),
-            offs,
-            k0,
-            co0: bi * bl.cb,
-            nco: bl.channels(bi),
-            kk: g.k(),
-            pblock,
-            dw,
-        };
+    by_tap_groups(g, bl, xq, &base, &dyq, pblock, |ctx| {
         // SAFETY: the CPU has AVX-512F, -BW and -BF16 (asserted); every window read lies inside
         // `xq` (same layout as the padded input), and this task writes only its own taps of `dw`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match ctx.nco.div_ceil(16) {
-                4 => avx512_bf16::wrun::<6, 4>(&ctx),
-                3 => avx512_bf16::wrun::<6, 3>(&ctx),
-                2 => avx512_bf16::wrun::<8, 2>(&ctx),
-                _ => avx512_bf16::wrun::<12, 1>(&ctx),
+                4 => avx512_bf16::wrun::<6, 4>(ctx),
+                3 => avx512_bf16::wrun::<6, 3>(ctx),
+                2 => avx512_bf16::wrun::<8, 2>(ctx),
+                _ => avx512_bf16::wrun::<12, 1>(ctx),
             }
         }
     })
