@@ -557,6 +557,7 @@ fn main() -> Result<()> {
     // Before any thread exists: a fixed thread count for candle, allocator reuse (see
     // retinanet_kernels::configure_runtime).
     let threads = retinanet_kernels::configure_runtime();
+    retinanet_kernels::check_settings().map_err(anyhow::Error::msg)?;
     let a = Args::parse();
     if a.batch == 0 || a.size == 0 {
         bail!("--batch and --size must be positive")

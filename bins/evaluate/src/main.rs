@@ -65,6 +65,7 @@ struct Args {
 
 fn main() -> Result<()> {
     retinanet_train::init_runtime();
+    retinanet_train::check_settings()?;
     let a = Args::parse();
     let report = if let (Some(res), Some(gt)) = (&a.coco_results, &a.coco_gt) {
         use retinanet_eval::coco_results::{CocoGroundTruth, read_results, score_results};

@@ -78,6 +78,7 @@ fn unit_interval(s: &str) -> std::result::Result<f32, String> {
 
 fn main() -> Result<()> {
     retinanet_train::init_runtime();
+    retinanet_train::check_settings()?;
     let a = Args::parse();
     let device = parse_device(&a.device)?;
     a.precision.apply(&device)?;

@@ -160,6 +160,44 @@ pub fn configure_allocator() {
     }
 }
 
+/// Checks the environment variables these kernels read, so that a mistyped value is an error
+/// at start instead of a silently ignored setting: `RAYON_NUM_THREADS` (a positive integer),
+/// `RETINANET_TRANSFORM_CACHE_MB` (a non-negative integer), `RETINANET_TUNE` (`0` or `1`),
+/// `RETINANET_ISA` (`avx512`, `avx2` or `none`). The error names the variable and its value.
+pub fn check_settings() -> Result<(), String> {
+    settings_error(|k| std::env::var(k).ok())
+}
+
+/// [`check_settings`] over `get` (a variable's value, if set).
+fn settings_error(get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
+    let var = |k: &'static str| get(k).map(|v| (k, v));
+    let int = |k: &str, v: &str, min: u64, what: &str| match v.trim().parse::<u64>() {
+        Ok(n) if n >= min => Ok(()),
+        _ => Err(format!("{k} = `{v}` is not {what}")),
+    };
+    if let Some((k, v)) = var("RAYON_NUM_THREADS") {
+        int(k, &v, 1, "a positive number of threads")?;
+    }
+    if let Some((k, v)) = var("RETINANET_TRANSFORM_CACHE_MB") {
+        int(k, &v, 0, "a number of MiB (0 turns the cache off)")?;
+    }
+    if let Some((k, v)) = var("RETINANET_TUNE") {
+        if v != "0" && v != "1" {
+            return Err(format!(
+                "{k} = `{v}` is not 0 (first plan) or 1 (measured choice)"
+            ));
+        }
+    }
+    if let Some((k, v)) = var("RETINANET_ISA") {
+        if !["avx512", "avx2", "none"].contains(&v.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{k} = `{v}` names no instruction set (avx512, avx2, none)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// [`configure_threads`] and [`configure_allocator`]: what a binary running the model on the
 /// CPU should call first thing in `main`. Returns the thread count.
 pub fn configure_runtime() -> usize {
@@ -219,5 +257,39 @@ pub mod raw {
         let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the command name.
         (tick(11) + tick(12)) / 100.0
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    #[test]
+    fn mistyped_settings_are_errors_naming_them() {
+        let check = |k: &str, v: &str| {
+            let (k, v) = (k.to_string(), v.to_string());
+            super::settings_error(move |q| (q == k).then(|| v.clone()))
+        };
+        assert_eq!(check("UNRELATED", "x"), Ok(()));
+        for (k, v) in [
+            ("RAYON_NUM_THREADS", "4"),
+            ("RETINANET_TRANSFORM_CACHE_MB", "0"),
+            ("RETINANET_TRANSFORM_CACHE_MB", " 512 "),
+            ("RETINANET_ISA", "AVX2"),
+            ("RETINANET_ISA", "none"),
+            ("RETINANET_TUNE", "0"),
+        ] {
+            assert_eq!(check(k, v), Ok(()), "{k}={v}");
+        }
+        for (k, v) in [
+            ("RAYON_NUM_THREADS", "0"),
+            ("RAYON_NUM_THREADS", "two"),
+            ("RETINANET_TRANSFORM_CACHE_MB", "-1"),
+            ("RETINANET_TRANSFORM_CACHE_MB", "256MB"),
+            ("RETINANET_TRANSFORM_CACHE_MB", ""),
+            ("RETINANET_ISA", "avx512bf16"),
+            ("RETINANET_TUNE", "off"),
+        ] {
+            let e = check(k, v).expect_err(&format!("{k}={v}"));
+            assert!(e.contains(k) && e.contains(&format!("`{v}`")), "{e}");
+        }
     }
 }

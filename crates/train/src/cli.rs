@@ -118,6 +118,10 @@ impl RunArgs {
 /// normally, while an error only this rank saw is printed with its rank and ends the whole job
 /// at once (the other ranks would otherwise wait for it in their next collective).
 pub fn main_on_ranks(body: impl FnOnce(Arc<dyn Communicator>) -> Result<()>) -> ExitCode {
+    if let Err(e) = crate::runtime::check_settings() {
+        eprintln!("Error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let comm = match crate::dist::from_env() {
         Ok(c) => c,
         Err(e) => {

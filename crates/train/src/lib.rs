@@ -41,5 +41,5 @@ pub use engine::{Task, Trainer};
 pub use optim::Sgd;
 pub use pretrain::{PretrainSummary, pretrain};
 pub use run::{RunDir, RunOptions, latest_run};
-pub use runtime::init_runtime;
+pub use runtime::{check_settings, init_runtime};
 pub use schedule::{LrSchedule, ProgressDecays, run_progress};

@@ -11,3 +11,9 @@
 pub fn init_runtime() {
     retinanet_kernels::configure_runtime();
 }
+
+/// [`retinanet_kernels::check_settings`]: a mistyped `RAYON_NUM_THREADS`, `RETINANET_ISA`,
+/// or `RETINANET_TRANSFORM_CACHE_MB` is an error naming it and its value.
+pub fn check_settings() -> anyhow::Result<()> {
+    retinanet_kernels::check_settings().map_err(anyhow::Error::msg)
+}
