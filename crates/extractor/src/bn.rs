@@ -88,17 +88,9 @@ impl BatchNorm2d {
     /// [`BatchNorm2d::forward_t`], then a ReLU when `relu`; in training the ReLU runs inside
     /// the batch norm's passes (`retinanet_kernels::batch_norm_train_act`).
     pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        if c != self.weight.dim(0)? {
-            bail!(
-                "batch-norm: input has {c} channels, layer has {}",
-                self.weight.dim(0)?
-            )
-        }
+        self.check_input(x, false)?;
         if train {
-            if self.sync.is_none() && b * h * w < 2 {
-                bail!("batch-norm: training needs more than one value per channel, got {b}x{h}x{w}")
-            }
+            self.check_input(x, true)?;
             // retinanet-kernels: two passes forward and backward on the CPU (candle's broadcast
             // ops elsewhere); the batch statistics come back detached.
             let out = retinanet_kernels::batch_norm_train_act(
@@ -109,16 +101,7 @@ impl BatchNorm2d {
                 self.sync.clone(),
                 relu,
             )?;
-            // Bessel's correction over the values the statistics are over (all ranks' when
-            // synchronised), as PyTorch's SyncBatchNorm.
-            let n = out.count;
-            let m = self.momentum;
-            let new_mean = ((self.running_mean.as_detached_tensor() * (1.0 - m))?
-                + (out.mean.flatten_all()? * m)?)?;
-            let new_var = ((self.running_var.as_detached_tensor() * (1.0 - m))?
-                + (out.var.flatten_all()? * (m * n as f64 / (n - 1) as f64))?)?;
-            self.running_mean.set(&new_mean)?;
-            self.running_var.set(&new_var)?;
+            self.update_running(&out)?;
             Ok(out.y)
         } else {
             let (scale, shift) = self.eval_affine()?;
@@ -129,6 +112,57 @@ impl BatchNorm2d {
                 Ok(y)
             }
         }
+    }
+
+    /// `relu(bn(x) + residual)`, the end of a residual block: in training mode one fused op
+    /// (the addition and ReLU in the normalising pass; see
+    /// [`retinanet_kernels::batch_norm_train_add_relu`]), in evaluation mode the per-channel
+    /// affine map and a fused add + ReLU.
+    pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            return retinanet_kernels::add_relu(&self.forward_act(x, false, false)?, residual);
+        }
+        self.check_input(x, true)?;
+        let out = retinanet_kernels::batch_norm_train_add_relu(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            self.sync.clone(),
+            residual,
+        )?;
+        self.update_running(&out)?;
+        Ok(out.y)
+    }
+
+    /// `x` is `[B, C, H, W]` with this layer's channels and, for training on one process, more
+    /// than one value per channel.
+    fn check_input(&self, x: &Tensor, train: bool) -> Result<()> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != self.weight.dim(0)? {
+            bail!(
+                "batch-norm: input has {c} channels, layer has {}",
+                self.weight.dim(0)?
+            )
+        }
+        if train && self.sync.is_none() && b * h * w < 2 {
+            bail!("batch-norm: training needs more than one value per channel, got {b}x{h}x{w}")
+        }
+        Ok(())
+    }
+
+    /// The running statistics after a training-mode batch: Bessel's correction over the values
+    /// the statistics are over (all ranks' when synchronised), as PyTorch's SyncBatchNorm.
+    fn update_running(&self, out: &retinanet_kernels::BatchNormOutput) -> Result<()> {
+        let n = out.count;
+        let m = self.momentum;
+        let new_mean = ((self.running_mean.as_detached_tensor() * (1.0 - m))?
+            + (out.mean.flatten_all()? * m)?)?;
+        let new_var = ((self.running_var.as_detached_tensor() * (1.0 - m))?
+            + (out.var.flatten_all()? * (m * n as f64 / (n - 1) as f64))?)?;
+        self.running_mean.set(&new_mean)?;
+        self.running_var.set(&new_var)?;
+        Ok(())
     }
 
     /// The evaluation-mode layer as per-channel `(scale, shift)`, `y = x * scale + shift`:

@@ -283,11 +283,17 @@ impl Block {
             let shortcut = Downsample::forward(&self.downsample, x, false, true)?;
             return conv2d_add_relu(&y, &self.convs[last].0, &shortcut);
         }
-        for (i, (c, bn)) in self.convs.iter().enumerate() {
-            y = conv_bn(&y, c, bn, train, i != last)?;
+        for (c, bn) in &self.convs[..last] {
+            y = conv_bn(&y, c, bn, train, true)?;
         }
         let shortcut = Downsample::forward(&self.downsample, x, train, false)?;
-        retinanet_kernels::add_relu(&y, &shortcut)
+        let (c, bn) = &self.convs[last];
+        if train {
+            // BN, the addition and the ReLU in one op (one pass each way, one gradient fewer
+            // for candle to accumulate).
+            return bn.forward_add_relu(&conv2d(&y, c)?, &shortcut, true);
+        }
+        retinanet_kernels::add_relu(&conv_bn(&y, c, bn, false, false)?, &shortcut)
     }
 
     fn folded(&self) -> Result<Self> {
@@ -537,7 +543,7 @@ impl ResNet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
     #[test]
@@ -581,10 +587,10 @@ mod tests {
         Ok(())
     }
 
-    /// Evaluation mode with every BatchNorm as its own op after its convolution: the unfolded
-    /// network, for comparison.
-    fn unfolded_features(net: &ResNet, x: &Tensor) -> Result<Vec<Tensor>> {
-        let cb = |x: &Tensor, c: &Conv2d, bn: &BatchNorm2d| bn.forward_t(&conv2d(x, c)?, false);
+    /// Every BatchNorm as its own op after its convolution (batch statistics when `train`) and
+    /// candle's addition and ReLU: the unfused network, for comparison.
+    fn unfolded_features(net: &ResNet, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        let cb = |x: &Tensor, c: &Conv2d, bn: &BatchNorm2d| bn.forward_t(&conv2d(x, c)?, train);
         let mut x = cb(x, &net.conv1, &net.bn1)?.relu()?;
         x = max_pool2d(&x, 3, 2, 1)?;
         let mut outs = Vec::new();
@@ -606,6 +612,78 @@ mod tests {
             outs.push(x.clone());
         }
         Ok(outs)
+    }
+
+    /// In training mode (batch statistics) the fused residual ends — BN, addition and ReLU in one
+    /// op — give the unfused network's features and gradients of every parameter and the input.
+    #[test]
+    fn fused_training_blocks_equal_unfused() -> Result<()> {
+        let dev = Device::Cpu;
+        for (depth, width, size) in [(Depth::R18, 8, 41), (Depth::R50, 4, 33)] {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+            let net = ResNet::new(
+                vb,
+                &ResNetConfig {
+                    base_width: width,
+                    ..ResNetConfig::new(depth, None)
+                },
+            )?;
+            // BN weights and biases away from (1, 0), so a swapped or dropped one shows.
+            for (i, (name, v)) in vm.data().lock().unwrap().iter().enumerate() {
+                if name.contains("bn") && !name.contains("running") {
+                    let u = Tensor::rand(0f32, 1., v.elem_count(), &dev)?;
+                    v.set(&u.affine(0.8, 0.3 + 0.02 * (i % 5) as f64)?)?;
+                }
+            }
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 3, size, size + 2), &dev)?)?;
+            let got = net.features_t(&x, true)?;
+            let want = unfolded_features(&net, &x, true)?;
+            // One random weighting of every output for both.
+            let rs = got
+                .iter()
+                .map(|o| Tensor::rand(-1f32, 1., o.dims(), &dev))
+                .collect::<Result<Vec<_>>>()?;
+            let loss = |outs: &[Tensor]| -> Result<Tensor> {
+                let mut l = Tensor::zeros((), DType::F32, &dev)?;
+                for (o, r) in outs.iter().zip(&rs) {
+                    l = (l + (o * r)?.sum_all()?)?;
+                }
+                Ok(l)
+            };
+            let g1 = loss(&got)?.backward()?;
+            let g2 = loss(&want)?.backward()?;
+            for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+                let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let s = b.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    s > 0.1 && d <= 1e-5 * s,
+                    "{depth:?} out{}: {d} (scale {s})",
+                    k + 2
+                );
+            }
+            let mut vars: Vec<(String, Tensor)> = vm
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(n, _)| !n.contains("running"))
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect();
+            vars.push(("input".into(), x.as_tensor().clone()));
+            for (name, v) in vars {
+                let (Some(a), Some(b)) = (g1.get(&v), g2.get(&v)) else {
+                    panic!("{depth:?} {name}: no gradient");
+                };
+                let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let s = b.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    d <= 1e-4 * s.max(1e-3),
+                    "{depth:?} {name}: grads differ by {d} (scale {s})"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The folded inference copy equals the unfolded network in evaluation mode to 1e-5
@@ -640,7 +718,7 @@ mod tests {
                 v.set(&t)?;
             }
             let x = Tensor::randn(0f32, 1., (2, 3, size, size + 4), &dev)?;
-            let want = unfolded_features(&net, &x)?;
+            let want = unfolded_features(&net, &x, false)?;
             let folded = net.folded()?;
             assert!(folded.is_folded() && !net.is_folded());
             let got = folded.features_t(&x, false)?;

@@ -88,7 +88,8 @@ fn synced_stats<T: WithDType>(
     Ok((mv, n as usize))
 }
 
-/// `y = x * scale[c] + shift[c]` over `[B, C, HW]`, clipped at zero when `relu`, in one pass.
+/// `y = x * scale[c] + shift[c]` over `[B, C, HW]`, plus `res` (same shape) where given,
+/// clipped at zero when `relu`, in one pass.
 fn affine<T: WithDType>(
     x: &[T],
     c: usize,
@@ -96,19 +97,25 @@ fn affine<T: WithDType>(
     scale: &[T],
     shift: &[T],
     relu: bool,
+    res: Option<&[T]>,
 ) -> Vec<T> {
-    let mut y = par::zeroed::<T>(x.len());
-    y.par_chunks_mut(hw)
-        .zip(x.par_chunks(hw))
-        .enumerate()
-        .for_each(|(i, (yp, xp))| {
-            let (a, s) = (scale[i % c], shift[i % c]);
-            for (o, &v) in yp.iter_mut().zip(xp) {
-                let v = v * a + s;
-                *o = if relu && v < T::zero() { T::zero() } else { v };
+    let clip = |v: T| if relu && v < T::zero() { T::zero() } else { v };
+    par::fill_chunks(x.len(), hw, |i, yp| {
+        let (a, s) = (scale[i % c], shift[i % c]);
+        let xp = &x[i * hw..][..hw];
+        match res {
+            Some(r) => {
+                for ((o, &v), &r) in yp.iter_mut().zip(xp).zip(&r[i * hw..][..hw]) {
+                    o.write(clip(v * a + s + r));
+                }
             }
-        });
-    y
+            None => {
+                for (o, &v) in yp.iter_mut().zip(xp) {
+                    o.write(clip(v * a + s));
+                }
+            }
+        }
+    })
 }
 
 /// Per channel `(Σ g, Σ g * (x - mean[c]))` over `[B, C, HW]`.
@@ -150,6 +157,9 @@ struct Stats {
 struct BatchNormTrain {
     eps: f64,
     relu: bool,
+    /// Inputs `(x, [weight; bias], residual)` and `y = act(bn(x) + residual)`, instead of
+    /// `(x, weight, bias)` and `y = act(bn(x))`: candle's custom ops take three inputs.
+    residual: bool,
     stats: Arc<Mutex<Stats>>,
     reducer: Option<Arc<dyn SumReducer>>,
 }
@@ -161,6 +171,7 @@ impl BatchNormTrain {
         l: &Layout,
         w: &[T],
         bias: &[T],
+        res: Option<&[T]>,
     ) -> Result<(Vec<T>, Shape)> {
         let (b, c, h, wd) = l.shape().dims4()?;
         let hw = h * wd;
@@ -174,7 +185,7 @@ impl BatchNormTrain {
             scale.push(T::from_f64(a));
             shift.push(T::from_f64(bias[ci].to_f64() - mean * a));
         }
-        let y = affine(x, c, hw, &scale, &shift, self.relu);
+        let y = affine(x, c, hw, &scale, &shift, self.relu, res);
         *self
             .stats
             .lock()
@@ -201,6 +212,19 @@ impl CustomOp3 for BatchNormTrain {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let c = l1.dims().get(1).copied().unwrap_or(0);
+        if self.residual {
+            if l1.dims().len() != 4 || l2.dims() != [2, c] || l3.dims() != l1.dims() {
+                bail!(
+                    "batch-norm + residual: input {:?}, weight and bias {:?}, residual {:?} do \
+                     not fit",
+                    l1.dims(),
+                    l2.dims(),
+                    l3.dims()
+                )
+            }
+            return dispatch!("batch-norm", (s1, l1, s2, l2, s3, l3), |x, wb, r| self
+                .run(x, l1, &wb[..c], &wb[c..], Some(r))?);
+        }
         if l1.dims().len() != 4 || l2.dims() != [c] || l3.dims() != [c] {
             bail!(
                 "batch-norm: input {:?}, weight {:?}, bias {:?} do not fit",
@@ -210,7 +234,7 @@ impl CustomOp3 for BatchNormTrain {
             )
         }
         dispatch!("batch-norm", (s1, l1, s2, l2, s3, l3), |x, w, b| self
-            .run(x, l1, w, b)?)
+            .run(x, l1, w, b, None)?)
     }
 
     fn bwd(
@@ -221,6 +245,8 @@ impl CustomOp3 for BatchNormTrain {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // With a residual, `w` is `[weight; bias]` and the third input the residual.
+        let w = &if self.residual { w.get(0)? } else { w.clone() };
         // The fused ReLU's backward first: the gradient where the output was clipped is zero.
         let grad = if self.relu {
             grad.contiguous()?
@@ -279,6 +305,10 @@ impl CustomOp3 for BatchNormTrain {
         )?;
         let gw = Tensor::new(gw, dev)?.to_dtype(w.dtype())?;
         let gb = Tensor::new(sums[0].clone(), dev)?.to_dtype(w.dtype())?;
+        if self.residual {
+            // The residual's gradient is the (masked) incoming one.
+            return Ok((Some(gx), Some(Tensor::stack(&[gw, gb], 0)?), Some(grad)));
+        }
         Ok((Some(gx), Some(gw), Some(gb)))
     }
 }
@@ -351,18 +381,14 @@ impl CustomOp3 for LinearCombo {
             bail!("batch-norm backward: unexpected shapes")
         }
         fn run<T: WithDType>(x: &[T], g: &[T], coef: &[T], c: usize, hw: usize) -> Vec<T> {
-            let mut out = par::zeroed::<T>(x.len());
-            out.par_chunks_mut(hw)
-                .zip(x.par_chunks(hw).zip(g.par_chunks(hw)))
-                .enumerate()
-                .for_each(|(i, (o, (xp, gp)))| {
-                    let ci = i % c;
-                    let (a, k, d) = (coef[ci], coef[c + ci], coef[2 * c + ci]);
-                    for ((o, &xv), &gv) in o.iter_mut().zip(xp).zip(gp) {
-                        *o = a * gv + k * xv + d;
-                    }
-                });
-            out
+            par::fill_chunks(x.len(), hw, |i, o| {
+                let ci = i % c;
+                let (a, k, d) = (coef[ci], coef[c + ci], coef[2 * c + ci]);
+                let (xp, gp) = (&x[i * hw..][..hw], &g[i * hw..][..hw]);
+                for ((o, &xv), &gv) in o.iter_mut().zip(xp).zip(gp) {
+                    o.write(a * gv + k * xv + d);
+                }
+            })
         }
         dispatch!(
             "batch-norm backward",
@@ -398,7 +424,7 @@ impl CustomOp3 for ChannelAffine {
             )
         }
         dispatch!("channel affine", (s1, l1, s2, l2, s3, l3), |x, a, s| (
-            affine(x, c, h * w, a, s, false),
+            affine(x, c, h * w, a, s, false, None),
             l1.shape().clone()
         ))
     }
@@ -480,8 +506,43 @@ pub fn batch_norm_train_act(
     reducer: Option<Arc<dyn SumReducer>>,
     relu: bool,
 ) -> Result<BatchNormOutput> {
+    batch_norm_train_fused(x, weight, bias, eps, reducer, relu, None)
+}
+
+/// `relu(bn(x) + residual)` with [`batch_norm_train_synced`]'s batch statistics (of `x`): the end
+/// of a residual block in training mode, in the batch norm's normalising pass forward and its
+/// two passes backward. Against `add_relu(bn(x), residual)` this saves the addition's pass each
+/// way and, in candle's autograd, the serial gradient accumulation of the batch norm's output.
+pub fn batch_norm_train_add_relu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    reducer: Option<Arc<dyn SumReducer>>,
+    residual: &Tensor,
+) -> Result<BatchNormOutput> {
+    if residual.dims() != x.dims() {
+        bail!(
+            "batch-norm + residual: the residual is {:?}, the input {:?}",
+            residual.dims(),
+            x.dims()
+        )
+    }
+    batch_norm_train_fused(x, weight, bias, eps, reducer, true, Some(residual))
+}
+
+fn batch_norm_train_fused(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    reducer: Option<Arc<dyn SumReducer>>,
+    relu: bool,
+    residual: Option<&Tensor>,
+) -> Result<BatchNormOutput> {
     let (b, c, h, w) = x.dims4()?;
-    if !fast_path(x) {
+    let fast = fast_path(x) && residual.is_none_or(|r| r.dtype() == x.dtype());
+    if !fast {
         if reducer.is_some() {
             bail!(
                 "SyncBatchNorm runs on the CPU in f32 or f64 only; this input is {:?} on {:?}",
@@ -496,6 +557,10 @@ pub fn batch_norm_train_act(
             .broadcast_div(&(&var + eps)?.sqrt()?)?
             .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
             .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+        let y = match residual {
+            Some(r) => (y + r)?,
+            None => y,
+        };
         let y = if relu { y.relu()? } else { y };
         return Ok(BatchNormOutput {
             y,
@@ -505,16 +570,30 @@ pub fn batch_norm_train_act(
         });
     }
     let stats = Arc::new(Mutex::new(Stats::default()));
-    let y = x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        BatchNormTrain {
-            eps,
-            relu,
-            stats: stats.clone(),
-            reducer,
-        },
-    )?;
+    let op = BatchNormTrain {
+        eps,
+        relu,
+        residual: residual.is_some(),
+        stats: stats.clone(),
+        reducer,
+    };
+    let y = match residual {
+        Some(r) => {
+            if weight.dims() != [c] || bias.dims() != [c] {
+                bail!(
+                    "batch-norm: input {:?}, weight {:?}, bias {:?} do not fit",
+                    x.dims(),
+                    weight.dims(),
+                    bias.dims()
+                )
+            }
+            let wb = Tensor::stack(&[weight, bias], 0)?;
+            x.contiguous()?.apply_op3(&wb, &r.contiguous()?, op)?
+        }
+        None => x
+            .contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?,
+    };
     let (mv, count) = {
         let st = stats
             .lock()
@@ -551,25 +630,23 @@ struct AddRelu;
 
 fn add_relu_run<T: WithDType>(a: &[T], b: Option<&[T]>) -> Vec<T> {
     const CHUNK: usize = 1 << 15;
-    let mut y = par::zeroed::<T>(a.len());
-    y.par_chunks_mut(CHUNK).enumerate().for_each(|(i, yc)| {
+    par::fill_chunks(a.len(), CHUNK, |i, yc| {
         let ac = &a[i * CHUNK..][..yc.len()];
         match b {
             Some(b) => {
                 let bc = &b[i * CHUNK..][..yc.len()];
                 for ((y, &a), &b) in yc.iter_mut().zip(ac).zip(bc) {
                     let v = a + b;
-                    *y = if v > T::zero() { v } else { T::zero() };
+                    y.write(if v > T::zero() { v } else { T::zero() });
                 }
             }
             None => {
                 for (y, &a) in yc.iter_mut().zip(ac) {
-                    *y = if a > T::zero() { a } else { T::zero() };
+                    y.write(if a > T::zero() { a } else { T::zero() });
                 }
             }
         }
-    });
-    y
+    })
 }
 
 impl candle_core::CustomOp2 for AddRelu {

@@ -1228,15 +1228,12 @@ impl CustomOp2 for ReluMask {
         crate::dtype::same_dims("relu mask", l1, l2)?;
         fn run<T: WithDType>(g: &[T], y: &[T]) -> Vec<T> {
             const CHUNK: usize = 1 << 15;
-            let mut out = vec![T::zero(); g.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-                .for_each(|(o, (g, y))| {
-                    for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                        *o = if y > T::zero() { g } else { T::zero() };
-                    }
-                });
-            out
+            crate::par::fill_chunks(g.len(), CHUNK, |i, o| {
+                let (g, y) = (&g[i * CHUNK..][..o.len()], &y[i * CHUNK..][..o.len()]);
+                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                    o.write(if y > T::zero() { g } else { T::zero() });
+                }
+            })
         }
         dispatch!("relu mask", (s1, l1, s2, l2), |g, y| (
             run(g, y),

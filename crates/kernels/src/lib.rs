@@ -12,8 +12,9 @@
 //!   scattered back (col2im), or for stride 1 a forward convolution of `dY` with the rotated
 //!   kernel (through the same kernels); the weight gradient `dY · colsᵀ`.
 //! * [`batch_norm_train`]: training-mode batch norm in two passes forward and backward, returning
-//!   the batch statistics for the running averages; [`channel_affine`]: evaluation-mode batch norm
-//!   (`x * scale + shift`) in one pass.
+//!   the batch statistics for the running averages, with a fused ReLU
+//!   ([`batch_norm_train_act`]) or residual add + ReLU ([`batch_norm_train_add_relu`]);
+//!   [`channel_affine`]: evaluation-mode batch norm (`x * scale + shift`) in one pass.
 //! * [`relu`], [`add_relu`]: parallel ReLU and residual add + ReLU with one-pass backward.
 //! * [`sgd_step`]: SGD with momentum and weight decay updating parameters and momentum buffers
 //!   in place, two parallel passes per tensor.
@@ -57,7 +58,7 @@ mod winograd4;
 
 pub use bn::{
     BatchNormOutput, SumReducer, add_relu, batch_norm_train, batch_norm_train_act,
-    batch_norm_train_synced, channel_affine, relu,
+    batch_norm_train_add_relu, batch_norm_train_synced, channel_affine, relu,
 };
 pub use conv::{
     Bf16Products, ConvParams, conv2d, conv2d_add_relu, conv2d_bf16_products, conv2d_macs,
@@ -181,19 +182,20 @@ fn settings_error(get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
     if let Some((k, v)) = var("RETINANET_TRANSFORM_CACHE_MB") {
         int(k, &v, 0, "a number of MiB (0 turns the cache off)")?;
     }
-    if let Some((k, v)) = var("RETINANET_TUNE") {
-        if v != "0" && v != "1" {
-            return Err(format!(
-                "{k} = `{v}` is not 0 (first plan) or 1 (measured choice)"
-            ));
-        }
+    if let Some((k, v)) = var("RETINANET_TUNE")
+        && v != "0"
+        && v != "1"
+    {
+        return Err(format!(
+            "{k} = `{v}` is not 0 (first plan) or 1 (measured choice)"
+        ));
     }
-    if let Some((k, v)) = var("RETINANET_ISA") {
-        if !["avx512", "avx2", "none"].contains(&v.to_ascii_lowercase().as_str()) {
-            return Err(format!(
-                "{k} = `{v}` names no instruction set (avx512, avx2, none)"
-            ));
-        }
+    if let Some((k, v)) = var("RETINANET_ISA")
+        && !["avx512", "avx2", "none"].contains(&v.to_ascii_lowercase().as_str())
+    {
+        return Err(format!(
+            "{k} = `{v}` names no instruction set (avx512, avx2, none)"
+        ));
     }
     Ok(())
 }

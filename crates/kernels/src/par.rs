@@ -116,6 +116,21 @@ pub fn zeroed<T: candle_core::WithDType>(n: usize) -> Vec<T> {
     })
 }
 
+/// A vector of `n` values computed chunk by chunk in parallel: `f(i, dst)` writes every element
+/// of the `i`-th `chunk`-long piece (the last may be shorter). No zero-fill first: an output
+/// computed element by element is written once, not twice.
+pub(crate) fn fill_chunks<T: Copy + Send>(
+    n: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Send + Sync,
+) -> Vec<T> {
+    filled_later(n, |v| {
+        v.par_chunks_mut(chunk.max(1))
+            .enumerate()
+            .for_each(|(i, c)| f(i, c))
+    })
+}
+
 /// A vector of `n` values that `fill` writes completely before anything reads it: no zero-fill
 /// first (a memset of every output and buffer).
 pub(crate) fn filled_later<T: Copy>(
@@ -134,6 +149,21 @@ pub(crate) fn filled_later<T: Copy>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fill_chunks_writes_every_element_once_in_place() {
+        // Freed non-zero memory first, so an element left unwritten would show.
+        for (n, chunk) in [(0, 4), (1, 4), (7, 3), (100_000, 1 << 15), (65_537, 1000)] {
+            drop(vec![7.5f32; n]);
+            let v = super::fill_chunks::<f32>(n, chunk, |i, c| {
+                for (j, o) in c.iter_mut().enumerate() {
+                    o.write((i * chunk + j) as f32);
+                }
+            });
+            assert_eq!(v.len(), n);
+            assert!(v.iter().enumerate().all(|(i, &x)| x == i as f32), "n = {n}");
+        }
+    }
+
     #[test]
     fn zeroed_is_zero_at_every_size() {
         // Below the threshold, at it, and uneven chunk counts above it; memory reused from a

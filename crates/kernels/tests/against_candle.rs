@@ -6,7 +6,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 use retinanet_kernels::{
-    ConvParams, batch_norm_train, batch_norm_train_act, channel_affine, conv2d, conv2d_relu,
+    ConvParams, batch_norm_train, batch_norm_train_act, batch_norm_train_add_relu, channel_affine,
+    conv2d, conv2d_relu,
 };
 
 thread_local! {
@@ -381,6 +382,15 @@ fn batch_norm_matches_candle() -> Result<()> {
             assert_close(&format!("bn+relu fwd {case}"), &fused.y, &theirs_relu, 1e-4)?;
             assert_close(&format!("bn+relu mean {case}"), &fused.mean, &out.mean, 0.0)?;
             same_grads("bn+relu", &fused.y, &theirs_relu, &bn_vars)?;
+            // With a residual: relu(bn(x) + s), gradients to all four.
+            let s = Var::from_tensor(&randn(0f32, 2., x.dims(), &dev)?.to_dtype(dtype)?)?;
+            let fused = batch_norm_train_add_relu(&x, &wt, &bias, 1e-5, None, &s)?;
+            let theirs_res = (&theirs + &*s)?.relu()?;
+            assert_close(&format!("bn+res fwd {case}"), &fused.y, &theirs_res, 1e-4)?;
+            assert_close(&format!("bn+res mean {case}"), &fused.mean, &out.mean, 0.0)?;
+            assert_close(&format!("bn+res var {case}"), &fused.var, &out.var, 0.0)?;
+            let res_vars = [("x", &*x), ("w", &*wt), ("b", &*bias), ("s", &*s)];
+            same_grads("bn+res", &fused.y, &theirs_res, &res_vars)?;
 
             let scale = Var::from_tensor(&randn(0f32, 1., c, &dev)?.to_dtype(dtype)?)?;
             let shift = Var::from_tensor(&randn(0f32, 1., c, &dev)?.to_dtype(dtype)?)?;
