@@ -614,21 +614,25 @@ mod tests {
         Ok(outs)
     }
 
+    /// A ResNet of `depth` and base width `width` with fresh weights, and its variables.
+    fn test_net(depth: Depth, width: usize, dev: &Device) -> Result<(VarMap, ResNet)> {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
+        let cfg = ResNetConfig {
+            base_width: width,
+            ..ResNetConfig::new(depth, None)
+        };
+        let net = ResNet::new(vb, &cfg)?;
+        Ok((vm, net))
+    }
+
     /// In training mode (batch statistics) the fused residual ends — BN, addition and ReLU in one
     /// op — give the unfused network's features and gradients of every parameter and the input.
     #[test]
     fn fused_training_blocks_equal_unfused() -> Result<()> {
         let dev = Device::Cpu;
         for (depth, width, size) in [(Depth::R18, 8, 41), (Depth::R50, 4, 33)] {
-            let vm = VarMap::new();
-            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-            let net = ResNet::new(
-                vb,
-                &ResNetConfig {
-                    base_width: width,
-                    ..ResNetConfig::new(depth, None)
-                },
-            )?;
+            let (vm, net) = test_net(depth, width, &dev)?;
             // BN weights and biases away from (1, 0), so a swapped or dropped one shows.
             for (i, (name, v)) in vm.data().lock().unwrap().iter().enumerate() {
                 if name.contains("bn") && !name.contains("running") {
@@ -694,15 +698,7 @@ mod tests {
     fn folded_network_equals_unfolded() -> Result<()> {
         let dev = Device::Cpu;
         for (depth, width, size) in [(Depth::R18, 16, 45), (Depth::R50, 8, 37)] {
-            let vm = VarMap::new();
-            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-            let net = ResNet::new(
-                vb,
-                &ResNetConfig {
-                    base_width: width,
-                    ..ResNetConfig::new(depth, None)
-                },
-            )?;
+            let (vm, net) = test_net(depth, width, &dev)?;
             for (i, (name, v)) in vm.data().lock().unwrap().iter().enumerate() {
                 if !name.contains("bn") {
                     continue;
