@@ -88,29 +88,16 @@ impl BatchNorm2d {
     /// [`BatchNorm2d::forward_t`], then a ReLU when `relu`; in training the ReLU runs inside
     /// the batch norm's passes (`retinanet_kernels::batch_norm_train_act`).
     pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        self.check_input(x, false)?;
         if train {
-            self.check_input(x, true)?;
-            // retinanet-kernels: two passes forward and backward on the CPU (candle's broadcast
-            // ops elsewhere); the batch statistics come back detached.
-            let out = retinanet_kernels::batch_norm_train_act(
-                x,
-                &self.weight,
-                &self.bias,
-                self.eps,
-                self.sync.clone(),
-                relu,
-            )?;
-            self.update_running(&out)?;
-            Ok(out.y)
+            return self.forward_train(x, relu, None);
+        }
+        self.check_input(x, false)?;
+        let (scale, shift) = self.eval_affine()?;
+        let y = retinanet_kernels::channel_affine(x, &scale, &shift)?;
+        if relu {
+            retinanet_kernels::relu(&y)
         } else {
-            let (scale, shift) = self.eval_affine()?;
-            let y = retinanet_kernels::channel_affine(x, &scale, &shift)?;
-            if relu {
-                retinanet_kernels::relu(&y)
-            } else {
-                Ok(y)
-            }
+            Ok(y)
         }
     }
 
@@ -119,18 +106,22 @@ impl BatchNorm2d {
     /// [`retinanet_kernels::batch_norm_train_add_relu`]), in evaluation mode the per-channel
     /// affine map and a fused add + ReLU.
     pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
-        if !train {
-            return retinanet_kernels::add_relu(&self.forward_act(x, false, false)?, residual);
+        if train {
+            return self.forward_train(x, true, Some(residual));
         }
+        retinanet_kernels::add_relu(&self.forward_act(x, false, false)?, residual)
+    }
+
+    /// Training mode: batch statistics (retinanet-kernels: two passes forward and backward on
+    /// the CPU, candle's broadcast ops elsewhere; they come back detached), the ReLU — and the
+    /// residual's addition before it — inside the normalising pass, then the running averages.
+    fn forward_train(&self, x: &Tensor, relu: bool, residual: Option<&Tensor>) -> Result<Tensor> {
         self.check_input(x, true)?;
-        let out = retinanet_kernels::batch_norm_train_add_relu(
-            x,
-            &self.weight,
-            &self.bias,
-            self.eps,
-            self.sync.clone(),
-            residual,
-        )?;
+        let (w, b, sync) = (&self.weight, &self.bias, self.sync.clone());
+        let out = match residual {
+            Some(r) => retinanet_kernels::batch_norm_train_add_relu(x, w, b, self.eps, sync, r)?,
+            None => retinanet_kernels::batch_norm_train_act(x, w, b, self.eps, sync, relu)?,
+        };
         self.update_running(&out)?;
         Ok(out.y)
     }

@@ -541,6 +541,14 @@ fn batch_norm_train_fused(
     residual: Option<&Tensor>,
 ) -> Result<BatchNormOutput> {
     let (b, c, h, w) = x.dims4()?;
+    if weight.dims() != [c] || bias.dims() != [c] {
+        bail!(
+            "batch-norm: input {:?}, weight {:?}, bias {:?} do not fit",
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        )
+    }
     let fast = fast_path(x) && residual.is_none_or(|r| r.dtype() == x.dtype());
     if !fast {
         if reducer.is_some() {
@@ -579,14 +587,6 @@ fn batch_norm_train_fused(
     };
     let y = match residual {
         Some(r) => {
-            if weight.dims() != [c] || bias.dims() != [c] {
-                bail!(
-                    "batch-norm: input {:?}, weight {:?}, bias {:?} do not fit",
-                    x.dims(),
-                    weight.dims(),
-                    bias.dims()
-                )
-            }
             let wb = Tensor::stack(&[weight, bias], 0)?;
             x.contiguous()?.apply_op3(&wb, &r.contiguous()?, op)?
         }

@@ -413,6 +413,12 @@ fn batch_norm_rejects_bad_shapes() -> Result<()> {
     let w = Tensor::ones(4, DType::F32, &dev)?;
     let e = batch_norm_train(&x, &w, &w, 1e-5).unwrap_err();
     assert!(e.to_string().contains("do not fit"), "{e}");
+    let w3 = Tensor::ones(3, DType::F32, &dev)?;
+    let e = batch_norm_train_add_relu(&x, &w, &w, 1e-5, None, &x).unwrap_err();
+    assert!(e.to_string().contains("do not fit"), "{e}");
+    let short = Tensor::zeros((2, 3, 4, 3), DType::F32, &dev)?;
+    let e = batch_norm_train_add_relu(&x, &w3, &w3, 1e-5, None, &short).unwrap_err();
+    assert!(e.to_string().contains("residual"), "{e}");
     let e = channel_affine(&x, &w, &w).unwrap_err();
     assert!(e.to_string().contains("do not match"), "{e}");
     Ok(())
