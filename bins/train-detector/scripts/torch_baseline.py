@@ -29,6 +29,8 @@ ap.add_argument('--seed-dir', default='../shared/reference/python', help='folder
 ap.add_argument('--threads', type=int, default=2)
 ap.add_argument('--bench', action='store_true', help='time a training step and an inference instead')
 ap.add_argument('--device', default='cpu', help='with --bench: cpu or cuda')
+ap.add_argument('--bench-warmup', type=int, default=1, help='with --bench: untimed runs first')
+ap.add_argument('--bench-iters', type=int, default=10, help='with --bench: timed runs (the median is reported)')
 ap.add_argument('--autocast', choices=['bf16'], help="with --bench: forward passes and loss under torch.autocast(device, bfloat16)")
 args = ap.parse_args()
 sys.path.insert(0, args.seed_dir)
@@ -196,8 +198,9 @@ if args.bench:
         with torch.no_grad(), cast(): model(x)
         model.train()
     for name, f in [('train step', step), ('inference', infer)]:
-        f(); sync(); ts = []
-        for _ in range(10):
+        for _ in range(args.bench_warmup): f()
+        sync(); ts = []
+        for _ in range(args.bench_iters):
             t = time.perf_counter(); f(); sync(); ts.append(time.perf_counter() - t)
         print(f'{name}: median {statistics.median(ts):.4f} s (min {min(ts):.4f})')
     sys.exit(0)

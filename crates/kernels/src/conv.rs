@@ -130,15 +130,29 @@ impl Geom {
 
     /// Whether a convolution takes bf16 products when they are on: those with 1x1 kernels (any
     /// stride), which are packed gemms without a patch matrix, and the larger kernels that the
-    /// direct kernel takes in f32 (its bf16 form reads bf16 channel pairs of the padded input:
-    /// still no patch matrix). The layers that Winograd takes keep it in f32: F(4x4) does 4x
+    /// direct kernel's bf16 form takes ([`crate::direct::suitable_bf16`]: it reads bf16 channel
+    /// pairs of the padded input, still no patch matrix). The layers that Winograd takes keep it in f32: F(4x4) does 4x
     /// fewer multiplies than a direct sum, more than the 2x that bf16 products give, and in
     /// bf16 its transformed operands would carry 6x the error of rounding the inputs (1.4-1.7%
     /// rms of the output against 0.24%, 256 -> 256 at 32x32; docs/performance.md). Through
     /// im2col + the bf16 gemm, building the patch matrix costs about what the faster products
     /// save (measured on a Zen 5, 2 cores).
     fn bf16_suits(g: &Geom) -> bool {
-        g.is_1x1() || (crate::direct::suitable(g) && !use_winograd4(g) && !use_winograd(g))
+        g.is_1x1() || (crate::direct::suitable_bf16(g) && !use_winograd4(g) && !use_winograd(g))
+    }
+
+    /// Whether the input gradient takes bf16 products when they are on and the forward pass
+    /// does: the transposed convolution (stride 1) where that suits them itself; without one
+    /// (strides > 1), im2col + the bf16 gemm for 1x1 kernels and for the layers the f32 direct
+    /// kernel takes. With larger weights the gemm's packing of the transposed weights costs
+    /// more than its products save (512 -> 512 3x3 at stride 2, 2x512x17x17: 11.6 ms of CPU
+    /// against 7.2 in f32, Zen 5), so they keep the f32 route, as do those with few positions
+    /// (not measured faster in bf16).
+    fn bf16_input_grad_suits(g: &Geom) -> bool {
+        match transposed(g) {
+            Some(gt) => Self::bf16_suits(&gt),
+            None => g.is_1x1() || crate::direct::suitable(g),
+        }
     }
 
     /// Whether the weight gradient takes bf16 products when they are on: 1x1 kernels (the packed
@@ -146,7 +160,7 @@ impl Geom {
     /// forward included: the weight gradient is a direct sum over positions there too, and its
     /// bf16 form pairs neighbouring positions (no transform to carry the rounding).
     fn bf16_weight_grad_suits(g: &Geom) -> bool {
-        g.is_1x1() || crate::direct::suitable(g)
+        g.is_1x1() || crate::direct::suitable_bf16(g)
     }
 
     /// Rows of the patch matrix (`Cin * kh * kw`).
@@ -846,7 +860,8 @@ pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<
                 gt.bf16 = Geom::bf16_suits(&gt);
                 forward(&gt, dy, &flip_transpose(g, wt), None, false)
             }
-            None => backward_input_im2col(g, dy, wt),
+            None if Geom::bf16_input_grad_suits(g) => backward_input_im2col(g, dy, wt),
+            None => backward_input(&Geom { bf16: false, ..*g }, dy, wt),
         };
     }
     if T::DTYPE == DType::F32
@@ -972,8 +987,9 @@ pub(crate) fn backward_input_im2col<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) 
 
 /// Weight gradient: `dW = Σ_b dy[b] · cols(x[b])ᵀ`.
 pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
-    if T::DTYPE == DType::F32 && crate::direct::suitable(g) {
-        let dw = if g.bf16_weight_grad {
+    let bf16 = g.bf16_weight_grad && crate::direct::suitable_bf16(g);
+    if T::DTYPE == DType::F32 && (bf16 || crate::direct::suitable(g)) {
+        let dw = if bf16 {
             crate::direct::backward_weight_bf16(g, as_f32(x), as_f32(dy))
         } else {
             crate::direct::backward_weight(g, as_f32(x), as_f32(dy))
@@ -1447,10 +1463,11 @@ pub struct Bf16Products {
 }
 
 /// [`Bf16Products`] of a convolution of these shapes: 1x1 kernels in all three products; the
-/// larger kernels the direct kernel takes in their forward pass, and in their input gradient
-/// where its transposed convolution is such a layer too (stride 1) or goes through im2col
-/// (strided); the weight gradient of every layer the direct kernel takes in f32 (the layers
-/// Winograd computes forward included); the other products in f32.
+/// larger kernels the direct kernel's bf16 form takes in their forward pass, and in their
+/// input gradient where its transposed convolution is such a layer too (stride 1) or goes
+/// through im2col for a layer that the f32 direct kernel takes (strided); the
+/// weight gradient of every layer the direct kernel's bf16 form takes (the layers Winograd
+/// computes forward included); the other products in f32.
 pub fn conv2d_bf16_products(
     x_dims: &[usize],
     w_dims: &[usize],
@@ -1460,7 +1477,7 @@ pub fn conv2d_bf16_products(
     let on = Geom::bf16_suits(&g);
     Ok(Bf16Products {
         forward: on,
-        input_grad: on && transposed(&g).is_none_or(|gt| Geom::bf16_suits(&gt)),
+        input_grad: on && Geom::bf16_input_grad_suits(&g),
         weight_grad: Geom::bf16_weight_grad_suits(&g),
     })
 }

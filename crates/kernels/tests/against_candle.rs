@@ -650,6 +650,15 @@ fn conv2d_bf16_products_match_rounded_operands() -> Result<()> {
         (1, 16, 31, 9, 20, 5, 1, 2, 1),
         (1, 8, 130, 1, 17, 3, 1, 1, 1),
         (2, 6, 25, 23, 10, 3, 3, 1, 1),
+        // Weights beyond what the f32 direct kernel takes (2,304 taps a channel): the bf16
+        // form's forward and weight gradient; the input gradient through its transposed
+        // convolution at stride 1, kept in f32 at stride 2.
+        (1, 300, 12, 11, 40, 3, 1, 1, 1),
+        (2, 300, 17, 16, 24, 3, 2, 1, 1),
+        (1, 70, 24, 23, 20, 7, 1, 3, 1),
+        // Few positions (81, 50): the bf16 form from 32, the f32 direct kernel from 128.
+        (1, 64, 9, 9, 32, 3, 1, 1, 1),
+        (2, 40, 9, 10, 24, 3, 2, 1, 1),
     ];
     let mut took = [0usize; 3];
     let mut wide = [0usize; 3];
@@ -679,6 +688,17 @@ fn conv2d_bf16_products_match_rounded_operands() -> Result<()> {
         ];
         let parts = retinanet_kernels::conv2d_bf16_products(x.dims(), wt.dims(), params)?;
         let on = [parts.forward, parts.input_grad, parts.weight_grad];
+        let positions = b * dims[2] * dims[3];
+        if k > 1 && d == 1 && (cin * k * k > 2304 || positions < 128) && positions >= 32 {
+            // Beyond the f32 direct kernel: strided input gradients keep to f32 (they take
+            // bf16 products only for the layers it takes).
+            let strided_grad = false;
+            assert_eq!(
+                on,
+                [true, s == 1 || strided_grad, true],
+                "{case}: the bf16 form's layers"
+            );
+        }
         if !on[0] {
             assert!(!on[1], "{case}: input gradient in bf16 without the forward");
         }
