@@ -131,14 +131,29 @@ impl Geom {
     /// Whether a convolution takes bf16 products when they are on: those with 1x1 kernels (any
     /// stride), which are packed gemms without a patch matrix, and the larger kernels that the
     /// direct kernel's bf16 form takes ([`crate::direct::suitable_bf16`]: it reads bf16 channel
-    /// pairs of the padded input, still no patch matrix). The layers that Winograd takes keep it in f32: F(4x4) does 4x
-    /// fewer multiplies than a direct sum, more than the 2x that bf16 products give, and in
-    /// bf16 its transformed operands would carry 6x the error of rounding the inputs (1.4-1.7%
-    /// rms of the output against 0.24%, 256 -> 256 at 32x32; docs/performance.md). Through
+    /// pairs of the padded input, still no patch matrix), but for the layers where Winograd's
+    /// f32 products stay ahead ([`Geom::winograd_beats_bf16`]). (Winograd itself stays in f32:
+    /// in bf16 its transformed operands would carry 6x the error of rounding the inputs, 1.4-1.7%
+    /// rms of the output against 0.24%, 256 -> 256 at 32x32; docs/performance.md.) Through
     /// im2col + the bf16 gemm, building the patch matrix costs about what the faster products
     /// save (measured on a Zen 5, 2 cores).
     fn bf16_suits(g: &Geom) -> bool {
-        g.is_1x1() || (crate::direct::suitable_bf16(g) && !use_winograd4(g) && !use_winograd(g))
+        g.is_1x1() || (crate::direct::suitable_bf16(g) && !Self::winograd_beats_bf16(g))
+    }
+
+    /// Whether Winograd in f32 (F(4x4) or F(2x2), where it takes the layer) is faster than the
+    /// direct kernel's bf16 products: F(4x4) does 4x fewer multiplies than a direct sum, but its
+    /// transforms cost passes over the input and output that only wide layers amortise, and it
+    /// rounds the maps up to whole 4x4 tiles. Measured in ResNet-50 RetinaNet (Zen 5, 2
+    /// threads, medians of 4 alternated runs, forward / backward ms): 2x128x33x33 0.80 / 1.70
+    /// in Winograd against 0.99 / 2.26, 256 -> 256 at 33x33 and 41x41 level or faster in
+    /// Winograd; narrower or smaller maps faster in bf16: 2x64x65x65 0.84 / 1.81 against 1.15 /
+    /// 2.00, 2x256x17x17 0.81 / 2.02 against 1.10 / 2.12.
+    fn winograd_beats_bf16(g: &Geom) -> bool {
+        (use_winograd4(g) || use_winograd(g))
+            && g.cin >= 128
+            && g.cout >= 128
+            && g.oh.min(g.ow) >= 32
     }
 
     /// Whether the input gradient takes bf16 products when they are on and the forward pass
@@ -160,7 +175,7 @@ impl Geom {
     /// forward included: the weight gradient is a direct sum over positions there too, and its
     /// bf16 form pairs neighbouring positions (no transform to carry the rounding).
     fn bf16_weight_grad_suits(g: &Geom) -> bool {
-        g.is_1x1() || crate::direct::suitable_bf16(g)
+        g.is_1x1() || crate::direct::suitable_bf16_weight_grad(g)
     }
 
     /// Rows of the patch matrix (`Cin * kh * kw`).
@@ -987,7 +1002,7 @@ pub(crate) fn backward_input_im2col<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) 
 
 /// Weight gradient: `dW = Σ_b dy[b] · cols(x[b])ᵀ`.
 pub(crate) fn backward_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
-    let bf16 = g.bf16_weight_grad && crate::direct::suitable_bf16(g);
+    let bf16 = g.bf16_weight_grad && crate::direct::suitable_bf16_weight_grad(g);
     if T::DTYPE == DType::F32 && (bf16 || crate::direct::suitable(g)) {
         let dw = if bf16 {
             crate::direct::backward_weight_bf16(g, as_f32(x), as_f32(dy))
@@ -1031,7 +1046,7 @@ pub(crate) fn backward_weight_im2col<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) 
                         cols,
                         (1, ld),
                         1,
-                        g.bf16,
+                        g.bf16_weight_grad,
                     );
                 });
                 dw
@@ -1061,7 +1076,7 @@ pub(crate) fn backward_weight_im2col<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) 
                     src,
                     (1, n),
                     gemm_threads,
-                    g.bf16,
+                    g.bf16_weight_grad,
                 )
             });
         }

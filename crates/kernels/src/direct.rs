@@ -54,18 +54,36 @@ pub(crate) fn suitable(g: &Geom) -> bool {
     isa().is_some_and(|isa| suits(g, isa))
 }
 
-/// Whether the direct kernel's bf16 form ([`forward_bf16`], [`backward_weight_bf16`]) takes
-/// this convolution: as [`suitable`], with weights up to a 2048 -> 512 3x3 layer and from 32
-/// output positions. Its weights are bf16 pairs, half the bytes per tap, and a 512 -> 512
-/// block (590 KB) streams from L2 fast enough: 1x512x21x21 512 -> 512 took 5.0-6.7 ms of CPU
-/// forward against 13-14 ms in f32 (which took im2col there), the weight gradient 5.8-6.7 ms
-/// against 11.7-15.8; with few positions the alternative is the f32 route, twice the cost per
-/// product: ResNet-50's 2048 -> 256 P6 convolution (121 positions at 641 px) 7.7 ms against
-/// 15.5, 256 -> 256 at 11x11 0.5 against 1.0 (Zen 5).
+/// Whether the direct kernel's bf16 form ([`forward_bf16`]) takes this convolution: as
+/// [`suitable`], with weights up to a 2048 -> 512 3x3 layer and from 32 output positions. Its
+/// weights are bf16 pairs, half the bytes per tap, and a 512 -> 512 block (590 KB) streams
+/// from L2 fast enough: 1x512x21x21 512 -> 512 took 5.0-6.7 ms of CPU forward against 13-14
+/// ms in f32 (which took im2col there); with few positions the alternative is the f32 route,
+/// twice the cost per product: ResNet-50's 2048 -> 256 P6 convolution (121 positions at 641
+/// px) 7.7 ms against 15.5, 256 -> 256 at 11x11 0.5 against 1.0 (Zen 5).
 pub(crate) fn suitable_bf16(g: &Geom) -> bool {
+    bf16_suits(g, 32)
+}
+
+/// Whether [`backward_weight_bf16`] takes this convolution: as [`suitable_bf16`], from 128
+/// output positions (its sums run over positions: with fewer it lost to the f32 route, 2x512x5x5
+/// 512 -> 512 2.2 ms of CPU against 1.8, the 2048 -> 256 P6 convolution at 257 px 7.5 ms of
+/// backward against 5.9, Zen 5).
+pub(crate) fn suitable_bf16_weight_grad(g: &Geom) -> bool {
+    bf16_suits(g, 128)
+}
+
+/// The bf16 form's layers from `min_positions` output positions.
+fn bf16_suits(g: &Geom, min_positions: usize) -> bool {
     isa().is_some()
         && crate::bf16::available()
-        && suits_up_to(g, Isa::Avx512, MAX_TAPS_BF16, MAX_WEIGHTS_BF16, 32)
+        && suits_up_to(
+            g,
+            Isa::Avx512,
+            MAX_TAPS_BF16,
+            MAX_WEIGHTS_BF16,
+            min_positions,
+        )
 }
 
 /// Taps a channel and taps x output channels of the largest weights [`suitable`] hands to the
