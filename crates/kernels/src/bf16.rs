@@ -168,7 +168,7 @@ pub(crate) fn gemm(
     (b_rs, b_cs): (usize, usize),
     threads: usize,
 ) {
-    let pa = PackedA::new(m, k, a, (a_rs, a_cs), threads);
+    let pa = PackedA::new(m, k, a, (a_rs, a_cs), threads, false);
     gemm_packed(&pa, n, dst, ldd, accumulate, b, (b_rs, b_cs), threads);
 }
 
@@ -178,36 +178,55 @@ pub(crate) struct PackedA {
     m: usize,
     k: usize,
     kc: usize,
-    data: Vec<u32>,
+    /// The words as f32 bits (the form the transform cache holds).
+    data: crate::reuse::Derived,
 }
 
 impl PackedA {
     /// Packs `a` (`m x k`, element `(r, c)` at `a[r * rs + c * cs]`). Requires [`available`].
+    /// `keep`: `a` are weights that do not change between calls (inference), so the packing is
+    /// kept in the transform cache ([`crate::reuse`]) and found again.
     pub(crate) fn new(
         m: usize,
         k: usize,
         a: &[f32],
         (rs, cs): (usize, usize),
         threads: usize,
+        keep: bool,
     ) -> Self {
         assert!(available(), "bf16 gemm on a CPU without AVX512-BF16");
         let kc = blocking().kc;
-        if m == 0 || k == 0 {
-            return Self {
-                m,
-                k,
-                kc,
-                data: Vec::new(),
-            };
-        }
-        assert!(a.len() > (m - 1) * rs + (k - 1) * cs);
-        let a = Operand { data: a, rs, cs };
-        Self {
-            m,
-            k,
-            kc,
-            data: pack_a(a, m, k, kc, threads),
-        }
+        let len = if m == 0 || k == 0 {
+            0
+        } else {
+            assert!(a.len() > (m - 1) * rs + (k - 1) * cs);
+            a_block_words(m, kc) * k.div_ceil(kc)
+        };
+        let op = Operand { data: a, rs, cs };
+        let derive = |d: &mut [f32]| {
+            // SAFETY: u32 has f32's size and alignment; the words are only moved, never used as
+            // floats.
+            let words = unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast(), d.len()) };
+            if len > 0 {
+                pack_a(op, m, k, kc, threads, words);
+            }
+        };
+        let tag = crate::reuse::Tag {
+            kind: "bf16 gemm weights",
+            dims: [m, k, rs, cs],
+        };
+        let data = if keep && len > 0 {
+            crate::reuse::Cache::derived(crate::reuse::global(), tag, a, len, true, derive)
+        } else {
+            crate::reuse::Derived::new(len, derive)
+        };
+        Self { m, k, kc, data }
+    }
+
+    fn words(&self) -> &[u32] {
+        let d = self.data.get();
+        // SAFETY: as in `new`.
+        unsafe { std::slice::from_raw_parts(d.as_ptr().cast(), d.len()) }
     }
 }
 
@@ -246,21 +265,29 @@ pub(crate) fn gemm_packed(
         kc: pa.kc,
         ..blocking()
     };
-    let ap = &pa.data;
+    let ap = pa.words();
     let n_tiles = n.div_ceil(bl.nc);
     // Enough tasks to keep every thread busy: split the rows further where the columns are few.
     let want = if threads > 1 { 3 * threads } else { 1 };
     let m_split = want.div_ceil(n_tiles).max(1);
     let mc = bl.mc.min(m.div_ceil(m_split).div_ceil(MR) * MR).max(MR);
     let m_tiles = m.div_ceil(mc);
+    // Where the rows are split into several tiles (few columns: a 1x1 convolution on a small
+    // map), B is packed once for all of them instead of once per row tile; otherwise each task
+    // packs its own columns just before using them, while they are in cache.
+    let shared = (m_tiles > 1).then(|| SharedB::pack(b, n, k, bl.kc, threads));
     let out = Out(dst.as_mut_ptr());
     let task = |t: usize| {
         let (ti, tj) = (t / n_tiles, t % n_tiles);
         let rows = ti * mc..((ti + 1) * mc).min(m);
         let cols = tj * bl.nc..((tj + 1) * bl.nc).min(n);
+        let src = match &shared {
+            Some(sb) => BSource::Shared(sb),
+            None => BSource::Pack(b),
+        };
         // SAFETY: availability asserted above; the tile lies inside `dst` (asserted bounds) and
         // no other task writes it.
-        unsafe { tile(ap, b, m, k, out, ldd, accumulate, rows, cols, bl.kc) };
+        unsafe { tile(ap, src, m, k, out, ldd, accumulate, rows, cols, bl.kc) };
     };
     let tasks = m_tiles * n_tiles;
     if threads > 1 && tasks > 1 {
@@ -269,6 +296,54 @@ pub(crate) fn gemm_packed(
     } else {
         (0..tasks).for_each(task);
     }
+}
+
+/// All of B packed as [`pack_b`] packs a task's columns: per k block of `kc`, every panel of
+/// [`NR`] columns (`NR * kc / 2` words apart within a block).
+struct SharedB {
+    data: Vec<u32>,
+    panels: usize,
+    kc: usize,
+}
+
+impl SharedB {
+    fn pack(b: Operand, n: usize, k: usize, kc: usize, threads: usize) -> Self {
+        let panels = n.div_ceil(NR);
+        let block = panels * NR * kc / 2;
+        let mut data = vec![0u32; block * k.div_ceil(kc)];
+        // One job per panel of each k block.
+        let mut jobs = Vec::new();
+        for (bi, blk) in data.chunks_mut(block).enumerate() {
+            let (k0, kb) = (bi * kc, kc.min(k - bi * kc));
+            for (j, panel) in blk.chunks_mut(NR * kb.div_ceil(2)).take(panels).enumerate() {
+                jobs.push((k0, kb, j * NR, panel));
+            }
+        }
+        let run = |(k0, kb, c0, panel): (usize, usize, usize, &mut [u32])| {
+            pack_b(b, c0..(c0 + NR).min(n), k0, kb, panel)
+        };
+        if threads > 1 && jobs.len() > 1 {
+            use rayon::prelude::*;
+            jobs.into_par_iter().for_each(run);
+        } else {
+            jobs.into_iter().for_each(run);
+        }
+        Self { data, panels, kc }
+    }
+
+    /// Panels of k block `kb_i` from panel `j0` on.
+    fn block(&self, kb_i: usize, j0: usize, kp: usize) -> &[u32] {
+        &self.data[kb_i * self.panels * NR * self.kc / 2 + j0 * NR * kp..]
+    }
+}
+
+/// Where a task's packed B comes from.
+#[derive(Clone, Copy)]
+enum BSource<'a> {
+    /// Packed by the task, per k block.
+    Pack(Operand<'a>),
+    /// Packed once for every task.
+    Shared(&'a SharedB),
 }
 
 /// Words of one k block of packed A: every row panel, `kc / 2` pairs of [`MR`] rows.
@@ -284,7 +359,7 @@ fn a_block_words(m: usize, kc: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile(
     ap: &[u32],
-    b: Operand,
+    b: BSource,
     m: usize,
     k: usize,
     out: Out,
@@ -296,26 +371,37 @@ unsafe fn tile(
 ) {
     let (mt, nt) = (rows.len(), cols.len());
     let (mp, np) = (mt.div_ceil(MR), nt.div_ceil(NR));
-    let mut bp = vec![0u32; np * NR * kc / 2];
+    let mut own = match b {
+        BSource::Pack(_) => vec![0u32; np * NR * kc / 2],
+        BSource::Shared(_) => Vec::new(),
+    };
     let mut edge = [0f32; MR * NR];
     for (kb_i, k0) in (0..k).step_by(kc).enumerate() {
         let kb = kc.min(k - k0);
         let kp = kb.div_ceil(2);
         // This block's panels of A: panel `rows.start / MR` on, `MR * kp` words each.
         let ab = &ap[kb_i * a_block_words(m, kc)..];
-        pack_b(b, cols.clone(), k0, kb, &mut bp);
+        let bp: &[u32] = match b {
+            BSource::Pack(b) => {
+                pack_b(b, cols.clone(), k0, kb, &mut own);
+                &own
+            }
+            BSource::Shared(sb) => sb.block(kb_i, cols.start / NR, kp),
+        };
         let load = accumulate || k0 > 0;
         for j in 0..np {
             let nw = NR.min(nt - j * NR);
+            // The vectors of 16 columns the panel's columns take, the last one masked.
+            let (nv, mask) = (nw.div_ceil(16), lane_mask(nw));
             let bpj = bp[j * NR * kp..].as_ptr();
             for i in 0..mp {
                 let mh = MR.min(mt - i * MR);
                 let api = ab[(rows.start / MR + i) * MR * kp..].as_ptr();
                 let c = unsafe { out.0.add((rows.start + i * MR) * ldd + cols.start + j * NR) };
-                if mh == MR && nw == NR {
-                    unsafe { kernel(kp, api, bpj, c, ldd, load) };
+                if mh == MR {
+                    unsafe { kernel_any(nv, kp, api, bpj, c, ldd, load, mask) };
                 } else {
-                    // A partial tile runs on a full one in `edge` and copies its part back.
+                    // A tile short of rows runs on a full one in `edge` and copies its part back.
                     for r in 0..mh {
                         for q in 0..nw {
                             edge[r * NR + q] = if load {
@@ -325,7 +411,7 @@ unsafe fn tile(
                             };
                         }
                     }
-                    unsafe { kernel(kp, api, bpj, edge.as_mut_ptr(), NR, true) };
+                    unsafe { kernel_any(nv, kp, api, bpj, edge.as_mut_ptr(), NR, true, mask) };
                     for r in 0..mh {
                         for q in 0..nw {
                             unsafe { *c.add(r * ldd + q) = edge[r * NR + q] };
@@ -333,6 +419,40 @@ unsafe fn tile(
                     }
                 }
             }
+        }
+    }
+}
+
+/// The lanes of the last of the vectors that `width` columns take (all 16 when it is full).
+fn lane_mask(width: usize) -> u16 {
+    match width % 16 {
+        0 => u16::MAX,
+        r => (1u16 << r) - 1,
+    }
+}
+
+/// [`kernel`] over the first `nv` (1 to 4) vectors of the panel's 64 columns.
+///
+/// # Safety
+/// As [`kernel`]; `c`'s rows need only the columns the vectors and `mask` cover.
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_any(
+    nv: usize,
+    kp: usize,
+    ap: *const u32,
+    bp: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+    mask: u16,
+) {
+    unsafe {
+        match nv {
+            1 => kernel::<1>(kp, ap, bp, c, ldc, load, mask),
+            2 => kernel::<2>(kp, ap, bp, c, ldc, load, mask),
+            3 => kernel::<3>(kp, ap, bp, c, ldc, load, mask),
+            4 => kernel::<4>(kp, ap, bp, c, ldc, load, mask),
+            _ => unreachable!("a panel has 1 to 4 vectors"),
         }
     }
 }
@@ -345,29 +465,51 @@ pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
 /// All of A (`m x k`) packed: per k block of `kc`, panels of [`MR`] rows holding, per k pair,
 /// the pair of each row; rows past `m` and the odd k's partner are zeros. In parallel over the
 /// k blocks when `threads > 1`.
-fn pack_a(a: Operand, m: usize, k: usize, kc: usize, threads: usize) -> Vec<u32> {
+fn pack_a(a: Operand, m: usize, k: usize, kc: usize, threads: usize, ap: &mut [u32]) {
     let words = a_block_words(m, kc);
-    let mut ap = vec![0u32; words * k.div_ceil(kc)];
+    assert_eq!(ap.len(), words * k.div_ceil(kc));
     let block = |(bi, dst): (usize, &mut [u32])| {
         let k0 = bi * kc;
         let kb = kc.min(k - k0);
         let kp = kb.div_ceil(2);
+        // The rows past `m` are zeros (the buffer may hold anything: a recycled cache entry);
+        // every other word is written below.
+        if !m.is_multiple_of(MR) {
+            dst[m / MR * MR * kp..][..MR * kp].fill(0);
+        }
+        if a.rs == 1 && a.cs != 1 {
+            // A transposed (a convolution's weights in the input gradient): the rows of one k
+            // are contiguous, so each k pair's words for all rows are converted 64 at a time
+            // into a line and dealt out to the panels [`MR`] at a time.
+            let mut line = vec![0u32; m.div_ceil(NR) * NR];
+            let mut panels: Vec<&mut [u32]> =
+                dst.chunks_mut(MR * kp).take(m.div_ceil(MR)).collect();
+            for p in 0..kp {
+                let ka = k0 + 2 * p;
+                let has_hi = 2 * p + 1 < kb;
+                for (c, l) in line.chunks_mut(NR).enumerate() {
+                    let (r0, w) = (c * NR, NR.min(m - c * NR));
+                    let lo = &a.data[ka * a.cs + r0..][..w];
+                    let hi = has_hi.then(|| &a.data[(ka + 1) * a.cs + r0..][..w]);
+                    // SAFETY: `PackedA::new` asserted AVX512-BF16 and -BW.
+                    unsafe { pack_rows(lo, hi, l) };
+                }
+                for (i, panel) in panels.iter_mut().enumerate() {
+                    let rows = MR.min(m - i * MR);
+                    panel[p * MR..][..rows].copy_from_slice(&line[i * MR..][..rows]);
+                }
+            }
+            return;
+        }
         for (i, panel) in dst.chunks_mut(MR * kp).take(m.div_ceil(MR)).enumerate() {
             for r in 0..MR.min(m - i * MR) {
                 let row = i * MR + r;
                 let mut p = 0;
                 if a.cs == 1 {
                     // Pairs contiguous in the row: 16 at a time with vector conversions.
-                    while 2 * p + 32 <= kb {
-                        let src = &a.data[row * a.rs + k0 + 2 * p..][..32];
-                        let mut w = [0u32; 16];
-                        // SAFETY: `gemm` asserted AVX512-BF16 and -BW.
-                        unsafe { convert_pairs(src, &mut w) };
-                        for (q, &v) in w.iter().enumerate() {
-                            panel[(p + q) * MR + r] = v;
-                        }
-                        p += 16;
-                    }
+                    let src = &a.data[row * a.rs + k0..][..kb];
+                    // SAFETY: `PackedA::new` asserted AVX512-BF16 and -BW.
+                    p = unsafe { row_pairs(src, &mut panel[r..]) };
                 }
                 for p in p..kp {
                     let hi = if 2 * p + 1 < kb {
@@ -386,7 +528,6 @@ fn pack_a(a: Operand, m: usize, k: usize, kc: usize, threads: usize) -> Vec<u32>
     } else {
         ap.chunks_mut(words).enumerate().for_each(block);
     }
-    ap
 }
 
 /// Packs k `k0..k0+kb` x columns `cols` of B as panels of [`NR`] columns: per k pair, the pair
@@ -418,10 +559,11 @@ fn pack_b(b: Operand, cols: std::ops::Range<usize>, k0: usize, kb: usize, bp: &m
             let ka = k0 + 2 * p;
             let has_hi = 2 * p + 1 < kb;
             let dst = &mut panel[p * NR..][..NR];
-            if b.cs == 1 && width == NR {
-                // Rows contiguous: 16 columns at a time with vector conversions.
-                let r0 = &b.data[ka * b.rs + c0..][..NR];
-                let r1 = has_hi.then(|| &b.data[(ka + 1) * b.rs + c0..][..NR]);
+            if b.cs == 1 {
+                // Rows contiguous: 16 columns at a time with vector conversions (masked loads
+                // past the last column).
+                let r0 = &b.data[ka * b.rs + c0..][..width];
+                let r1 = has_hi.then(|| &b.data[(ka + 1) * b.rs + c0..][..width]);
                 // SAFETY: `gemm` asserted AVX512-BF16 and -BW.
                 unsafe { pack_rows(r0, r1, dst) };
                 continue;
@@ -436,6 +578,28 @@ fn pack_b(b: Operand, cols: std::ops::Range<usize>, k0: usize, kb: usize, bp: &m
             }
         }
     }
+}
+
+/// `dst[p * MR] = pair(src[2p], src[2p + 1])` for the pairs of `src` in whole groups of 16 (one
+/// conversion each); returns how many pairs it wrote.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn row_pairs(src: &[f32], dst: &mut [u32]) -> usize {
+    let groups = src.len() / 32;
+    assert!(groups == 0 || dst.len() > (groups * 16 - 1) * MR);
+    for gi in 0..groups {
+        let mut w = [0u32; 16];
+        unsafe { convert_pairs(&src[32 * gi..][..32], &mut w) };
+        for (q, &v) in w.iter().enumerate() {
+            dst[(16 * gi + q) * MR] = v;
+        }
+    }
+    16 * groups
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn row_pairs(_: &[f32], _: &mut [u32]) -> usize {
+    unreachable!("bf16 products exist on x86-64 only")
 }
 
 /// `w[q] = pair(src[2q], src[2q + 1])` for 16 pairs.
@@ -519,7 +683,8 @@ unsafe fn pack_cols(_: &[&[f32]; 16], _: &mut [u32]) {
     unreachable!("bf16 products exist on x86-64 only")
 }
 
-/// `dst[q] = pair(r0[q], r1[q])` for 64 columns, `r1` zeros when absent.
+/// `dst[q] = pair(r0[q], r1[q])` for the columns of `r0` (up to 64; `r1` as long, or zeros when
+/// absent), zeros from there to 64.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pack_rows(r0: &[f32], r1: Option<&[f32]>, dst: &mut [u32]) {
@@ -529,12 +694,16 @@ unsafe fn pack_rows(r0: &[f32], r1: Option<&[f32]>, dst: &mut [u32]) {
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
         19, 3, 18, 2, 17, 1, 16, 0,
     );
-    assert!(r0.len() >= NR && dst.len() >= NR && r1.is_none_or(|r| r.len() >= NR));
+    let width = r0.len();
+    assert!(width <= NR && dst.len() >= NR && r1.is_none_or(|r| r.len() == width));
     for v in 0..NR / 16 {
+        let lanes = width.saturating_sub(16 * v).min(16);
+        // Lanes past the columns are neither read (masked loads) nor left unset.
+        let mask = ((1u32 << lanes) - 1) as u16;
         unsafe {
-            let lo = _mm512_loadu_ps(r0.as_ptr().add(16 * v));
+            let lo = _mm512_maskz_loadu_ps(mask, r0.as_ptr().wrapping_add(16 * v));
             let hi = match r1 {
-                Some(r) => _mm512_loadu_ps(r.as_ptr().add(16 * v)),
+                Some(r) => _mm512_maskz_loadu_ps(mask, r.as_ptr().wrapping_add(16 * v)),
                 None => _mm512_setzero_ps(),
             };
             let h: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
@@ -550,44 +719,71 @@ unsafe fn pack_rows(_: &[f32], _: Option<&[f32]>, _: &mut [u32]) {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel(_: usize, _: *const u32, _: *const u32, _: *mut f32, _: usize, _: bool) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel<const NV: usize>(
+    _: usize,
+    _: *const u32,
+    _: *const u32,
+    _: *mut f32,
+    _: usize,
+    _: bool,
+    _: u16,
+) {
     unreachable!("bf16 products exist on x86-64 only")
 }
 
-/// The register tile: `c (6 x 64, row stride ldc) = (load ? c : 0) + A-panel · B-panel` over
-/// `kp` k pairs.
+/// The register tile: `c (6 x 16·NV, row stride ldc) = (load ? c : 0) + A-panel · B-panel` over
+/// `kp` k pairs, the last vector's columns limited to the lanes of `mask` (masked loads and
+/// stores: narrow panels need no copy, and each output sums its products in the same order
+/// whatever the panel's width).
 ///
 /// # Safety
-/// AVX512-BF16 must be available; `ap` holds `6 * kp` words, `bp` `64 * kp`, and `c` 6 rows of 64.
+/// AVX512-BF16 must be available; `ap` holds `6 * kp` words, `bp` `64 * kp`, and `c` 6 rows of
+/// the columns covered.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn kernel(kp: usize, ap: *const u32, bp: *const u32, c: *mut f32, ldc: usize, load: bool) {
+unsafe fn kernel<const NV: usize>(
+    kp: usize,
+    ap: *const u32,
+    bp: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+    mask: u16,
+) {
     use std::arch::x86_64::*;
+    let lanes = |v: usize| if v + 1 == NV { mask } else { u16::MAX };
     let mut acc = [_mm512_setzero_ps(); MR * 4];
     unsafe {
         if load {
             for r in 0..MR {
-                for v in 0..4 {
-                    acc[r * 4 + v] = _mm512_loadu_ps(c.add(r * ldc + 16 * v));
+                for v in 0..NV {
+                    acc[r * 4 + v] = _mm512_maskz_loadu_ps(lanes(v), c.add(r * ldc + 16 * v));
                 }
             }
         }
         for p in 0..kp {
             let bq = bp.add(p * NR);
             let bv: [__m512bh; 4] = std::array::from_fn(|v| {
-                std::mem::transmute(_mm512_loadu_si512(bq.add(16 * v).cast()))
+                if v < NV {
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        bq.add(16 * v).cast(),
+                    ))
+                } else {
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512())
+                }
             });
             for r in 0..MR {
                 let a: __m512bh =
                     std::mem::transmute(_mm512_set1_epi32(*ap.add(p * MR + r) as i32));
-                for v in 0..4 {
+                for v in 0..NV {
                     acc[r * 4 + v] = _mm512_dpbf16_ps(acc[r * 4 + v], a, bv[v]);
                 }
             }
         }
         for r in 0..MR {
-            for v in 0..4 {
-                _mm512_storeu_ps(c.add(r * ldc + 16 * v), acc[r * 4 + v]);
+            for v in 0..NV {
+                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), lanes(v), acc[r * 4 + v]);
             }
         }
     }
@@ -683,6 +879,11 @@ mod tests {
             (40, 200, 520),
             (5, 300, 9),
             (70, 17, 1031),
+            // Rows split into tiles sharing one packed B, panels of 1-3 vectors (81 = 64 + 17,
+            // 289 = 4 * 64 + 33), a single odd k.
+            (90, 81, 70),
+            (200, 289, 96),
+            (12, 33, 1),
         ];
         for (case, &(m, n, k)) in shapes.iter().enumerate() {
             for layout in 0..4 {
@@ -693,6 +894,7 @@ mod tests {
                 let ldd = n + 3;
                 let init: Vec<f32> = (0..m * ldd).map(|_| rng.random_range(-1.0..1.0)).collect();
                 for accumulate in [false, true] {
+                    let mut first: Option<Vec<f32>> = None;
                     for threads in [1, 2] {
                         let mut dst = init.clone();
                         gemm(
@@ -734,10 +936,80 @@ mod tests {
                                 assert_eq!(dst[i * ldd + j], init[i * ldd + j]);
                             }
                         }
+                        // One thread (each task packs its columns) and two (row tiles sharing
+                        // one packed B) sum in the same order: the same bits.
+                        match &first {
+                            None => first = Some(dst),
+                            Some(f) => assert!(
+                                f.iter().zip(&dst).all(|(x, y)| x.to_bits() == y.to_bits()),
+                                "case {case} layout {layout} acc {accumulate}: threads differ"
+                            ),
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Packed weights come from the transform cache only for the same weights and layout:
+    /// repeated packings give the same bits, a weight changed in place (one the fingerprint
+    /// does not sample) the new products, the transposed layout of the same floats its own.
+    #[test]
+    fn packed_weights_are_reused_only_for_the_same_weights() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        // Square, so that the transposed layout below packs as many words from the same floats.
+        let (m, n, k) = (96, 81, 96);
+        let mut a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let ob = Operand {
+            data: &b,
+            rs: n,
+            cs: 1,
+        };
+        let run = |a: &[f32], strides: (usize, usize), mm: usize, kk: usize| {
+            let pa = PackedA::new(mm, kk, a, strides, 2, true);
+            let mut dst = vec![0f32; mm * n];
+            gemm_packed(&pa, n, &mut dst, n, false, &b[..kk * n], (n, 1), 2);
+            dst
+        };
+        let check = |got: &[f32], a: &[f32], strides: (usize, usize), mm: usize, kk: usize| {
+            let oa = Operand {
+                data: a,
+                rs: strides.0,
+                cs: strides.1,
+            };
+            let ob = Operand {
+                data: &b[..kk * n],
+                ..ob
+            };
+            let want = reference(mm, n, kk, &[], n, false, oa, ob);
+            let tol = 1e-6 * (kk as f64 * 4.0 + 1.0);
+            got.iter()
+                .zip(&want)
+                .all(|(&g, &w)| (f64::from(g) - w).abs() <= tol)
+        };
+        let first = run(&a, (k, 1), m, k);
+        assert!(check(&first, &a, (k, 1), m, k));
+        let again = run(&a, (k, 1), m, k);
+        assert!(
+            first
+                .iter()
+                .zip(&again)
+                .all(|(x, y)| x.to_bits() == y.to_bits())
+        );
+        // 9,216 weights: the fingerprint samples every 144th; change weight 1 (row 0).
+        a[1] += 0.75;
+        let changed = run(&a, (k, 1), m, k);
+        assert!(check(&changed, &a, (k, 1), m, k), "kept the old weights");
+        assert!(changed[..n].iter().zip(&first).any(|(x, y)| x != y));
+        // The same floats read as the transposed matrix: another packing of equal length, not
+        // the entry above.
+        let t = run(&a, (1, m), k, m);
+        assert!(check(&t, &a, (1, m), k, m), "transposed layout");
     }
 
     #[test]

@@ -68,6 +68,10 @@ pub(crate) struct Geom {
     /// The weight gradient in bf16 products: the setting of that thread, where the geometry
     /// suits them ([`Geom::bf16_weight_grad_suits`]).
     pub bf16_weight_grad: bool,
+    /// The weights are not being trained (autograd does not track them: inference): forms
+    /// derived from them in one pass (the bf16 gemm's packing) may be kept in the transform
+    /// cache for the next call. Trained weights change every step and are packed anew.
+    pub keep_weights: bool,
 }
 
 impl Geom {
@@ -104,6 +108,7 @@ impl Geom {
             p,
             bf16: false,
             bf16_weight_grad: false,
+            keep_weights: false,
         };
         let on = crate::bf16::bf16_products();
         g.bf16 = on && Self::bf16_suits(&g);
@@ -508,8 +513,10 @@ struct Weights<'a, T> {
 
 impl<'a, T: WithDType> Weights<'a, T> {
     fn new(g: &Geom, wt: &'a [T], m: usize, k: usize, strides: (usize, usize)) -> Self {
-        let packed = (g.bf16 && T::DTYPE == DType::F32)
-            .then(|| crate::bf16::PackedA::new(m, k, as_f32(wt), strides, par::threads()));
+        let packed = (g.bf16 && T::DTYPE == DType::F32).then(|| {
+            let (wt, threads) = (as_f32(wt), par::threads());
+            crate::bf16::PackedA::new(m, k, wt, strides, threads, g.keep_weights)
+        });
         Self {
             wt,
             strides,
@@ -921,6 +928,7 @@ pub(crate) fn transposed(g: &Geom) -> Option<Geom> {
         },
         bf16: g.bf16,
         bf16_weight_grad: false,
+        keep_weights: g.keep_weights,
     })
 }
 
@@ -1134,6 +1142,8 @@ pub(crate) fn channel_sum<T: WithDType>(dy: &[T], b: usize, c: usize, hw: usize)
 struct Conv2d {
     p: ConvParams,
     relu: bool,
+    /// [`Geom::keep_weights`].
+    keep: bool,
 }
 
 impl CustomOp2 for Conv2d {
@@ -1148,7 +1158,10 @@ impl CustomOp2 for Conv2d {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.p)?;
+        let g = Geom {
+            keep_weights: self.keep,
+            ..Geom::new(l1.dims(), l2.dims(), self.p)?
+        };
         dispatch!("conv2d", (s1, l1, s2, l2), |x, w| (
             forward(&g, x, w, None, self.relu),
             Shape::from((g.b, g.cout, g.oh, g.ow))
@@ -1171,6 +1184,8 @@ impl CustomOp2 for Conv2d {
 struct Conv2dBias {
     p: ConvParams,
     relu: bool,
+    /// [`Geom::keep_weights`].
+    keep: bool,
 }
 
 impl CustomOp3 for Conv2dBias {
@@ -1187,7 +1202,10 @@ impl CustomOp3 for Conv2dBias {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::with_bias(l1.dims(), l2.dims(), l3.dims(), self.p)?;
+        let g = Geom {
+            keep_weights: self.keep,
+            ..Geom::with_bias(l1.dims(), l2.dims(), l3.dims(), self.p)?
+        };
         dispatch!("conv2d", (s1, l1, s2, l2, s3, l3), |x, w, b| (
             forward(&g, x, w, Some(b), self.relu),
             Shape::from((g.b, g.cout, g.oh, g.ow))
@@ -1392,10 +1410,11 @@ fn conv2d_act(
         }
         return if relu { y.relu() } else { Ok(y) };
     }
+    let keep = !w.track_op();
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match bias {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv2dBias { p, relu }),
-        None => x.apply_op2(&w, Conv2d { p, relu }),
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv2dBias { p, relu, keep }),
+        None => x.apply_op2(&w, Conv2d { p, relu, keep }),
     }
 }
 
@@ -1456,7 +1475,11 @@ impl CustomOp3 for Conv2dResidual {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::with_bias(l1.dims(), l2.dims(), l3.dims(), self.p)?;
+        // Forward only: never trained weights.
+        let g = Geom {
+            keep_weights: true,
+            ..Geom::with_bias(l1.dims(), l2.dims(), l3.dims(), self.p)?
+        };
         let (rs, rl) = self.res.storage_and_layout();
         let candle_core::Storage::Cpu(rs) = &*rs else {
             bail!("conv2d_add_relu: the residual must be on the CPU")

@@ -26,6 +26,30 @@ struct Entry {
     len: usize,
     buf: Arc<Vec<f32>>,
     used: u64,
+    /// Derived in one pass over the weights ([`Cache::derived`]'s `cheap`): evicted first.
+    cheap: bool,
+}
+
+/// A derived form from [`Cache::derived`]: the cache's entry (or the caller's own buffer).
+pub(crate) struct Derived {
+    buf: Arc<Vec<f32>>,
+    len: usize,
+}
+
+impl Derived {
+    /// Derived into a buffer of its own, not kept.
+    pub(crate) fn new(len: usize, derive: impl FnOnce(&mut [f32])) -> Self {
+        let mut buf = vec![0.0; len];
+        derive(&mut buf);
+        Derived {
+            buf: Arc::new(buf),
+            len,
+        }
+    }
+
+    pub(crate) fn get(&self) -> &[f32] {
+        &self.buf[..self.len]
+    }
 }
 
 /// The cache of one budget (the process has one, [`global`]; tests make their own).
@@ -86,10 +110,22 @@ impl Cache {
     /// them), with room made for it: least recently used entries evicted into the spares until
     /// it fits beside the others, then the smallest spare large enough reused, the rest of the
     /// spares dropped while over the budget.
-    fn buffer(&mut self, n: usize) -> Vec<f32> {
+    ///
+    /// A `cheap` entry (one pass to derive again) gets only free room — `None` where there is
+    /// none — and the others evict the cheap entries first: where a model's weights outgrow
+    /// the budget, the transforms stay and the cheap forms do not push each other out on every
+    /// call.
+    fn buffer(&mut self, n: usize, cheap: bool) -> Option<Vec<f32>> {
         let held = |c: &Cache| c.entries.iter().map(|e| e.buf.capacity()).sum::<usize>() * 4;
+        if cheap && held(self) + n * 4 > self.budget {
+            return None;
+        }
         while held(self) + n * 4 > self.budget {
-            let Some(i) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].used) else {
+            let victim = (0..self.entries.len()).min_by_key(|&i| {
+                let e = &self.entries[i];
+                (!e.cheap, e.used)
+            });
+            let Some(i) = victim else {
                 break;
             };
             if let Ok(v) = Arc::try_unwrap(self.entries.swap_remove(i).buf) {
@@ -111,10 +147,10 @@ impl Cache {
         } else {
             v.resize(n, 0.0);
         }
-        v
+        Some(v)
     }
 
-    fn insert(&mut self, tag: Tag, fp: u64, len: usize, buf: Arc<Vec<f32>>) {
+    fn insert(&mut self, tag: Tag, fp: u64, len: usize, buf: Arc<Vec<f32>>, cheap: bool) {
         self.clock += 1;
         self.entries.push(Entry {
             tag,
@@ -122,6 +158,7 @@ impl Cache {
             len,
             buf,
             used: self.clock,
+            cheap,
         });
     }
 
@@ -135,14 +172,36 @@ impl Cache {
         derive: impl FnOnce(&mut [f32]),
         use_: impl FnOnce(&[f32]) -> R,
     ) -> R {
-        let lock = || cache.lock().unwrap_or_else(|e| e.into_inner());
-        let budget = lock().budget;
-        if (len + src.len()) * 4 > budget {
+        if Self::over_budget(cache, src, len) {
             return crate::par::with_scratch(len, |d: &mut [f32]| {
                 derive(d);
                 use_(d)
             });
         }
+        use_(Self::derived(cache, tag, src, len, false, derive).get())
+    }
+
+    fn over_budget(cache: &Mutex<Cache>, src: &[f32], len: usize) -> bool {
+        let budget = cache.lock().unwrap_or_else(|e| e.into_inner()).budget;
+        (len + src.len()) * 4 > budget
+    }
+
+    /// The `len` floats that `derive` writes from `src`, as [`Cache::with_derived`], held for as
+    /// long as the caller needs them (over the budget: derived into a buffer of their own).
+    /// `cheap`: `derive` is one pass over the weights (a packing, not a transform), so the
+    /// entry is kept only in free room and evicted first ([`Cache::buffer`]).
+    pub(crate) fn derived(
+        cache: &Mutex<Cache>,
+        tag: Tag,
+        src: &[f32],
+        len: usize,
+        cheap: bool,
+        derive: impl FnOnce(&mut [f32]),
+    ) -> Derived {
+        if Self::over_budget(cache, src, len) {
+            return Derived::new(len, derive);
+        }
+        let lock = || cache.lock().unwrap_or_else(|e| e.into_inner());
         let fp = fingerprint(src);
         // The full comparison (bit for bit: -0.0 is not 0.0 to a transform) runs outside the
         // lock and on all threads: a ResNet-50 compares ~100 MB of weights per image.
@@ -153,15 +212,16 @@ impl Cache {
             .map(|(_, b)| b);
         lock().record(hit.as_ref());
         if let Some(buf) = hit {
-            return use_(&buf[..len]);
+            return Derived { buf, len };
         }
-        let mut buf = lock().buffer(len + src.len());
+        let Some(mut buf) = lock().buffer(len + src.len(), cheap) else {
+            return Derived::new(len, derive);
+        };
         derive(&mut buf[..len]);
         buf[len..].copy_from_slice(src);
         let buf = Arc::new(buf);
-        let r = use_(&buf[..len]);
-        lock().insert(tag, fp, len, buf);
-        r
+        lock().insert(tag, fp, len, buf.clone(), cheap);
+        Derived { buf, len }
     }
 
     /// `(hits, misses)` so far.
@@ -257,6 +317,43 @@ mod tests {
             derive_into(src, calls),
             <[f32]>::to_vec,
         )
+    }
+
+    /// Cheap entries (packings) take only free room and go first: cycling through more of them
+    /// than the budget holds keeps a fixed set (instead of each pushing out the next one needed)
+    /// and never pushes out a transform.
+    #[test]
+    fn cheap_entries_take_free_room_and_go_first() {
+        // Each entry: 1,000 derived + 1,000 copied floats = 8,000 bytes; room for 3.
+        let c = Mutex::new(Cache::new(3 * 8_000 + 100));
+        let calls = std::cell::Cell::new(0);
+        let weights: Vec<Vec<f32>> = (0..5)
+            .map(|j| (0..1000).map(|i| (i + 1000 * j) as f32).collect())
+            .collect();
+        let cheap = |w: &[f32]| {
+            let want: Vec<f32> = w.iter().map(|&s| 2.0 * s + 1.0).collect();
+            let d = Cache::derived(&c, TAG, w, w.len(), true, derive_into(w, &calls));
+            assert_eq!(d.get(), &want[..]);
+        };
+        // A transform first, then four packings cycled twice: the transform and the first two
+        // packings stay; packings 2 and 3 are derived on every call.
+        get(&c, TAG, &weights[4], &calls);
+        for _ in 0..2 {
+            for w in &weights[..4] {
+                cheap(w);
+            }
+        }
+        assert_eq!(calls.get(), 1 + 4 + 2);
+        assert_eq!(c.lock().unwrap().counts(), (2, 7));
+        // The transform is still there; a second transform evicts a packing, not it.
+        let other = Tag {
+            kind: "other",
+            ..TAG
+        };
+        get(&c, other, &weights[0], &calls);
+        get(&c, TAG, &weights[4], &calls);
+        assert_eq!(calls.get(), 8, "the first transform was kept");
+        assert_eq!(c.lock().unwrap().counts(), (3, 8));
     }
 
     #[test]
