@@ -502,16 +502,17 @@ fn pack_a(a: Operand, m: usize, k: usize, kc: usize, threads: usize, ap: &mut [u
             return;
         }
         for (i, panel) in dst.chunks_mut(MR * kp).take(m.div_ceil(MR)).enumerate() {
-            for r in 0..MR.min(m - i * MR) {
+            let rows = MR.min(m - i * MR);
+            let mut done = 0;
+            if a.cs == 1 {
+                // Pairs contiguous in the rows: 16 pairs of the panel's rows at a time, converted
+                // and interleaved in registers.
+                // SAFETY: `PackedA::new` asserted AVX512-BF16 and -BW.
+                done = unsafe { panel_pairs(a.data, i * MR * a.rs + k0, a.rs, rows, kb, panel) };
+            }
+            for r in 0..rows {
                 let row = i * MR + r;
-                let mut p = 0;
-                if a.cs == 1 {
-                    // Pairs contiguous in the row: 16 at a time with vector conversions.
-                    let src = &a.data[row * a.rs + k0..][..kb];
-                    // SAFETY: `PackedA::new` asserted AVX512-BF16 and -BW.
-                    p = unsafe { row_pairs(src, &mut panel[r..]) };
-                }
-                for p in p..kp {
+                for p in done..kp {
                     let hi = if 2 * p + 1 < kb {
                         a.at(row, k0 + 2 * p + 1)
                     } else {
@@ -580,44 +581,63 @@ fn pack_b(b: Operand, cols: std::ops::Range<usize>, k0: usize, kb: usize, bp: &m
     }
 }
 
-/// `dst[p * MR] = pair(src[2p], src[2p + 1])` for the pairs of `src` in whole groups of 16 (one
-/// conversion each); returns how many pairs it wrote.
+/// `panel[p * MR + r] = pair(row_r[2p], row_r[2p + 1])` for the `rows` rows `row_r =
+/// src[start + r * rs..][..kb]` (zeros for the rows from `rows` to [`MR`]), for the pairs in
+/// whole groups of 16: each row's group in one conversion, the [`MR`] x 16 words turned into
+/// pair-major order by masked permutes; returns how many pairs it wrote.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn row_pairs(src: &[f32], dst: &mut [u32]) -> usize {
-    let groups = src.len() / 32;
-    assert!(groups == 0 || dst.len() > (groups * 16 - 1) * MR);
-    for gi in 0..groups {
-        let mut w = [0u32; 16];
-        unsafe { convert_pairs(&src[32 * gi..][..32], &mut w) };
-        for (q, &v) in w.iter().enumerate() {
-            dst[(16 * gi + q) * MR] = v;
+unsafe fn panel_pairs(
+    src: &[f32],
+    start: usize,
+    rs: usize,
+    rows: usize,
+    kb: usize,
+    panel: &mut [u32],
+) -> usize {
+    use std::arch::x86_64::*;
+    let groups = kb / 32;
+    assert!(rows <= MR && panel.len() >= groups * 16 * MR);
+    assert!(rows == 0 || src.len() >= start + (rows - 1) * rs + kb);
+    // Output vector `o` holds words 16o..16o+16 of a group, word j = pair j / MR of row j % MR:
+    // lane u takes lane (16o + u) / MR of row (16o + u) % MR.
+    let mut idx = [[0i32; 16]; MR];
+    let mut masks = [[0u16; MR]; MR];
+    for (o, (lanes, mask)) in idx.iter_mut().zip(&mut masks).enumerate() {
+        for (u, lane) in lanes.iter_mut().enumerate() {
+            let j = 16 * o + u;
+            *lane = (j / MR) as i32;
+            mask[j % MR] |= 1 << u;
+        }
+    }
+    unsafe {
+        let idxv: [__m512i; MR] =
+            std::array::from_fn(|o| _mm512_loadu_si512(idx[o].as_ptr().cast()));
+        for gi in 0..groups {
+            let w: [__m512i; MR] = std::array::from_fn(|r| {
+                if r < rows {
+                    let p = src.as_ptr().add(start + r * rs + 32 * gi);
+                    let h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p));
+                    std::mem::transmute::<__m512bh, __m512i>(h)
+                } else {
+                    _mm512_setzero_si512()
+                }
+            });
+            for o in 0..MR {
+                let mut v = _mm512_setzero_si512();
+                for r in 0..MR {
+                    v = _mm512_mask_permutexvar_epi32(v, masks[o][r], idxv[o], w[r]);
+                }
+                _mm512_storeu_si512(panel.as_mut_ptr().add(gi * 16 * MR + 16 * o).cast(), v);
+            }
         }
     }
     16 * groups
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn row_pairs(_: &[f32], _: &mut [u32]) -> usize {
+unsafe fn panel_pairs(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [u32]) -> usize {
     unreachable!("bf16 products exist on x86-64 only")
-}
-
-/// `w[q] = pair(src[2q], src[2q + 1])` for 16 pairs.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn convert_pairs(src: &[f32], w: &mut [u32; 16]) {
-    use std::arch::x86_64::*;
-    assert!(src.len() >= 32);
-    unsafe {
-        let lo = _mm512_loadu_ps(src.as_ptr());
-        let hi = _mm512_loadu_ps(src.as_ptr().add(16));
-        // Element order kept: bf16 i of the 32 is src[i], so word q holds src[2q], src[2q+1].
-        let h = _mm512_cvtne2ps_pbh(hi, lo);
-        _mm512_storeu_si512(
-            w.as_mut_ptr().cast(),
-            std::mem::transmute::<__m512bh, __m512i>(h),
-        );
-    }
 }
 
 /// `dst[p * NR + q] = pair(rows[q][2p], rows[q][2p + 1])` for 16 columns `q` and 16 pairs `p`:
@@ -671,11 +691,6 @@ unsafe fn pack_cols(rows: &[&[f32]; 16], dst: &mut [u32]) {
             }
         }
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn convert_pairs(_: &[f32], _: &mut [u32; 16]) {
-    unreachable!("bf16 products exist on x86-64 only")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
