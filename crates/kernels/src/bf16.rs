@@ -14,6 +14,7 @@
 //!
 //! Like the CPU's own instructions, bf16 conversion here treats subnormal f32 inputs as zero.
 
+use crate::reuse::Word;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -204,11 +205,8 @@ impl PackedA {
         };
         let op = Operand { data: a, rs, cs };
         let derive = |d: &mut [f32]| {
-            // SAFETY: u32 has f32's size and alignment; the words are only moved, never used as
-            // floats.
-            let words = unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast(), d.len()) };
             if len > 0 {
-                pack_a(op, m, k, kc, threads, words);
+                pack_a(op, m, k, kc, threads, u32::from_f32s(d));
             }
         };
         let tag = crate::reuse::Tag {
@@ -224,9 +222,7 @@ impl PackedA {
     }
 
     fn words(&self) -> &[u32] {
-        let d = self.data.get();
-        // SAFETY: as in `new`.
-        unsafe { std::slice::from_raw_parts(d.as_ptr().cast(), d.len()) }
+        u32::from_f32s_ref(self.data.get())
     }
 }
 

@@ -388,7 +388,7 @@ impl Blocks {
     /// for bf16 pairs), from the transform cache ([`crate::reuse`]) where these weights were
     /// packed the same way before: the head's convolutions on each pyramid level, inference on
     /// every image. `kind` names the packing (with the ISA's lanes and the shape in the tag).
-    fn with_packed<T: Word, R>(
+    fn with_packed<T: crate::reuse::Word, R>(
         &self,
         kind: &'static str,
         dims: [usize; 3],
@@ -410,33 +410,6 @@ impl Blocks {
             |d| self.pack_into(T::from_f32s(d), rows, column),
             |d| use_(T::from_f32s_ref(d)),
         )
-    }
-}
-
-/// 32-bit values stored in the transform cache's f32 buffers as bits: f32, u32 (bf16 pairs).
-trait Word: Copy + Default + Send + Sync {
-    fn from_f32s(s: &mut [f32]) -> &mut [Self];
-    fn from_f32s_ref(s: &[f32]) -> &[Self];
-}
-
-impl Word for f32 {
-    fn from_f32s(s: &mut [f32]) -> &mut [f32] {
-        s
-    }
-    fn from_f32s_ref(s: &[f32]) -> &[f32] {
-        s
-    }
-}
-
-impl Word for u32 {
-    fn from_f32s(s: &mut [f32]) -> &mut [u32] {
-        // SAFETY: same size and alignment, every bit pattern valid for both; the words are only
-        // moved, never used as floats.
-        unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u32>(), s.len()) }
-    }
-    fn from_f32s_ref(s: &[f32]) -> &[u32] {
-        // SAFETY: as above.
-        unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u32>(), s.len()) }
     }
 }
 

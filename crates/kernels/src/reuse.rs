@@ -30,6 +30,33 @@ struct Entry {
     cheap: bool,
 }
 
+/// 32-bit values stored in the transform cache's f32 buffers as bits: f32, u32 (bf16 pairs).
+pub(crate) trait Word: Copy + Default + Send + Sync {
+    fn from_f32s(s: &mut [f32]) -> &mut [Self];
+    fn from_f32s_ref(s: &[f32]) -> &[Self];
+}
+
+impl Word for f32 {
+    fn from_f32s(s: &mut [f32]) -> &mut [f32] {
+        s
+    }
+    fn from_f32s_ref(s: &[f32]) -> &[f32] {
+        s
+    }
+}
+
+impl Word for u32 {
+    fn from_f32s(s: &mut [f32]) -> &mut [u32] {
+        // SAFETY: same size and alignment, every bit pattern valid for both; the words are only
+        // moved, never used as floats.
+        unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u32>(), s.len()) }
+    }
+    fn from_f32s_ref(s: &[f32]) -> &[u32] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u32>(), s.len()) }
+    }
+}
+
 /// A derived form from [`Cache::derived`]: the cache's entry (or the caller's own buffer).
 pub(crate) struct Derived {
     buf: Arc<Vec<f32>>,
