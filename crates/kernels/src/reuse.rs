@@ -38,6 +38,9 @@ struct Entry {
 pub(crate) trait Word: Copy + Default + Send + Sync {
     fn from_f32s(s: &mut [f32]) -> &mut [Self];
     fn from_f32s_ref(s: &[f32]) -> &[Self];
+    /// The words as f32 bits, for code that only moves them (transposes).
+    fn as_f32s(s: &[Self]) -> &[f32];
+    fn as_f32s_mut(s: &mut [Self]) -> &mut [f32];
 }
 
 impl Word for f32 {
@@ -45,6 +48,12 @@ impl Word for f32 {
         s
     }
     fn from_f32s_ref(s: &[f32]) -> &[f32] {
+        s
+    }
+    fn as_f32s(s: &[f32]) -> &[f32] {
+        s
+    }
+    fn as_f32s_mut(s: &mut [f32]) -> &mut [f32] {
         s
     }
 }
@@ -58,6 +67,15 @@ impl Word for u32 {
     fn from_f32s_ref(s: &[f32]) -> &[u32] {
         // SAFETY: as above.
         unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u32>(), s.len()) }
+    }
+    fn as_f32s(s: &[u32]) -> &[f32] {
+        // SAFETY: as above; the floats are only moved, never computed with (a NaN's payload
+        // survives a move).
+        unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) }
+    }
+    fn as_f32s_mut(s: &mut [u32]) -> &mut [f32] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) }
     }
 }
 
