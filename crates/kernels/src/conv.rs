@@ -880,6 +880,15 @@ pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<
         return match transposed(g) {
             Some(mut gt) => {
                 gt.bf16 = Geom::bf16_suits(&gt);
+                if gt.bf16 && !gt.is_1x1() {
+                    // The direct kernel's bf16 form (as `forward` would pick), which packs the
+                    // rotated weights itself.
+                    return from_f32(crate::direct::forward_bf16_flipped(
+                        &gt,
+                        as_f32(dy),
+                        as_f32(wt),
+                    ));
+                }
                 forward(&gt, dy, &flip_transpose(g, wt), None, false)
             }
             None if Geom::bf16_input_grad_suits(g) => backward_input_im2col(g, dy, wt),
@@ -896,6 +905,15 @@ pub(crate) fn backward_input<T: WithDType>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<
         return crate::winograd::backward_input(g, dy, wt);
     }
     if let Some(gt) = transposed(g) {
+        if T::DTYPE == DType::F32
+            && !use_winograd4(&gt)
+            && !use_winograd(&gt)
+            && crate::direct::suitable(&gt)
+        {
+            // The direct kernel (as `forward` would pick), which packs the rotated weights
+            // itself: the same packed values as from `flip_transpose`'s copy.
+            return from_f32(crate::direct::forward_flipped(&gt, as_f32(dy), as_f32(wt)));
+        }
         return forward(&gt, dy, &flip_transpose(g, wt), None, false);
     }
     backward_input_im2col(g, dy, wt)
@@ -933,7 +951,7 @@ pub(crate) fn transposed(g: &Geom) -> Option<Geom> {
 }
 
 /// `w'[ci][co][y][x] = w[co][ci][kh-1-y][kw-1-x]`: the weights of [`transposed`].
-fn flip_transpose<T: WithDType>(g: &Geom, wt: &[T]) -> Vec<T> {
+pub(crate) fn flip_transpose<T: WithDType>(g: &Geom, wt: &[T]) -> Vec<T> {
     let kk = g.kh * g.kw;
     let mut out = vec![T::zero(); wt.len()];
     // In parallel over the new outer dimension: serial, it ran on candle's thread with the

@@ -440,7 +440,15 @@ pub(crate) fn forward(
     relu: bool,
 ) -> Vec<f32> {
     tuned(Op::Forward, g, |p| {
-        forward_with(p.isa, g, x, w, bias, res, relu, false)
+        forward_with(p.isa, g, x, w, false, bias, res, relu, false)
+    })
+}
+
+/// [`forward`] with the weights rotated and swapped as they are packed (see
+/// [`forward_bf16_flipped`]): the transposed convolution of an input gradient.
+pub(crate) fn forward_flipped(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    tuned(Op::Forward, g, |p| {
+        forward_with(p.isa, g, x, w, true, None, None, false, false)
     })
 }
 
@@ -453,6 +461,7 @@ fn forward_with(
     g: &Geom,
     x: &[f32],
     w: &[f32],
+    flipped: bool,
     bias: Option<&[f32]>,
     res: Option<&[f32]>,
     relu: bool,
@@ -470,10 +479,24 @@ fn forward_with(
     let kk = g.cin * taps;
     let bl = Blocks::new(isa, g.cout);
     let column = |co: usize, r0: usize, out: &mut [f32]| {
-        out.copy_from_slice(&w[co * kk + r0..][..out.len()]);
+        if flipped {
+            // `w` is `[Cin][Cout][k][k]`: row `ci * taps + t` is tap `taps - 1 - t` of
+            // `w[ci][co]`.
+            for (i, o) in out.iter_mut().enumerate() {
+                let (ci, t) = ((r0 + i) / taps, (r0 + i) % taps);
+                *o = w[(ci * g.cout + co) * taps + taps - 1 - t];
+            }
+        } else {
+            out.copy_from_slice(&w[co * kk + r0..][..out.len()]);
+        }
     };
     let dims = [g.cout, g.cin, k];
-    bl.with_packed("direct f32 weights", dims, w, kk, column, |wpk| {
+    let kind = if flipped {
+        "direct f32 weights, rotated and swapped"
+    } else {
+        "direct f32 weights"
+    };
+    bl.with_packed(kind, dims, w, kk, column, |wpk| {
         let toff = tap_offsets(k, wp);
         let epi = Epilogue {
             bias,
@@ -581,6 +604,27 @@ pub(crate) fn forward_bf16(
     res: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
+    forward_bf16_from(g, x, w, false, bias, res, relu)
+}
+
+/// [`forward_bf16`] with the weights `w'[co][ci][t] = w[ci][co][taps - 1 - t]` (`w` is
+/// `[Cin][Cout][k][k]`): the transposed convolution of an input gradient
+/// ([`crate::conv::transposed`]) straight from the layer's own weights, rotated and swapped as
+/// they are packed instead of in a copy first (a 512 -> 512 3x3 layer's copy took as long as
+/// its packing).
+pub(crate) fn forward_bf16_flipped(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    forward_bf16_from(g, x, w, true, None, None, false)
+}
+
+fn forward_bf16_from(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    flipped: bool,
+    bias: Option<&[f32]>,
+    res: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
     assert!(
         crate::bf16::available(),
         "bf16 products without AVX512-BF16"
@@ -599,19 +643,45 @@ pub(crate) fn forward_bf16(
     // with an odd last one. A run of rows is one segment per channel pair, whose two channels'
     // taps are contiguous: converted and paired 16 at a time.
     let column = |co: usize, r0: usize, out: &mut [u32]| {
-        let wc = &w[co * g.cin * taps..][..g.cin * taps];
         let (mut r, mut done) = (r0, 0);
         while done < out.len() {
             let (p, t) = (r / taps, r % taps);
             let seg = (taps - t).min(out.len() - done);
-            let lo = &wc[2 * p * taps + t..][..seg];
-            let hi = (2 * p + 1 < g.cin).then(|| &wc[(2 * p + 1) * taps + t..][..seg]);
-            pair_words(lo, hi, u32_uninit(&mut out[done..done + seg]));
+            let dst = u32_uninit(&mut out[done..done + seg]);
+            let has_hi = 2 * p + 1 < g.cin;
+            if flipped {
+                // Channel `c`'s taps of output `co` run backwards from `w[c][co]`'s last one:
+                // reversed 16 at a time into registers' worth of scratch, then paired.
+                let tap = |c: usize, i: usize| w[(c * g.cout + co) * taps + taps - 1 - i];
+                for (j, d) in dst.chunks_mut(16).enumerate() {
+                    let t0 = t + 16 * j;
+                    let lo: [f32; 16] =
+                        std::array::from_fn(|i| if i < d.len() { tap(2 * p, t0 + i) } else { 0.0 });
+                    let hi: [f32; 16] = std::array::from_fn(|i| {
+                        if has_hi && i < d.len() {
+                            tap(2 * p + 1, t0 + i)
+                        } else {
+                            0.0
+                        }
+                    });
+                    pair_words(&lo, has_hi.then_some(&hi[..]), d);
+                }
+            } else {
+                let wc = &w[co * g.cin * taps..][..g.cin * taps];
+                let lo = &wc[2 * p * taps + t..][..seg];
+                let hi = has_hi.then(|| &wc[(2 * p + 1) * taps + t..][..seg]);
+                pair_words(lo, hi, dst);
+            }
             (r, done) = (r + seg, done + seg);
         }
     };
     let dims = [g.cout, g.cin, k];
-    bl.with_packed("direct bf16 weight pairs", dims, w, kk, column, |wpk| {
+    let kind = if flipped {
+        "direct bf16 weight pairs, rotated and swapped"
+    } else {
+        "direct bf16 weight pairs"
+    };
+    bl.with_packed(kind, dims, w, kk, column, |wpk| {
         let toff = tap_offsets(k, wp);
         // The bf16 kernel stores through the scalar epilogue (AVX-512 has no vector one).
         let epi = Epilogue {
@@ -1635,6 +1705,43 @@ mod tests {
             .collect()
     }
 
+    /// The input gradient's rotated weights packed straight from the layer's weights give the
+    /// bits of packing `flip_transpose`'s copy, in f32 and in bf16: odd channel pairs, 3x3 and
+    /// 5x5, partial output blocks.
+    #[test]
+    fn rotated_packing_matches_the_rotated_copy() {
+        let mut ran = [0, 0];
+        for &(b, cin, h, w, cout, k) in &[
+            (2, 24, 11, 9, 40, 3),
+            (1, 7, 13, 12, 70, 5),
+            (1, 33, 9, 9, 20, 3),
+        ] {
+            let p = crate::ConvParams::new(1, k / 2);
+            let g = Geom::new(&[b, cin, h, w], &[cout, cin, k, k], p).unwrap();
+            let gt = crate::conv::transposed(&g).unwrap();
+            let wt = values(cout * cin * k * k, 5);
+            let dy = values(b * cout * g.ohw(), 6);
+            let rot = crate::conv::flip_transpose(&g, &wt);
+            let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            if suitable(&gt) {
+                let want = bits(forward(&gt, &dy, &rot, None, None, false));
+                assert_eq!(bits(forward_flipped(&gt, &dy, &wt)), want, "f32 {g:?}");
+                ran[0] += 1;
+            }
+            if crate::bf16::available() && suitable_bf16(&gt) {
+                let want = bits(forward_bf16(&gt, &dy, &rot, None, None, false));
+                assert_eq!(bits(forward_bf16_flipped(&gt, &dy, &wt)), want, "bf16 {g:?}");
+                ran[1] += 1;
+            }
+        }
+        if isa().is_some() {
+            assert_eq!(ran[0], 2);
+        }
+        if isa().is_some() && crate::bf16::available() {
+            assert_eq!(ran[1], 3);
+        }
+    }
+
     /// The weight gradient's transpose of `dy` (8 x 8 register blocks and scalar edges) puts
     /// every value where the plain loop does and leaves the padding lanes alone, at sizes that
     /// are and are not multiples of 8.
@@ -1717,7 +1824,7 @@ mod tests {
             }
             let want = reference(&wt);
             for &isa in &crate::cpu::vector_isas() {
-                let f = || forward_with(isa, &g, &x, &wt, None, None, false, false);
+                let f = || forward_with(isa, &g, &x, &wt, false, None, None, false, false);
                 let a = f();
                 assert_eq!(a, f(), "{isa:?} round {round}: repeated call");
                 assert!(rel(&a, &want) < 1e-5, "{isa:?} round {round}");
@@ -1785,7 +1892,7 @@ mod tests {
                 }
                 let res = values(b * cout * g.ohw(), 3 * i as u64 + 5);
                 for (relu, r) in [(false, None), (true, None), (true, Some(&res[..]))] {
-                    let got = forward_with(isa, &g, &x, &wt, Some(&bias), r, relu, false);
+                    let got = forward_with(isa, &g, &x, &wt, false, Some(&bias), r, relu, false);
                     let want = match r {
                         None => crate::conv::forward_im2col(&g, &x, &wt, Some(&bias), relu),
                         Some(r) => crate::conv::forward_im2col(&g, &x, &wt, Some(&bias), false)
@@ -1828,7 +1935,19 @@ mod tests {
             let bias = values(cout, 13);
             let res = values(b * cout * g.ohw(), 14);
             let dy = values(b * cout * g.ohw(), 15);
-            let f = |isa| forward_with(isa, &g, &x, &wt, Some(&bias), Some(&res), true, false);
+            let f = |isa| {
+                forward_with(
+                    isa,
+                    &g,
+                    &x,
+                    &wt,
+                    false,
+                    Some(&bias),
+                    Some(&res),
+                    true,
+                    false,
+                )
+            };
             let bw = |isa| backward_weight_with(isa, 256, &g, &x, &dy);
             for pair in isas.windows(2) {
                 assert_eq!(f(pair[0]), f(pair[1]), "case {i}: forward {pair:?}");
@@ -1877,6 +1996,7 @@ mod tests {
                             &g,
                             &x,
                             &wt,
+                            false,
                             with_bias.then_some(&bias[..]),
                             with_res.then_some(&res[..]),
                             relu,
