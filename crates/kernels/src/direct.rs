@@ -1727,7 +1727,7 @@ mod tests {
         ]);
         for n in 0..=48 {
             for with_hi in [true, false] {
-                let mut dst = vec![std::mem::MaybeUninit::new(7u32); 48];
+                let mut dst = [std::mem::MaybeUninit::new(7u32); 48];
                 pair_words(&lo, with_hi.then_some(&hi[..]), &mut dst[..n]);
                 for (i, d) in dst.iter().enumerate() {
                     // SAFETY: every word was initialised above.

@@ -22,7 +22,7 @@
 //! Winograd's transformed kernels and the direct kernel's packed weights are kept for weights
 //! seen again (the head's pyramid levels,
 //! inference over many images), found by content: `RETINANET_TRANSFORM_CACHE_MB` (default a
-//! sixteenth of the memory, 128 to 512; 0 off) bounds the memory they take.
+//! sixteenth of the memory, 128 to 256; 0 off) bounds the memory they take.
 //!
 //! Every op falls back to candle's own operations off the CPU or for dtypes other than f32/f64.
 //! Work is spread over rayon's global pool; see [`configure_runtime`] for the process settings

@@ -7,7 +7,7 @@
 //! or a freed buffer reused for other weights can never return a stale transform.
 //!
 //! The cache holds at most `RETINANET_TRANSFORM_CACHE_MB` MiB (default a sixteenth of the
-//! memory, 128 to 512; 0 turns it off),
+//! memory, 128 to 256; 0 turns it off),
 //! least recently used entries evicted first, but for those in a cycle of reuse (see
 //! [`Cache::buffer`]); evicted buffers are recycled for the next entries so that steady training
 //! does not map (and page-fault) fresh memory on every call.
@@ -188,8 +188,9 @@ impl Cache {
     /// the cheap entries first: where a model's weights outgrow the budget, the transforms stay
     /// and the cheap forms do not push each other out on every call.
     fn buffer(&mut self, n: usize, cheap: bool) -> Option<Vec<f32>> {
-        let held = |c: &Cache| c.entries.iter().map(|e| e.buf.capacity()).sum::<usize>() * 4;
-        if cheap && held(self) + n * 4 > self.budget {
+        // Bytes the entries hold, kept up to date below (one sum, not one per eviction).
+        let mut held = self.entries.iter().map(|e| e.buf.capacity()).sum::<usize>() * 4;
+        if cheap && held + n * 4 > self.budget {
             return None;
         }
         let clock = self.clock;
@@ -200,10 +201,10 @@ impl Cache {
             .filter(|e| !cycling(e))
             .map(|e| e.buf.capacity() * 4)
             .sum();
-        if held(self) - evictable + n * 4 > self.budget {
+        if held - evictable + n * 4 > self.budget {
             return None;
         }
-        while held(self) + n * 4 > self.budget {
+        while held + n * 4 > self.budget {
             let victim = (0..self.entries.len())
                 .filter(|&i| !cycling(&self.entries[i]))
                 .min_by_key(|&i| {
@@ -214,6 +215,7 @@ impl Cache {
                 break;
             };
             let e = self.entries.swap_remove(i);
+            held -= e.buf.capacity() * 4;
             if !e.cheap {
                 if self.ghosts.len() == GHOSTS {
                     self.ghosts.pop_front();
@@ -415,15 +417,17 @@ pub(crate) fn global() -> &'static Mutex<Cache> {
     })
 }
 
-/// A sixteenth of the memory (`MemTotal` of `/proc/meminfo`), from 128 to 512 MiB; 256 where
-/// it is unknown. ResNet-50's transforms and packings for bf16 inference at 641 px take 327
-/// MiB (f32: 171), a ResNet-101's more.
+/// A sixteenth of the memory (`MemTotal` of `/proc/meminfo`), from 128 to 256 MiB; 256 where
+/// it is unknown. (ResNet-50's transforms and packings for bf16 inference at 641 px take 327
+/// MiB, of which the cycle policy of [`Cache::buffer`] keeps what fits; a budget of 512 made
+/// the small model's first ~25 training steps up to 2.5x slower while the cache filled with
+/// the stale entries of weights that change every step, 86,000 more page faults, Zen 5.)
 fn default_budget_mb(meminfo: Option<String>) -> usize {
     let kib = meminfo.as_deref().and_then(|m| {
         let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
         line.split_whitespace().nth(1)?.parse::<usize>().ok()
     });
-    kib.map_or(256, |k| (k / 1024 / 16).clamp(128, 512))
+    kib.map_or(256, |k| (k / 1024 / 16).clamp(128, 256))
 }
 
 /// `"transformed kernels reused in 40 of 58 calls (cache 180 MiB)"`, or `None` before any.
@@ -538,8 +542,8 @@ mod tests {
     #[test]
     fn default_budget_follows_the_memory() {
         let mem = |kib: usize| Some(format!("MemFree: 5 kB\nMemTotal:       {kib} kB\n"));
-        assert_eq!(default_budget_mb(mem(24 << 20)), 512);
-        assert_eq!(default_budget_mb(mem(4 << 20)), 256);
+        assert_eq!(default_budget_mb(mem(24 << 20)), 256);
+        assert_eq!(default_budget_mb(mem(3 << 20)), 192);
         assert_eq!(default_budget_mb(mem(1 << 20)), 128);
         assert_eq!(default_budget_mb(None), 256);
         assert_eq!(default_budget_mb(Some("MemTotal: lots".into())), 256);
