@@ -604,7 +604,7 @@ pub(crate) fn forward_bf16(
     res: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
-    forward_bf16_from(g, x, w, false, bias, res, relu)
+    forward_bf16_from(g, x, w, false, bias, res, relu, true)
 }
 
 /// [`forward_bf16`] with the weights `w'[co][ci][t] = w[ci][co][taps - 1 - t]` (`w` is
@@ -613,9 +613,12 @@ pub(crate) fn forward_bf16(
 /// they are packed instead of in a copy first (a 512 -> 512 3x3 layer's copy took as long as
 /// its packing).
 pub(crate) fn forward_bf16_flipped(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
-    forward_bf16_from(g, x, w, true, None, None, false)
+    forward_bf16_from(g, x, w, true, None, None, false, true)
 }
 
+/// `vector_store`: the tiles go through the vector epilogue where it applies (false: the scalar
+/// one everywhere, for the test that both give the same bits).
+#[allow(clippy::too_many_arguments)]
 fn forward_bf16_from(
     g: &Geom,
     x: &[f32],
@@ -624,6 +627,7 @@ fn forward_bf16_from(
     bias: Option<&[f32]>,
     res: Option<&[f32]>,
     relu: bool,
+    vector_store: bool,
 ) -> Vec<f32> {
     assert!(
         crate::bf16::available(),
@@ -683,12 +687,11 @@ fn forward_bf16_from(
     };
     bl.with_packed(kind, dims, w, kk, column, |wpk| {
         let toff = tap_offsets(k, wp);
-        // The bf16 kernel stores through the scalar epilogue (AVX-512 has no vector one).
         let epi = Epilogue {
             bias,
             res,
             relu,
-            vector_store: false,
+            vector_store,
         };
         by_chunks(g, bl, cp, epi, |bi, o| {
             let ctx = PairCtx {
@@ -783,7 +786,9 @@ mod avx512_bf16 {
             // SAFETY: as in `forward_bf16`; the epilogue writes this chunk's positions only.
             unsafe {
                 micro::<MT, NV, K>(ctx, &b, &mut tile);
-                super::avx512::epilogue(o, &tile, dsts);
+                if !(o.epi.vector_store && super::avx2_epilogue::run_rows(o, &tile, dsts)) {
+                    super::avx512::epilogue(o, &tile, dsts);
+                }
             }
         }
     }
@@ -1520,7 +1525,7 @@ direct_kernels!(
     _mm512_storeu_ps,
     _mm512_set1_ps,
     _mm512_fmadd_ps,
-    super::no_vector_epilogue
+    super::avx2_epilogue::run_rows
 );
 direct_kernels!(
     avx2,
@@ -1533,18 +1538,8 @@ direct_kernels!(
     _mm256_storeu_ps,
     _mm256_set1_ps,
     _mm256_fmadd_ps,
-    super::avx2_epilogue::run_6x16
+    super::avx2_epilogue::run_rows
 );
-
-/// The forward tile's vector epilogue where an instruction set has none: the scalar one runs.
-#[cfg(target_arch = "x86_64")]
-unsafe fn no_vector_epilogue<const MT: usize, const CB: usize>(
-    _o: &Out,
-    _tile: &[[f32; CB]; MT],
-    _dsts: &[usize],
-) -> bool {
-    false
-}
 
 /// 8 x 8 transposes in AVX2 registers.
 #[cfg(target_arch = "x86_64")]
@@ -1627,30 +1622,40 @@ mod avx2_epilogue {
     use super::Out;
     use std::arch::x86_64::*;
 
-    /// Writes the tile if it is full (6 positions, consecutive in `y`: one image) and 16 lanes
-    /// wide; returns false, writing nothing, otherwise.
+    /// Writes the tile if it is full (6 or 8 positions, consecutive in `y`: one image) and its
+    /// block whole vectors of 8 lanes (AVX2's 16, AVX-512's 64 and the bf16 kernel's), eight
+    /// channels at a time through an 8 x 8 register transpose; returns false, writing nothing,
+    /// otherwise. The same sums, additions and ReLU as the scalar epilogue, so the same bits
+    /// (`max(0, v)` keeps a NaN and -0.0 as `v < 0 ? 0 : v` does).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn run_6x16<const MT: usize, const CB: usize>(
+    pub(super) unsafe fn run_rows<const MT: usize, const CB: usize>(
         o: &Out,
         tile: &[[f32; CB]; MT],
         dsts: &[usize],
     ) -> bool {
         let n = dsts.len();
-        if MT != 6 || CB != 16 || n != 6 || dsts[5] != dsts[0] + 5 {
+        if !(MT == 6 || MT == 8)
+            || !CB.is_multiple_of(8)
+            || n != MT
+            || dsts[n - 1] != dsts[0] + n - 1
+        {
             return false;
         }
         let zero = _mm256_setzero_ps();
-        for half in 0..2 {
-            // Rows: positions 0..5 of channels 8*half..8*half+8 (6 and 7 zero).
-            let mut r = [zero; 8];
-            for (j, row) in r.iter_mut().enumerate().take(6) {
-                // SAFETY: `tile` has MT = 6 rows of CB = 16 floats.
-                *row = unsafe { _mm256_loadu_ps(tile[j].as_ptr().cast::<f32>().add(8 * half)) };
+        for group in 0..CB / 8 {
+            if 8 * group >= o.nco {
+                break;
             }
-            // Channel c of this half: positions 0..5 in lanes 0..5.
+            // Rows: positions 0..MT of channels 8*group..8*group+8 (zero past MT).
+            let mut r = [zero; 8];
+            for (j, row) in r.iter_mut().enumerate().take(MT) {
+                // SAFETY: `tile` has MT rows of CB floats, and 8 * group + 8 <= CB.
+                *row = unsafe { _mm256_loadu_ps(tile[j].as_ptr().cast::<f32>().add(8 * group)) };
+            }
+            // Channel c of this group: positions 0..MT in lanes 0..MT.
             let cols = super::avx2_transpose::transpose8(r);
             for (c8, &col) in cols.iter().enumerate() {
-                let c = 8 * half + c8;
+                let c = 8 * group + c8;
                 if c >= o.nco {
                     break;
                 }
@@ -1659,12 +1664,17 @@ mod avx2_epilogue {
                 let bv = _mm256_set1_ps(o.epi.bias.map_or(0.0, |b| b[co]));
                 let rv = match o.epi.res {
                     Some(r) => {
-                        let r = &r[at..at + 6];
-                        // SAFETY: `r` holds 6 floats: 4 at 0, 2 at 4.
+                        let r = &r[at..at + MT];
+                        // SAFETY: `r` holds MT floats: 8, or 4 at 0 and 2 at 4.
                         unsafe {
-                            let lo = _mm_loadu_ps(r.as_ptr());
-                            let hi = _mm_castpd_ps(_mm_load_sd(r.as_ptr().add(4).cast::<f64>()));
-                            _mm256_set_m128(hi, lo)
+                            if MT == 8 {
+                                _mm256_loadu_ps(r.as_ptr())
+                            } else {
+                                let lo = _mm_loadu_ps(r.as_ptr());
+                                let hi =
+                                    _mm_castpd_ps(_mm_load_sd(r.as_ptr().add(4).cast::<f64>()));
+                                _mm256_set_m128(hi, lo)
+                            }
                         }
                     }
                     None => zero,
@@ -1673,15 +1683,19 @@ mod avx2_epilogue {
                 if o.epi.relu {
                     v = _mm256_max_ps(zero, v);
                 }
-                // SAFETY: positions `at..at + 6` of this channel belong to this chunk alone
+                // SAFETY: positions `at..at + MT` of this channel belong to this chunk alone
                 // (masked stores are microcoded on AMD: a 4-lane and a 2-lane store instead).
                 unsafe {
                     let y = o.y.0.add(at);
-                    _mm_storeu_ps(y, _mm256_castps256_ps128(v));
-                    _mm_store_sd(
-                        y.add(4).cast::<f64>(),
-                        _mm_castps_pd(_mm256_extractf128_ps::<1>(v)),
-                    );
+                    if MT == 8 {
+                        _mm256_storeu_ps(y, v);
+                    } else {
+                        _mm_storeu_ps(y, _mm256_castps256_ps128(v));
+                        _mm_store_sd(
+                            y.add(4).cast::<f64>(),
+                            _mm_castps_pd(_mm256_extractf128_ps::<1>(v)),
+                        );
+                    }
                 }
             }
         }
@@ -2013,6 +2027,8 @@ mod tests {
                 (2, 5, 16, 15, 40, 3, 2, 1),
                 (2, 3, 23, 21, 20, 7, 2, 3),
                 (3, 4, 5, 7, 16, 3, 1, 1),
+                // A whole 64-channel block and a partial one (AVX-512: 6- and 12-row tiles).
+                (2, 6, 12, 14, 70, 3, 1, 1),
             ]
             .iter()
             .enumerate()
@@ -2052,6 +2068,51 @@ mod tests {
                          specialised kernels differ from the generic ones"
                     );
                 }
+            }
+        }
+    }
+
+    /// The bf16 kernel's vector epilogue gives the scalar one's bits: tiles of 6 and 8 rows
+    /// (outputs of 40-64 and 17-32 channels), bias, residual and ReLU, NaN and -0.0.
+    #[test]
+    fn bf16_vector_epilogue_agrees_bit_for_bit() {
+        if !crate::bf16::available() {
+            return;
+        }
+        for (i, &(b, cin, h, w, cout)) in
+            [(2, 9, 13, 11, 64), (1, 6, 10, 17, 40), (2, 5, 9, 12, 24)]
+                .iter()
+                .enumerate()
+        {
+            let g = Geom::new(&[b, cin, h, w], &[cout, cin, 3, 3], ConvParams::new(1, 1)).unwrap();
+            let mut x = values(b * cin * h * w, 41 + i as u64);
+            x[5] = f32::NAN;
+            x[17] = -0.0;
+            let wt = values(cout * cin * 9, 42);
+            let bias = values(cout, 43);
+            let res = values(b * cout * g.ohw(), 44);
+            for (with_bias, with_res, relu) in [
+                (true, true, true),
+                (false, false, false),
+                (false, true, true),
+            ] {
+                let f = |vector| {
+                    forward_bf16_from(
+                        &g,
+                        &x,
+                        &wt,
+                        false,
+                        with_bias.then_some(&bias[..]),
+                        with_res.then_some(&res[..]),
+                        relu,
+                        vector,
+                    )
+                };
+                let (a, c) = (f(true), f(false));
+                assert!(
+                    a.iter().zip(&c).all(|(a, c)| a.to_bits() == c.to_bits()),
+                    "case {i} bias {with_bias} res {with_res} relu {relu}"
+                );
             }
         }
     }
