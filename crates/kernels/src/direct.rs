@@ -2035,39 +2035,14 @@ mod tests {
             {
                 let g =
                     Geom::new(&[b, cin, h, w], &[cout, cin, k, k], ConvParams::new(s, p)).unwrap();
-                let mut x = values(b * cin * h * w, 21 + i as u64);
-                x[5] = f32::NAN;
-                x[17] = -0.0;
-                let wt = values(cout * cin * k * k, 22 + i as u64);
-                let bias = values(cout, 23);
-                let mut res = values(b * cout * g.ohw(), 24);
-                res[3] = -0.0;
-                for (with_bias, with_res, relu) in [
-                    (true, true, true),
-                    (false, false, false),
-                    (true, false, true),
-                    (false, true, false),
-                ] {
-                    let f = |generic| {
-                        forward_with(
-                            isa,
-                            &g,
-                            &x,
-                            &wt,
-                            false,
-                            with_bias.then_some(&bias[..]),
-                            with_res.then_some(&res[..]),
-                            relu,
-                            generic,
-                        )
-                    };
-                    let (a, c) = (f(false), f(true));
-                    assert!(
-                        a.iter().zip(&c).all(|(a, c)| a.to_bits() == c.to_bits()),
-                        "case {i} {isa:?} bias {with_bias} res {with_res} relu {relu}: the \
-                         specialised kernels differ from the generic ones"
-                    );
-                }
+                same_bits_over_epilogues(
+                    &g,
+                    21 + i as u64,
+                    &format!("case {i} {isa:?}"),
+                    |x, wt, bias, res, relu, generic| {
+                        forward_with(isa, &g, x, wt, false, bias, res, relu, generic)
+                    },
+                );
             }
         }
     }
@@ -2085,35 +2060,49 @@ mod tests {
                 .enumerate()
         {
             let g = Geom::new(&[b, cin, h, w], &[cout, cin, 3, 3], ConvParams::new(1, 1)).unwrap();
-            let mut x = values(b * cin * h * w, 41 + i as u64);
-            x[5] = f32::NAN;
-            x[17] = -0.0;
-            let wt = values(cout * cin * 9, 42);
-            let bias = values(cout, 43);
-            let res = values(b * cout * g.ohw(), 44);
-            for (with_bias, with_res, relu) in [
-                (true, true, true),
-                (false, false, false),
-                (false, true, true),
-            ] {
-                let f = |vector| {
-                    forward_bf16_from(
-                        &g,
-                        &x,
-                        &wt,
-                        false,
-                        with_bias.then_some(&bias[..]),
-                        with_res.then_some(&res[..]),
-                        relu,
-                        vector,
-                    )
-                };
-                let (a, c) = (f(true), f(false));
-                assert!(
-                    a.iter().zip(&c).all(|(a, c)| a.to_bits() == c.to_bits()),
-                    "case {i} bias {with_bias} res {with_res} relu {relu}"
-                );
-            }
+            same_bits_over_epilogues(
+                &g,
+                41 + i as u64,
+                &format!("bf16 case {i}"),
+                |x, wt, bias, res, relu, scalar| {
+                    forward_bf16_from(&g, x, wt, false, bias, res, relu, !scalar)
+                },
+            );
+        }
+    }
+
+    /// `run(x, w, bias, residual, relu, alt)` gives the same bits with `alt` false and true,
+    /// with and without bias, residual and ReLU, on inputs holding a NaN and -0.0.
+    #[allow(clippy::type_complexity)]
+    fn same_bits_over_epilogues(
+        g: &Geom,
+        seed: u64,
+        case: &str,
+        run: impl Fn(&[f32], &[f32], Option<&[f32]>, Option<&[f32]>, bool, bool) -> Vec<f32>,
+    ) {
+        let mut x = values(g.b * g.cin * g.h * g.w, seed);
+        x[5] = f32::NAN;
+        x[17] = -0.0;
+        let wt = values(g.cout * g.k(), seed + 1);
+        let bias = values(g.cout, 23);
+        let mut res = values(g.b * g.cout * g.ohw(), 24);
+        res[3] = -0.0;
+        for (with_bias, with_res, relu) in [
+            (true, true, true),
+            (false, false, false),
+            (true, false, true),
+            (false, true, false),
+        ] {
+            let f = |alt| {
+                let (b, r) = (with_bias.then_some(&bias[..]), with_res.then_some(&res[..]));
+                run(&x, &wt, b, r, relu, alt)
+            };
+            let (a, c) = (f(false), f(true));
+            assert!(
+                a.iter().zip(&c).all(|(a, c)| a.to_bits() == c.to_bits()),
+                "{case} bias {with_bias} res {with_res} relu {relu}: the specialised kernels or \
+                 the vector epilogue differ from the generic ones"
+            );
         }
     }
 
