@@ -481,10 +481,14 @@ fn forward_with(
     let column = |co: usize, r0: usize, out: &mut [f32]| {
         if flipped {
             // `w` is `[Cin][Cout][k][k]`: row `ci * taps + t` is tap `taps - 1 - t` of
-            // `w[ci][co]`.
-            for (i, o) in out.iter_mut().enumerate() {
-                let (ci, t) = ((r0 + i) / taps, (r0 + i) % taps);
+            // `w[ci][co]`; the rows walked in order (no division per value).
+            let (mut ci, mut t) = (r0 / taps, r0 % taps);
+            for o in out.iter_mut() {
                 *o = w[(ci * g.cout + co) * taps + taps - 1 - t];
+                t += 1;
+                if t == taps {
+                    (ci, t) = (ci + 1, 0);
+                }
             }
         } else {
             out.copy_from_slice(&w[co * kk + r0..][..out.len()]);
@@ -604,7 +608,13 @@ pub(crate) fn forward_bf16(
     res: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
-    forward_bf16_from(g, x, w, false, bias, res, relu, true)
+    let epi = Epilogue {
+        bias,
+        res,
+        relu,
+        vector_store: true,
+    };
+    forward_bf16_from(g, x, w, false, epi)
 }
 
 /// [`forward_bf16`] with the weights `w'[co][ci][t] = w[ci][co][taps - 1 - t]` (`w` is
@@ -613,22 +623,18 @@ pub(crate) fn forward_bf16(
 /// they are packed instead of in a copy first (a 512 -> 512 3x3 layer's copy took as long as
 /// its packing).
 pub(crate) fn forward_bf16_flipped(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
-    forward_bf16_from(g, x, w, true, None, None, false, true)
+    let epi = Epilogue {
+        bias: None,
+        res: None,
+        relu: false,
+        vector_store: true,
+    };
+    forward_bf16_from(g, x, w, true, epi)
 }
 
-/// `vector_store`: the tiles go through the vector epilogue where it applies (false: the scalar
-/// one everywhere, for the test that both give the same bits).
-#[allow(clippy::too_many_arguments)]
-fn forward_bf16_from(
-    g: &Geom,
-    x: &[f32],
-    w: &[f32],
-    flipped: bool,
-    bias: Option<&[f32]>,
-    res: Option<&[f32]>,
-    relu: bool,
-    vector_store: bool,
-) -> Vec<f32> {
+/// The bf16 forward pass with its output epilogue `epi` (`vector_store` false: the scalar
+/// epilogue everywhere, for the test that both give the same bits).
+fn forward_bf16_from(g: &Geom, x: &[f32], w: &[f32], flipped: bool, epi: Epilogue) -> Vec<f32> {
     assert!(
         crate::bf16::available(),
         "bf16 products without AVX512-BF16"
@@ -687,12 +693,6 @@ fn forward_bf16_from(
     };
     bl.with_packed(kind, dims, w, kk, column, |wpk| {
         let toff = tap_offsets(k, wp);
-        let epi = Epilogue {
-            bias,
-            res,
-            relu,
-            vector_store,
-        };
         by_chunks(g, bl, cp, epi, |bi, o| {
             let ctx = PairCtx {
                 xp,
@@ -843,6 +843,18 @@ mod avx512_bf16 {
             }
         }
     }
+    /// bf16 lane 2j of a pair vector is lane j of `vcvtne2ps2bf16`'s result (from `lo`), lane
+    /// 2j + 1 is lane 16 + j (from `hi`).
+    const PAIR_ORDER: [i16; 32] = {
+        let mut o = [0i16; 32];
+        let mut k = 0;
+        while k < 32 {
+            o[k] = (if k % 2 == 0 { k / 2 } else { 16 + k / 2 }) as i16;
+            k += 1;
+        }
+        o
+    };
+
     /// `dst[i] = pair(lo[i], hi[i])` (`hi` zero where null) for `i < n`, 16 at a time: both
     /// halves converted by one `vcvtne2ps2bf16` and interleaved by one `vpermw`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -855,10 +867,7 @@ mod avx512_bf16 {
         // SAFETY: the caller's contract: `n` values readable at `lo` (and `hi`), writable at
         // `dst`; the masked loads and stores touch nothing past them.
         unsafe {
-            // bf16 lane 2j of the result is lane j (from `lo`), lane 2j + 1 is lane 16 + j.
-            let order: [i16; 32] =
-                std::array::from_fn(|k| if k % 2 == 0 { k / 2 } else { 16 + k / 2 } as i16);
-            let order = _mm512_loadu_si512(order.as_ptr().cast());
+            let order = _mm512_loadu_si512(PAIR_ORDER.as_ptr().cast());
             for i in (0..n).step_by(16) {
                 let m: __mmask16 = if n - i >= 16 { !0 } else { (1 << (n - i)) - 1 };
                 let l = _mm512_maskz_loadu_ps(m, lo.add(i));
@@ -2065,7 +2074,13 @@ mod tests {
                 41 + i as u64,
                 &format!("bf16 case {i}"),
                 |x, wt, bias, res, relu, scalar| {
-                    forward_bf16_from(&g, x, wt, false, bias, res, relu, !scalar)
+                    let epi = Epilogue {
+                        bias,
+                        res,
+                        relu,
+                        vector_store: !scalar,
+                    };
+                    forward_bf16_from(&g, x, wt, false, epi)
                 },
             );
         }
